@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make demo` (the default sweep) and `make test` (the test suite).
+# Both create .venv when it is missing. On a machine without torch we install the CPU build first,
+# so the project's `torch>=2.4` requirement is already met and pip never pulls a multi-GB CUDA build.
+# On a GPU machine: `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" venv`,
+# or create .venv yourself with a CUDA torch in it; an existing torch is never replaced.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+SWEEP ?= sweeps/beta.yaml
+
+.PHONY: venv demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m spo_ray.sweep $(SWEEP)
+
+test: venv
+	$(PY) -m pytest -q -ra
+
+test-fast: venv
+	$(PY) -m pytest -q -ra -m "not slow"
+
+clean:
+	rm -rf $(VENV) results wandb .pytest_cache

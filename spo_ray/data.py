@@ -1,0 +1,138 @@
+"""Text preference pairs → tokenized pairs → padded batches.
+
+A pair is TRL's "implicit prompt" form: {"prompt": str, "chosen": str, "rejected": str}, where chosen and
+rejected are the responses alone. Where the pairs come from (the built-in task, local files, the hub) is
+`spo_ray.pairs`' business; this module only tokenizes and batches them.
+
+Tokenization: the prompt as the tokenizer encodes it (with its BOS where it adds one), each response
+without special tokens followed by EOS. Sequences longer than `max_length` lose prompt tokens from the
+left first, then response tokens from the right, and are counted.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer side: what the pair costs in a padded batch."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class TokenizeStats:
+    pairs: int = 0
+    truncated: int = 0
+
+
+def _fit(prompt: list[int], response: list[int], max_length: int | None) -> tuple[list[int], list[int], bool]:
+    if max_length is None or len(prompt) + len(response) <= max_length:
+        return prompt, response, False
+    keep_prompt = max(max_length - len(response), min(len(prompt), max_length // 2))
+    prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt > 0 else []
+    return prompt, response[: max_length - len(prompt)], True
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int | None = None) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize text pairs; a pair over `max_length` keeps the response and loses the prompt's start first."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer: has no eos_token; responses must end with one")
+    stats = TokenizeStats()
+    out = []
+    for pair in pairs:
+        prompt = list(tokenizer(pair["prompt"])["input_ids"])
+        chosen = list(tokenizer(pair["chosen"], add_special_tokens=False)["input_ids"]) + [eos]
+        rejected = list(tokenizer(pair["rejected"], add_special_tokens=False)["input_ids"]) + [eos]
+        # Truncate both sides with the same prompt so the pair still shares its context.
+        longest = chosen if len(chosen) >= len(rejected) else rejected
+        fitted_prompt, _, cut = _fit(prompt, longest, max_length)
+        room = None if max_length is None else max_length - len(fitted_prompt)
+        out.append(TokenizedPair(fitted_prompt, chosen[:room], rejected[:room]))
+        stats.pairs += 1
+        stats.truncated += int(cut)
+    return out, stats
+
+
+class PairDataset(Dataset):
+    """Tokenized pairs, indexable; `__getitem__` also returns the index (the key into reference caches)."""
+
+    def __init__(self, pairs: list[TokenizedPair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[int, TokenizedPair]:
+        return i, self.pairs[i]
+
+
+def collate_pairs(items: list[tuple[int, TokenizedPair]], pad_token_id: int, padding_side: str = "right") -> dict:
+    """Stack prompt+chosen rows over prompt+rejected rows, padded to the batch's longest row.
+
+    Returns `input_ids`, `attention_mask`, `response_mask` (2B, T) and `index` (B,).
+    """
+    rows, masks = [], []
+    sides = [(p.prompt_ids, p.chosen_ids) for _, p in items] + [(p.prompt_ids, p.rejected_ids) for _, p in items]
+    for prompt, response in sides:
+        rows.append(prompt + response)
+        masks.append([0] * len(prompt) + [1] * len(response))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, span] = torch.tensor(row)
+        attention_mask[i, span] = 1
+        response_mask[i, span] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "index": torch.tensor([i for i, _ in items], dtype=torch.long)}
+
+
+@dataclass
+class LengthGroupedSampler(Sampler):
+    """Shuffled batches of similar-length pairs, to cut padding.
+
+    Each epoch shuffles the indices, cuts them into mega-batches of `batch_size * group_factor`, sorts each
+    mega-batch by length and deals it out in batches; then shuffles the batch order. Seeded per epoch.
+    With `group_factor=1` it is a plain shuffled batch sampler.
+    """
+
+    lengths: list[int]
+    batch_size: int
+    seed: int = 0
+    group_factor: int = 8
+    drop_last: bool = True
+    epoch: int = field(default=0)
+
+    def batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        mega = self.batch_size * max(1, self.group_factor)
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: self.lengths[i])
+            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return len(self.batches())
