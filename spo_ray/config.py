@@ -1,0 +1,404 @@
+"""The sweep schema: the single source of truth for every key, its default and its range.
+
+A sweep YAML is a run configuration in which any leaf may be a search space:
+
+    loss:
+      name: {grid: [dpo, spo]}        # grid: every value, crossed with the other grids
+      beta: {loguniform: [0.01, 1]}   # random: sampled `tune.num_samples` times
+    train:
+      seed: {grid: [0, 1, 2]}         # seeds are just another grid axis
+
+Search spaces: grid, choice, uniform, loguniform, randint. `validate_sweep` checks every key and every
+value a search space can produce before anything starts, and reports the first problem in one line that
+names the key (with "did you mean" for typos). User errors raise `ConfigError`; the CLIs turn it into
+exit code 2 without a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spo_ray.losses import BASE_LOSSES, LOSSES, SPO_ESTIMATORS
+
+
+class ConfigError(ValueError):
+    """Bad user input (config, search space, override, data or path). One line; exit code 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LossConfig(Section):
+    name: Literal[LOSSES] = "dpo"
+    base: Literal[BASE_LOSSES] = "dpo"          # the upper-level loss that spo wraps
+    beta: float = Field(0.1, gt=0)
+    spo_lambda: float = Field(1.0, ge=0)         # λ: weight of the safe-region penalty (0 = the base loss)
+    spo_epsilon: float = Field(0.0, ge=0)        # ε: tolerance before a chosen log-prob drop is penalised
+    spo_estimator: Literal[SPO_ESTIMATORS] = "reference"
+    spo_inner_lr: float = Field(0.1, gt=0)       # α: inner step of the one_step estimator
+    spo_lambda_warmup_steps: int = Field(0, ge=0)  # λ ramps linearly from 0 over these steps
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5)  # cdpo's ε
+    gamma: float = 0.5                           # simpo's target margin
+    dpop_kappa: float = Field(5.0, ge=0)         # dpop's κ
+    nll_weight: float = Field(0.0, ge=0)         # RPO-style NLL on the chosen response
+    average_logps: bool = False                  # length-averaged log-probs instead of sums (simpo: always)
+
+
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Section):
+    # A built-in init of the arithmetic task (scratch, base, sft_short, sft_long), or a hub id / local path.
+    init: str = "sft_short"
+    reference: str | None = None                 # default: the init itself (the usual DPO set-up)
+    init_steps: dict[str, int] = {}              # built-in inits: training steps, e.g. {base: 300}
+    arch: Literal["llama", "gpt2"] = "llama"     # built-in models only
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    lora: LoraConfig | None = None
+
+
+class ArithmeticTaskConfig(Section):
+    min_digits: int = Field(2, ge=1, le=4)
+    max_digits: int = Field(2, ge=1, le=4)
+    operations: list[Literal["+", "-"]] = ["+"]
+    reverse_answer: bool = True                  # least-significant digit first: learnable in minutes
+    working: bool = False                        # carry-by-carry working before the answer
+    mistake_rate: float = Field(0.4, ge=0, le=1)  # share of the base corpus' answers that are mistakes
+    pretrain_examples: int = Field(50_000, gt=0)
+    sft_examples: int = Field(20_000, gt=0)
+    train_pairs: int = Field(2000, gt=0)
+    eval_pairs: int = Field(256, gt=0)
+    eval_problems: int = Field(200, gt=0)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)  # share of all problems held out for evaluation
+    seed: int = 0                                # the task's data seed (not the trial seed)
+
+
+class DataConfig(Section):
+    # arithmetic: the built-in task; gsm8k: GSM8K preference pairs; files/hub: TRL-style pair datasets.
+    source: Literal["arithmetic", "gsm8k", "files", "hub"] = "arithmetic"
+    arithmetic: ArithmeticTaskConfig = ArithmeticTaskConfig()
+    path: str | None = None                      # files: a JSONL/Parquet/CSV file; hub: a dataset id
+    eval_path: str | None = None
+    name: str | None = None                      # hub dataset config name
+    split: str = "train"
+    eval_split: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] = {}                 # e.g. {prompt: question, chosen: good, rejected: bad}
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train_pairs: int | None = Field(None, gt=0)
+    max_eval_pairs: int | None = Field(None, gt=0)
+    max_length: int = Field(512, gt=8)
+    tokenizer: str | None = None                 # default: the model's tokenizer
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_steps: int = Field(200, gt=0)
+    batch_size: int = Field(32, gt=0)            # global pairs per optimizer step, over all workers
+    grad_accum_steps: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    probe_every: int = Field(50, gt=0)           # gradient-term diagnostics (∇ℓ(y_w), ∇ℓ(y_l))
+    probe_pairs: int = Field(8, gt=0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(0, ge=0)       # 0: only at the end
+    length_grouping: bool = True                 # batch similar lengths together to cut padding
+    mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPUs that have it
+    num_threads: int | None = Field(None, gt=0)  # torch threads; default: the CPUs the trial was given
+
+
+class ReferenceConfig(Section):
+    cache: bool = True                           # compute reference log-probs once per sweep and share them
+    batch_size: int = Field(128, gt=0)
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0)      # fractions let several small trials share a GPU
+    resources_per_worker: dict[str, float] = {}  # extra custom resources
+    force_ray_train: bool = False                # run 1-worker trials through TorchTrainer too
+
+
+class TuneConfig(Section):
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: str = "eval/accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, gt=0)            # repeats of the grid, each drawing the random spaces anew
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    grace_period: int = Field(1, gt=0)           # asha: evaluations before a trial may be stopped
+    reduction_factor: float = Field(2, gt=1)
+    max_failures: int = Field(1, ge=0)           # retries of a trial whose worker died
+    keep_checkpoints: int = Field(1, gt=0)
+
+
+class WandbConfig(Section):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "spo-ray"
+    entity: str | None = None
+    tags: list[str] = []
+
+
+class RunConfig(Section):
+    """Everything one training run needs."""
+    loss: LossConfig = LossConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
+class SweepConfig(RunConfig):
+    """A run configuration plus how to sweep, scale and store it."""
+    name: str = "sweep"
+    storage_path: str = "results"
+    cache_dir: str | None = None                 # built-in inits; default <storage_path>/.cache
+    scaling: ScalingConfig = ScalingConfig()
+    tune: TuneConfig = TuneConfig()
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(**{k: getattr(self, k) for k in RunConfig.model_fields})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Search spaces
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+#: Column names of swept keys in results.csv; other keys use their last component.
+COLUMN_NAMES = {"loss.name": "loss", "loss.base": "base_loss", "model.init": "init", "train.seed": "seed"}
+#: Parameters every results table carries, swept or not.
+ALWAYS_REPORTED = ("loss.name", "loss.beta", "loss.spo_lambda", "model.init", "train.seed")
+
+
+def is_space(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in SPACE_KINDS
+
+
+def column_name(key: str) -> str:
+    return COLUMN_NAMES.get(key, key.rsplit(".", 1)[-1])
+
+
+def find_spaces(raw: dict, prefix: str = "") -> dict[str, dict]:
+    """Dotted key → search space, for every search space in a raw config dict."""
+    spaces = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if is_space(value):
+            spaces[dotted] = value
+        elif isinstance(value, dict):
+            spaces.update(find_spaces(value, dotted + "."))
+    return spaces
+
+
+def get_dotted(raw: dict, key: str) -> Any:
+    for part in key.split("."):
+        raw = raw[part]
+    return raw
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    raw[leaf] = value
+
+
+def _space_values(key: str, space: dict) -> list:
+    """The values a space can take that validation must check (all of a grid/choice, bounds otherwise)."""
+    kind, spec = next(iter(space.items()))
+    if not isinstance(spec, list) or not spec:
+        raise ConfigError(f"{key}: {kind} needs a non-empty list, got {spec!r}")
+    if kind in ("grid", "choice"):
+        return spec
+    if len(spec) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+        raise ConfigError(f"{key}: {kind} needs [low, high] numbers, got {spec!r}")
+    low, high = spec
+    if not low < high:
+        raise ConfigError(f"{key}: {kind} needs low < high, got {spec!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{key}: loguniform needs low > 0, got {spec!r}")
+    if kind == "randint":
+        if not all(isinstance(v, int) for v in spec):
+            raise ConfigError(f"{key}: randint needs integer bounds, got {spec!r}")
+        return [low, high - 1]  # Tune's randint excludes the upper bound
+    return [low, high]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation with one-line messages
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys += _known_keys(sub, prefix + name + ".")
+    return keys
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    candidates = getattr(annotation, "__args__", None) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def _check_unknown_keys(raw: dict, model: type[BaseModel], prefix: str = "") -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a mapping of keys to values, got {raw!r}")
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in model.model_fields:
+            known = [k for k in _known_keys(model, prefix)]
+            close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+            if not close:  # a typo'd section name: match on the leaf alone
+                close = difflib.get_close_matches(str(key), [k.rsplit(".", 1)[-1] for k in known], n=1)
+                close = [prefix + close[0]] if close else []
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}")
+        sub = _section_type(model.model_fields[key].annotation)
+        if sub is not None and value is not None and not is_space(value):
+            _check_unknown_keys(value, sub, dotted + ".")
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+    message = first["msg"]
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f", got {value!r}"
+    return f"{key}: {message[0].lower()}{message[1:]}{shown}"
+
+
+def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepConfig) -> SweepConfig | RunConfig:
+    """Validate a config without search spaces."""
+    _check_unknown_keys(raw, model)
+    try:
+        config = model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error)) from None
+    return config
+
+
+def validate_sweep(raw: dict) -> tuple[SweepConfig, dict[str, dict]]:
+    """Check every key and every value each search space can take. Returns (first point, spaces)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: the sweep must be a mapping of keys to values, got {type(raw).__name__}")
+    _check_unknown_keys(raw, SweepConfig)
+    spaces = find_spaces(raw)
+    if spaces and any(k.split(".")[0] in ("tune", "scaling", "name", "storage_path", "cache_dir") for k in spaces):
+        key = next(k for k in spaces if k.split(".")[0] in ("tune", "scaling", "name", "storage_path", "cache_dir"))
+        raise ConfigError(f"{key}: cannot be swept (only run settings can: loss, model, data, train, reference)")
+    for key, space in spaces.items():
+        for value in _space_values(key, space):
+            point = copy.deepcopy(raw)
+            set_dotted(point, key, value)
+            validate_run(first_point(point))
+    return validate_run(first_point(raw)), spaces
+
+
+def first_point(raw: dict) -> dict:
+    """The config with every search space replaced by its first value (lower bound for ranges)."""
+    point = copy.deepcopy(raw)
+    for key, space in find_spaces(raw).items():
+        kind, spec = next(iter(space.items()))
+        set_dotted(point, key, spec[0] if isinstance(spec, list) and spec else spec)
+    return point
+
+
+def grid_points(raw: dict, spaces: dict[str, dict]) -> list[dict[str, Any]]:
+    """The grid's points in order (last key varies fastest), as {dotted key: value}; random spaces shown as text."""
+    grid_keys = [k for k, s in spaces.items() if "grid" in s]
+    other = {k: f"{next(iter(s))}({', '.join(map(str, next(iter(s.values()))))})"
+             for k, s in spaces.items() if "grid" not in s}
+    points = [dict(zip(grid_keys, values)) for values in itertools.product(*(spaces[k]["grid"] for k in grid_keys))]
+    return [{**p, **other} for p in points]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and overrides
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read ({error.__class__.__name__})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set loss.beta=0.3 train.seed='{grid: [0, 1]}'`: values are YAML, keys are dotted."""
+    raw = copy.deepcopy(raw)
+    known = set(_known_keys(SweepConfig))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"--set {key}: unknown key{hint}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: value {text!r} is not valid YAML") from None
+        set_dotted(raw, key, value)
+    return raw
+
+
+def to_plain(config: BaseModel) -> dict:
+    return config.model_dump(mode="json")
+
+
+def trial_columns(point: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """The parameter columns of one trial: the always-reported keys plus every swept key."""
+    plain = to_plain(config)
+    keys = list(ALWAYS_REPORTED) + [k for k in point if k not in ALWAYS_REPORTED]
+    return {column_name(k): get_dotted(plain, k) for k in keys}
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,148 @@
+"""Reference log-probs: computed once per (reference model, data, tokenization), shared by every trial.
+
+The reference policy is frozen, so ℓ_ref(y_w) and ℓ_ref(y_l) are a pure function of the reference weights,
+the pairs and how they are tokenized. Peer frameworks recompute them in every trial (or keep a second model
+in memory for it); we compute them once, store them as a Parquet table under a key hashed from those three
+inputs, and every trial of a sweep reads the table. A changed input gives a new key; a file that does not
+read back completely is rebuilt. Concurrent trials serialise on a lock file, so one computes, the rest read.
+
+`reference.cache: false` keeps TRL's default behaviour instead: the trial loads the reference model and
+runs it on every batch (`ModelReference`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader
+
+from spo_ray.data import PairDataset, collate_pairs
+from spo_ray.logprobs import concatenated_forward
+
+COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
+CACHE_FORMAT = 1
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_identity(path: str) -> str:
+    """Identity of reference weights: a local folder's weight files (name, size, mtime), else the hub id."""
+    folder = Path(path)
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+        return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return path
+
+
+def dataset_fingerprint(dataset: PairDataset) -> str:
+    digest = hashlib.sha256()
+    for pair in dataset.pairs:
+        digest.update(json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batch_size: int = 128,
+                            device: str | torch.device = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
+    """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda items: collate_pairs(items, pad_token_id))
+    if progress:
+        from tqdm.auto import tqdm
+        loader = tqdm(loader, desc="reference log-probs", leave=False)
+    parts = {name: [] for name in COLUMNS}
+    for batch in loader:
+        out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
+        for name in COLUMNS:
+            parts[name].append(out[name].float().cpu())
+    model.train(was_training)
+    return {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in parts.items()}
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(path: Path, expected_rows: int) -> dict[str, torch.Tensor] | None:
+    """The cached table, or None when it is missing, unreadable, partial or of another format."""
+    try:
+        table = pq.read_table(path)
+        meta = table.schema.metadata or {}
+        if int(meta.get(b"format", b"0")) != CACHE_FORMAT or table.num_rows != expected_rows:
+            return None
+        if int(meta.get(b"rows", b"-1")) != expected_rows:
+            return None
+        return {name: torch.from_numpy(table.column(name).to_numpy().copy()) for name in COLUMNS}
+    except Exception:  # a corrupt or truncated file of any kind means: rebuild
+        return None
+
+
+def write_table(path: Path, logps: dict[str, torch.Tensor]) -> None:
+    rows = len(logps[COLUMNS[0]])
+    table = pa.table({name: logps[name].numpy() for name in COLUMNS})
+    table = table.replace_schema_metadata({"format": str(CACHE_FORMAT), "rows": str(rows)})
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+
+
+def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset, compute) -> tuple[dict, bool]:
+    """Load the table for `key`, or build it with `compute()` under a lock. Returns (logps, was_hit)."""
+    path = Path(cache_dir) / f"reflogps-{key}.parquet"
+    logps = read_table(path, len(dataset))
+    if logps is not None:
+        return logps, True
+    with _locked(path.with_suffix(".lock")):
+        logps = read_table(path, len(dataset))  # another trial may have built it while we waited
+        if logps is not None:
+            return logps, True
+        logps = compute()
+        write_table(path, logps)
+        return logps, False
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair index."""
+
+    def __init__(self, logps: dict[str, torch.Tensor]):
+        self.logps = logps
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        index = batch["index"].cpu()
+        device = batch["input_ids"].device
+        return {name: self.logps[name][index].to(device) for name in COLUMNS}
+
+
+class ModelReference:
+    """Reference log-probs from a frozen model, batch by batch (the uncached path)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        out = concatenated_forward(self.model, batch)
+        return {name: out[name].float() for name in COLUMNS}

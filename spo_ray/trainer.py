@@ -1,0 +1,382 @@
+"""One preference-optimisation run: no Ray in here.
+
+`train(config, ...)` reads as a checklist:
+
+  1. load the task (tokenizer, text pairs, which weights to start from, the task's own evaluator);
+  2. tokenize the pairs; load the policy; get the reference log-probs (shared cache, or a frozen model);
+  3. loop: one concatenated forward per micro-batch → preference loss (+ SPO penalty) → backward →
+     clip → AdamW step; every `log_every` steps report the averaged train metrics, every `eval_every`
+     the evaluation metrics, every `probe_every` the gradient terms of the paper's analysis;
+  4. return the final metrics.
+
+Ray Train (spo_ray.distributed) calls the same function on every worker with a `WorkerContext`, a
+`wrap_model` that adds DDP, and a `report` callback that forwards metrics and checkpoints to Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.func import functional_call
+
+from spo_ray.config import ConfigError, LossConfig, RunConfig
+from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
+from spo_ray.logprobs import concatenated_forward, sequence_logps
+from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
+from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
+                               compute_reference_logps, dataset_fingerprint, fingerprint, model_identity)
+
+Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
+
+
+@dataclass
+class WorkerContext:
+    """Where this copy of the run executes: its rank among `world_size` DDP workers, device and CPUs."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cpus: int = 1
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite; carries the step and the last finite metrics."""
+
+    def __init__(self, step: int, last_metrics: dict):
+        super().__init__(f"loss is not finite at step {step}")
+        self.step = step
+        self.last_metrics = last_metrics
+
+
+def unwrap(model):
+    """The module inside a DDP (or similar) wrapper."""
+    return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss of one batch
+
+def spo_lambda_at(loss_cfg: LossConfig, step: int) -> float:
+    """λ with its optional linear warm-up: λ · min(1, step / warmup)."""
+    if loss_cfg.spo_lambda_warmup_steps == 0:
+        return loss_cfg.spo_lambda
+    return loss_cfg.spo_lambda * min(1.0, step / loss_cfg.spo_lambda_warmup_steps)
+
+
+def one_step_penalty(model, batch: dict, chosen_avg_logps: torch.Tensor, inner_lr: float,
+                     epsilon: float) -> torch.Tensor:
+    """SPO's `one_step` estimate of the lower-level value gap: max(0, g(θ) − sg[g(θ − α∇g(θ))] − ε).
+
+    g is the mean per-token NLL of the chosen responses on the batch. One gradient step of size α on g
+    approximates the lower-level (SFT) optimum near θ, so g(θ) − g(θ − α∇g) estimates how far θ is from
+    being SFT-optimal; its gradient w.r.t. θ is ∇g wherever the penalty is active. Costs one extra backward
+    (for ∇g) and one extra forward over the chosen rows.
+    """
+    g = -chosen_avg_logps.mean()
+    inner = unwrap(model)
+    names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
+    grads = torch.autograd.grad(g, params, retain_graph=True, allow_unused=True)
+    half = batch["input_ids"].size(0) // 2
+    with torch.no_grad():
+        stepped = {n: p - inner_lr * gr if gr is not None else p for n, p, gr in zip(names, params, grads)}
+        chosen_rows = {k: batch[k][:half] for k in ("input_ids", "attention_mask", "response_mask")}
+        sums, counts = sequence_logps(lambda **kw: functional_call(inner, stepped, args=(), kwargs=kw),
+                                      chosen_rows["input_ids"], chosen_rows["attention_mask"],
+                                      chosen_rows["response_mask"])
+        g_after = -(sums / counts.clamp(min=1)).mean()
+    return torch.relu(g - g_after - epsilon)
+
+
+def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, model=None,
+               batch=None) -> tuple[torch.Tensor, dict]:
+    """Mean preference loss of a batch and its metrics, from policy and reference log-probs."""
+    name = loss_cfg.name
+    base = loss_cfg.base if name == "spo" else name
+    averaged = loss_cfg.average_logps or base == "simpo"  # SimPO is defined on length-averaged log-probs
+    key = "avg_logps" if averaged else "logps"
+    chosen, rejected = policy[f"chosen_{key}"], policy[f"rejected_{key}"]
+    ref_chosen, ref_rejected = reference[f"chosen_{key}"], reference[f"rejected_{key}"]
+    if base in REFERENCE_FREE_LOSSES and name != "spo":
+        ref_chosen = ref_rejected = None
+
+    options = {}
+    if base == "cdpo":
+        options["label_smoothing"] = loss_cfg.label_smoothing
+    elif base == "dpop":
+        options["dpop_kappa"] = loss_cfg.dpop_kappa
+    elif base == "simpo":
+        options["gamma"] = loss_cfg.gamma
+    if loss_cfg.nll_weight:
+        options.update(nll_weight=loss_cfg.nll_weight, chosen_lengths=policy["chosen_lengths"])
+    spo_lambda = spo_lambda_at(loss_cfg, step)
+    one_step = name == "spo" and loss_cfg.spo_estimator == "one_step"
+    if name == "spo" and not one_step:
+        options.update(base=base, spo_lambda=spo_lambda, spo_epsilon=loss_cfg.spo_epsilon)
+        losses, metrics = preference_loss("spo", chosen, rejected, ref_chosen, ref_rejected,
+                                          beta=loss_cfg.beta, **options)
+    else:
+        if one_step and base in REFERENCE_FREE_LOSSES:
+            ref_chosen = ref_rejected = None
+        losses, metrics = preference_loss(base, chosen, rejected, ref_chosen, ref_rejected,
+                                          beta=loss_cfg.beta, **options)
+    loss = losses.mean()
+    if one_step:
+        penalty = one_step_penalty(model, batch, policy["chosen_avg_logps"], loss_cfg.spo_inner_lr,
+                                   loss_cfg.spo_epsilon)
+        loss = loss + spo_lambda * penalty
+        metrics["spo_penalty"] = penalty.detach()
+        metrics["safe_region_violation"] = (penalty > 0).float().detach()
+
+    # The log-prob trajectories are always the summed log-probs against the reference (the paper's
+    # quantities), whatever view of them the loss used.
+    with torch.no_grad():
+        metrics["chosen_logps"] = policy["chosen_logps"].mean()
+        metrics["rejected_logps"] = policy["rejected_logps"].mean()
+        metrics["chosen_logp_delta"] = (policy["chosen_logps"] - reference["chosen_logps"]).mean()
+        metrics["rejected_logp_delta"] = (policy["rejected_logps"] - reference["rejected_logps"]).mean()
+        if name == "spo":
+            metrics["spo_lambda"] = torch.tensor(spo_lambda)
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Diagnostics
+
+def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
+    """Norms and cosine of ∇ℓ_θ(y_w) and ∇ℓ_θ(y_l) on a fixed probe set (the paper's "gradient terms").
+
+    When chosen and rejected responses are similar these gradients align (cosine near 1), so pushing
+    ℓ(y_l) down drags ℓ(y_w) down too: the mechanism behind DPO's likelihood displacement.
+    """
+    inner = unwrap(model)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    out = concatenated_forward(inner, probe_batch)
+    grad_chosen = torch.autograd.grad(out["chosen_logps"].mean(), params, retain_graph=True, allow_unused=True)
+    grad_rejected = torch.autograd.grad(out["rejected_logps"].mean(), params, allow_unused=True)
+    flat = lambda grads: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                                    for g, p in zip(grads, params)])
+    chosen, rejected = flat(grad_chosen), flat(grad_rejected)
+    return {"probe/chosen_grad_norm": chosen.norm().item(), "probe/rejected_grad_norm": rejected.norm().item(),
+            "probe/grad_cosine": torch.nn.functional.cosine_similarity(chosen, rejected, dim=0).item()}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig, pad_id: int,
+                   batch_size: int, device, autocast) -> dict[str, float]:
+    """Preference metrics over the whole evaluation set (one loss over all pairs, not a mean of batches)."""
+    was_training = model.training
+    model.eval()
+    policy_parts, reference_parts = [], []
+    for start in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = {k: v.to(device) for k, v in collate_pairs(items, pad_id).items()}
+        with autocast():
+            policy_parts.append(concatenated_forward(unwrap(model), batch))
+        reference_parts.append(reference(batch))
+    model.train(was_training)
+    cat = lambda parts: {k: torch.cat([p[k].float() for p in parts]) for k in parts[0]}
+    policy, ref = cat(policy_parts), cat(reference_parts)
+    loss_cfg = loss_cfg.model_copy(update={"spo_estimator": "reference"})  # one_step needs gradients
+    _, metrics = batch_loss(loss_cfg, policy, ref, step=10**9)
+    return {f"eval/{k}": float(v) for k, v in metrics.items() if k != "spo_lambda"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine or linear decay to zero (or constant)."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+    return factor
+
+
+def _mean_over_workers(values: dict[str, float], context: WorkerContext) -> dict[str, float]:
+    if context.world_size == 1 or not dist.is_initialized():
+        return values
+    keys = sorted(values)
+    vector = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=context.device)
+    dist.all_reduce(vector)
+    return {k: v / context.world_size for k, v in zip(keys, vector.tolist())}
+
+
+def _autocast_factory(device: torch.device, mixed_precision: str):
+    use_bf16 = device.type == "cuda" and mixed_precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+
+def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,
+          context: WorkerContext | None = None,
+          report: Report | None = None, resume: dict | None = None,
+          wrap_model: Callable | None = None, progress: bool = False) -> dict[str, float]:
+    """Run one training job and return its final metrics (see the module docstring).
+
+    cache_dir: where built-in initializations are built and reused (shared across sweeps);
+    reference_dir: where the reference log-prob tables go (the experiment directory; default cache_dir).
+    """
+    from spo_ray.models import load_causal_lm
+    from spo_ray.tasks import load_task
+
+    context = context or WorkerContext()
+    cfg = config.train
+    torch.set_num_threads(cfg.num_threads or max(1, int(context.cpus)))
+    torch.manual_seed(cfg.seed)
+    device = context.device
+
+    # 1. The task: tokenizer, pairs, initial weights, task evaluator.
+    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0)
+    tokenizer = task.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_pairs, _ = tokenize_pairs(task.train_pairs, tokenizer, config.data.max_length)
+    eval_pairs, _ = tokenize_pairs(task.eval_pairs, tokenizer, config.data.max_length)
+    train_data, eval_data = PairDataset(train_pairs), PairDataset(eval_pairs)
+    if context.world_size > 1 and cfg.batch_size % (context.world_size * cfg.grad_accum_steps):
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} is not divisible by num_workers × "
+                          f"grad_accum_steps = {context.world_size * cfg.grad_accum_steps}")
+    if len(train_data) < cfg.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} is larger than the {len(train_data)} training pairs")
+
+    # 2. Policy and reference.
+    policy = load_causal_lm(task.policy_path, config.model, device=device)
+    policy.train()
+    model = wrap_model(policy) if wrap_model else policy
+    autocast = _autocast_factory(device, getattr(cfg, "mixed_precision", "auto"))
+    reference_path = config.model.reference or task.reference_path
+
+    def reference_model():
+        return load_causal_lm(reference_path, config.model.model_copy(update={"lora": None}), device=device)
+
+    if config.reference.cache:
+        tables = {}
+        for split, dataset in (("train", train_data), ("eval", eval_data)):
+            key = fingerprint(model_identity(reference_path), dataset_fingerprint(dataset), split)
+            def compute(dataset=dataset):
+                ref = reference_model()
+                with autocast():
+                    return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, device,
+                                                   progress=progress)
+            tables[split], _ = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
+        train_reference = PrecomputedReference(tables["train"])
+        eval_reference = PrecomputedReference(tables["eval"])
+    else:
+        train_reference = eval_reference = ModelReference(reference_model())
+
+    # 3. Optimiser, schedule, data order.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
+                                                                      cfg.max_steps))
+    sampler = LengthGroupedSampler([p.length for p in train_pairs], cfg.batch_size, seed=cfg.seed,
+                                   group_factor=8 if cfg.length_grouping else 1)
+    step = 0
+    if resume:
+        unwrap(model).load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step = resume["step"]
+    probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
+    probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
+    local_size = cfg.batch_size // context.world_size
+    micro_size = local_size // cfg.grad_accum_steps
+
+    def global_batches(from_step: int):
+        """Deterministic batch order: step s always trains on the same pairs, also after a resume."""
+        steps_per_epoch = len(sampler)
+        epoch, position = divmod(from_step, steps_per_epoch)
+        while True:
+            sampler.epoch = epoch
+            for indices in sampler.batches()[position:]:
+                yield indices
+            epoch, position = epoch + 1, 0
+
+    def checkpoint_state() -> dict:
+        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step}
+
+    # 4. The loop.
+    bar = None
+    if progress and context.rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{config.loss.name} β={config.loss.beta}")
+    window: dict[str, list[float]] = {}
+    last_finite: dict[str, float] = {}
+    final: dict[str, float] = {}
+    tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    batches = global_batches(step)
+    while step < cfg.max_steps:
+        indices = next(batches)[context.rank * local_size:(context.rank + 1) * local_size]
+        optimizer.zero_grad(set_to_none=True)
+        step_metrics: dict[str, list[float]] = {}
+        for m in range(cfg.grad_accum_steps):
+            items = [train_data[i] for i in indices[m * micro_size:(m + 1) * micro_size]]
+            batch = {k: v.to(device) for k, v in collate_pairs(items, pad_id).items()}
+            tokens += int(batch["attention_mask"].sum())
+            last_micro = m == cfg.grad_accum_steps - 1
+            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast():
+                    policy_out = concatenated_forward(model, batch)
+                loss, metrics = batch_loss(config.loss, policy_out, train_reference(batch), step, model, batch)
+                (loss / cfg.grad_accum_steps).backward()
+            for k, v in metrics.items():
+                step_metrics.setdefault(k, []).append(float(v))
+        if cfg.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if bar:
+            bar.update(1)
+
+        step_mean = {k: sum(v) / len(v) for k, v in step_metrics.items()}
+        if not math.isfinite(step_mean["loss"]):
+            raise Diverged(step, last_finite)
+        step_mean.update(grad_norm=float(grad_norm), learning_rate=lr)
+        for k, v in step_mean.items():
+            window.setdefault(k, []).append(v)
+
+        is_last = step == cfg.max_steps
+        do_eval = step % cfg.eval_every == 0 or is_last
+        do_probe = step % cfg.probe_every == 0 or is_last
+        do_checkpoint = is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if step % cfg.log_every and not (do_eval or do_probe or do_checkpoint):
+            continue
+
+        elapsed = time.perf_counter() - window_start
+        row = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
+        row["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
+        row = _mean_over_workers(row, context)
+        window, tokens, window_start = {}, 0, time.perf_counter()
+        if do_probe and context.rank == 0:
+            row.update(gradient_terms(model, probe_batch))
+        if do_eval and context.rank == 0:
+            row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
+                                      cfg.eval_batch_size, device, autocast))
+            if task.evaluate is not None:
+                with autocast():
+                    row.update({f"eval/{k}": v for k, v in task.evaluate(unwrap(model)).items()})
+        row["step"] = step
+        row["wall_time_s"] = time.perf_counter() - run_start
+        last_finite = {**last_finite, **row}
+        final.update(row)
+        if report:
+            report(row, checkpoint_state() if do_checkpoint else None)
+        if bar:
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+    if bar:
+        bar.close()
+    return final
