@@ -360,7 +360,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         row = {f"train/{k}": sum(v) / len(v) for k, v in window.items()}
         row["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         row = _mean_over_workers(row, context)
-        window, tokens, window_start = {}, 0, time.perf_counter()
+        window, tokens = {}, 0
         if do_probe and context.rank == 0:
             row.update(gradient_terms(model, probe_batch))
         if do_eval and context.rank == 0:
@@ -377,6 +377,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             report(row, checkpoint_state() if do_checkpoint else None)
         if bar:
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+        window_start = time.perf_counter()  # evaluation time is not training throughput
     if bar:
         bar.close()
     return final
