@@ -5,8 +5,9 @@ rejected are the responses alone. Where the pairs come from (the built-in task, 
 `spo_ray.pairs`' business; this module only tokenizes and batches them.
 
 Tokenization: the prompt as the tokenizer encodes it (with its BOS where it adds one), each response
-without special tokens followed by EOS. Sequences longer than `max_length` lose prompt tokens from the
-left first, then response tokens from the right, and are counted.
+without special tokens followed by EOS. A pair longer than `max_length` keeps the end of its prompt (at
+least half the budget where the prompt is that long) and cuts its responses from the right; such pairs
+are counted.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _fit(prompt: list[int], response: list[int], max_length: int | None) -> tupl
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int | None = None) -> tuple[list[TokenizedPair], TokenizeStats]:
-    """Tokenize text pairs; a pair over `max_length` keeps the response and loses the prompt's start first."""
+    """Tokenize text pairs; a pair over `max_length` keeps its prompt's end and cuts its responses' tails."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer: has no eos_token; responses must end with one")

@@ -25,9 +25,10 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
 def token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log π(x_t | x_<t) for t ≥ 1, shape (N, T−1): logits at t−1 score the token at t.
 
-    Computed with cross-entropy in float32, which never materialises a second (N, T, V) tensor.
+    Computed with cross-entropy in at least float32 (bf16 logits are upcast; float64 stays float64),
+    which never materialises a second (N, T, V) tensor.
     """
-    shifted = logits[:, :-1].float()
+    shifted = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     labels = input_ids[:, 1:]
     flat = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), labels.reshape(-1), reduction="none")
     return -flat.view(labels.shape)

@@ -1,0 +1,236 @@
+"""Response log-probs against the models' own cross-entropy; tokenization, truncation and batching of pairs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from spo_ray.data import LengthGroupedSampler, PairDataset, TokenizedPair, collate_pairs, tokenize_pairs
+from spo_ray.logprobs import concatenated_forward, position_ids_from_mask, response_logps
+
+VOCAB_SIZE = 40
+PAD = 0
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attention_dropout=0.0, pad_token_id=PAD)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD,
+                        bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+# Different prompt and response lengths in one batch; chosen and rejected differ in length too.
+PAIRS = [
+    TokenizedPair(prompt_ids=[5, 6, 7], chosen_ids=[8, 9, 2], rejected_ids=[10, 2]),
+    TokenizedPair(prompt_ids=[11, 12, 13, 14, 15, 16, 17], chosen_ids=[18, 2], rejected_ids=[19, 20, 21, 22, 2]),
+    TokenizedPair(prompt_ids=[23], chosen_ids=[24, 25, 26, 27, 28, 29, 2], rejected_ids=[30, 2]),
+]
+
+
+def hf_response_logp(model, prompt: list[int], response: list[int]) -> float:
+    """log π(response | prompt) from the model's own loss: one unpadded sequence, prompt labels at −100.
+
+    `out.loss` is the mean token cross-entropy over the labelled (response) tokens, so the summed
+    log-likelihood is −loss × their count.
+    """
+    input_ids = torch.tensor([prompt + response])
+    labels = torch.tensor([[-100] * len(prompt) + response])
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels)
+    return -out.loss.item() * len(response)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_concatenated_forward_matches_the_models_own_cross_entropy(make_model, padding_side):
+    model = make_model()
+    batch = collate_pairs(list(PairDataset(PAIRS)), pad_token_id=PAD, padding_side=padding_side)
+    with torch.no_grad():
+        out = concatenated_forward(model, batch)
+
+    expected_chosen = [hf_response_logp(model, p.prompt_ids, p.chosen_ids) for p in PAIRS]
+    expected_rejected = [hf_response_logp(model, p.prompt_ids, p.rejected_ids) for p in PAIRS]
+    assert torch.allclose(out["chosen_logps"].double(), torch.tensor(expected_chosen, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.allclose(out["rejected_logps"].double(), torch.tensor(expected_rejected, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert out["chosen_lengths"].tolist() == [len(p.chosen_ids) for p in PAIRS]
+    assert out["rejected_lengths"].tolist() == [len(p.rejected_ids) for p in PAIRS]
+
+
+def test_left_and_right_padding_give_the_same_logps():
+    model = tiny_llama()
+    items = list(PairDataset(PAIRS))
+    with torch.no_grad():
+        right = concatenated_forward(model, collate_pairs(items, PAD, "right"))
+        left = concatenated_forward(model, collate_pairs(items, PAD, "left"))
+    for key in right:
+        assert torch.allclose(right[key], left[key], atol=1e-5), key
+
+
+def test_averaged_logps_are_sums_over_response_lengths():
+    model = tiny_llama()
+    with torch.no_grad():
+        out = concatenated_forward(model, collate_pairs(list(PairDataset(PAIRS)), PAD))
+    lengths_c = torch.tensor([3.0, 2.0, 7.0])
+    lengths_r = torch.tensor([2.0, 5.0, 2.0])
+    assert torch.equal(out["chosen_lengths"], lengths_c)
+    assert torch.equal(out["rejected_lengths"], lengths_r)
+    assert torch.allclose(out["chosen_avg_logps"], out["chosen_logps"] / lengths_c)
+    assert torch.allclose(out["rejected_avg_logps"], out["rejected_logps"] / lengths_r)
+
+
+def test_response_logps_counts_only_response_tokens_on_a_literal_example():
+    # Uniform logits over 4 tokens: every scored token has log-prob −log 4.
+    logits = torch.zeros(2, 5, 4)
+    input_ids = torch.tensor([[1, 2, 3, 0, 0], [0, 1, 2, 3, 3]])
+    response_mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]])
+    sums, counts = response_logps(logits, input_ids, response_mask)
+    assert counts.tolist() == [2.0, 2.0]
+    assert torch.allclose(sums, torch.full((2,), -2 * torch.log(torch.tensor(4.0)).item()))
+
+
+def test_position_ids_count_real_tokens_only():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_collate_stacks_chosen_over_rejected_and_marks_responses():
+    batch = collate_pairs(list(PairDataset(PAIRS[:2])), pad_token_id=PAD, padding_side="left")
+    # Rows: chosen 0 (6 tokens), chosen 1 (9), rejected 0 (5), rejected 1 (12, the widest).
+    assert batch["input_ids"].shape == (4, 12)
+    assert batch["input_ids"][0].tolist() == [PAD] * 6 + [5, 6, 7, 8, 9, 2]
+    assert batch["attention_mask"][0].tolist() == [0] * 6 + [1] * 6
+    assert batch["response_mask"][0].tolist() == [0] * 9 + [1, 1, 1]
+    assert batch["input_ids"][2].tolist() == [PAD] * 7 + [5, 6, 7, 10, 2]
+    assert batch["response_mask"][2].tolist() == [0] * 10 + [1, 1]
+    assert batch["input_ids"][3].tolist() == [11, 12, 13, 14, 15, 16, 17, 19, 20, 21, 22, 2]
+    assert batch["attention_mask"][3].tolist() == [1] * 12
+    assert batch["index"].tolist() == [0, 1]
+
+
+# -------------------------------------------------------------------------------------- tokenization
+
+WORDS = ["a", "b", "c", "d", "e", "f", "x", "y", "z", "w", "v"]
+
+
+def word_tokenizer(with_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer; with `with_bos` it puts <s> before every encoded text."""
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if with_bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(text.split())
+
+
+def test_tokenize_pairs_adds_bos_to_prompts_and_eos_to_responses():
+    tok = word_tokenizer()
+    pairs, stats = tokenize_pairs([{"prompt": "a b", "chosen": "x y", "rejected": "z"}], tok)
+    assert pairs[0] == TokenizedPair(ids(tok, "<s> a b"), ids(tok, "x y </s>"), ids(tok, "z </s>"))
+    assert (stats.pairs, stats.truncated) == (1, 0)
+
+
+def test_tokenize_pairs_truncates_the_prompt_from_the_left_first():
+    tok = word_tokenizer()
+    # 6 prompt + 3 chosen tokens > 7: two prompt tokens go from the left, both responses stay whole.
+    pairs, stats = tokenize_pairs([{"prompt": "a b c d e", "chosen": "x y", "rejected": "z"}], tok, max_length=7)
+    assert pairs[0] == TokenizedPair(ids(tok, "b c d e"), ids(tok, "x y </s>"), ids(tok, "z </s>"))
+    assert (stats.pairs, stats.truncated) == (1, 1)
+
+
+def test_tokenize_pairs_then_cuts_responses_from_the_right_keeping_half_the_budget_for_the_prompt():
+    tok = word_tokenizer()
+    # Prompt 4 tokens, chosen 7, max_length 6: the prompt keeps max_length // 2 = 3 tokens (its end), and
+    # both responses are cut from the right to the remaining 3 tokens; the shorter rejected one fits.
+    pairs, stats = tokenize_pairs(
+        [{"prompt": "a b c", "chosen": "x y z w v x", "rejected": "z w"}], tok, max_length=6)
+    assert pairs[0] == TokenizedPair(ids(tok, "a b c"), ids(tok, "x y z"), ids(tok, "z w </s>"))
+    assert max(len(pairs[0].prompt_ids) + len(r) for r in (pairs[0].chosen_ids, pairs[0].rejected_ids)) <= 6
+    assert stats.truncated == 1
+
+
+def test_tokenize_stats_count_only_the_truncated_pairs():
+    tok = word_tokenizer()
+    raw = [
+        {"prompt": "a", "chosen": "x", "rejected": "y"},                # 2 + 2: fits
+        {"prompt": "a b c d e f", "chosen": "x", "rejected": "y"},      # 7 + 2: cut
+        {"prompt": "a", "chosen": "x y z w v x", "rejected": "y"},      # 2 + 7: cut
+        {"prompt": "a b", "chosen": "x y z w", "rejected": "y"},        # 3 + 5 = 8: fits exactly
+    ]
+    pairs, stats = tokenize_pairs(raw, tok, max_length=8)
+    assert (stats.pairs, stats.truncated) == (4, 2)
+    assert all(p.length <= 8 for p in pairs)
+    assert pairs[3] == TokenizedPair(ids(tok, "<s> a b"), ids(tok, "x y z w </s>"), ids(tok, "y </s>"))
+    # The short prompt (2 ≤ max_length // 2) is kept whole; the chosen response loses its EOS.
+    assert pairs[2] == TokenizedPair(ids(tok, "<s> a"), ids(tok, "x y z w v x"), ids(tok, "y </s>"))
+
+
+def test_tokenize_pairs_refuses_a_tokenizer_without_eos():
+    tok = word_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="tokenizer"):
+        tokenize_pairs([{"prompt": "a", "chosen": "x", "rejected": "y"}], tok)
+
+
+# ------------------------------------------------------------------------------------------- sampler
+
+
+def _lengths(n: int = 23) -> list[int]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(1, 50, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("group_factor", [1, 2, 8])
+def test_length_grouped_sampler_yields_every_index_once_per_epoch(group_factor):
+    lengths = _lengths()
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=3, group_factor=group_factor, drop_last=False)
+    for epoch in range(3):
+        sampler.epoch = epoch
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= 4 for b in batches)
+        assert len(sampler) == len(batches)
+
+
+def test_length_grouped_sampler_is_reproducible_per_seed_and_epoch():
+    lengths = _lengths()
+
+    def order(seed, epoch=0):
+        return list(LengthGroupedSampler(lengths, batch_size=4, seed=seed, drop_last=False, epoch=epoch))
+
+    assert order(5) == order(5)
+    assert order(5) != order(6)
+    assert order(5, epoch=0) != order(5, epoch=1)
+
+
+def test_length_grouped_sampler_groups_similar_lengths():
+    lengths = _lengths()
+    # One mega-batch covers the whole set, so every batch is a run of consecutive sorted lengths.
+    sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0, group_factor=8, drop_last=False)
+    ranked = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    rank = {i: r for r, i in enumerate(ranked)}
+    for batch in sampler:
+        ranks = sorted(rank[i] for i in batch)
+        assert ranks == list(range(ranks[0], ranks[0] + len(batch)))
+
+
+def test_length_grouped_sampler_drop_last_keeps_only_full_batches():
+    sampler = LengthGroupedSampler(_lengths(), batch_size=4, seed=0, group_factor=8, drop_last=True)
+    batches = list(sampler)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    assert len({i for b in batches for i in b}) == 20
