@@ -1,0 +1,214 @@
+"""The paper's figures, drawn from an experiment's results and history frames.
+
+Figures are built with `matplotlib.figure.Figure` directly (Agg canvas), never through pyplot, so no global
+backend is switched and nothing needs a display. Each function writes one PNG and returns its path, or
+returns None when the sweep lacks what the figure needs (one β, one init, no history): a small sweep must
+still get a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+MASS_COLUMNS = ("eval/mass_correct", "eval/mass_mistake", "eval/mass_other", "eval/mass_malformed")
+LOGP_COLUMNS = {
+    "train": ("train/chosen_logp_delta", "train/rejected_logp_delta"),
+    "eval": ("eval/chosen_logp_delta", "eval/rejected_logp_delta"),
+}
+# Lines beyond this many make a figure unreadable; then lines are per loss only.
+MAX_LINES = 8
+
+
+def _new_figure(width: float = 6.4, height: float = 4.2) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def _loss_colors(losses: Sequence[str]) -> dict[str, tuple]:
+    """One fixed colour per loss, the same in every figure of a report."""
+    palette = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf",
+    ]  # fmt: skip
+    return {loss: palette[i % len(palette)] for i, loss in enumerate(sorted(set(map(str, losses))))}
+
+
+def _short(value) -> str:
+    """Labels for parameter values: 0.1 not 0.100, a model path by its last component."""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:g}"
+    text = str(value)
+    return text.rstrip("/").rsplit("/", 1)[-1] if "/" in text else text
+
+
+def _has(frame: pd.DataFrame, *columns: str) -> bool:
+    return all(c in frame.columns and frame[c].notna().any() for c in columns)
+
+
+def line_keys(frame: pd.DataFrame, candidates: Sequence[str] = ("beta", "spo_lambda")) -> list[str]:
+    """Columns that split lines: the loss plus any of β, λ that vary, unless that gives too many lines.
+
+    Averaging DPO at β=0.1 with DPO at β=0.5 would draw a curve no run followed, so varying parameters get
+    their own lines when the figure stays readable.
+    """
+    keys = ["loss"] + [c for c in candidates if c in frame.columns and frame[c].nunique() > 1]
+    if frame.groupby(keys, dropna=False).ngroups > MAX_LINES:
+        return ["loss"]
+    return keys
+
+
+def _label(keys: list[str], values) -> str:
+    values = values if isinstance(values, tuple) else (values,)
+    names = {"beta": "β", "spo_lambda": "λ"}
+    parts = [str(values[0])] + [f"{names.get(k, k)}={_short(v)}" for k, v in zip(keys[1:], values[1:])]
+    return " ".join(parts)
+
+
+def plot_logp_evolution(history: pd.DataFrame, path: str | Path) -> Path | None:
+    """Chosen and rejected log-prob change vs step: the likelihood-displacement picture (paper §2, finding 1).
+
+    One line per loss (and per β/λ when they vary and the lines stay few), the mean over seeds with a
+    ±1 std band. Uses the per-step training deltas when logged, else the (sparser) eval deltas.
+    """
+    source = next((cols for cols in LOGP_COLUMNS.values() if _has(history, *cols)), None)
+    if source is None or not _has(history, "loss", "step"):
+        return None
+    keys = line_keys(history)
+    colors = _loss_colors(history["loss"].dropna())
+    styles = ["-", "--", ":", "-."]
+    figure = _new_figure(10.0, 4.2)
+    axes = figure.subplots(1, 2, sharey=True)
+    titles = ("chosen  log π(y_w) − log π_0(y_w)", "rejected  log π(y_l) − log π_0(y_l)")
+    for ax, column, title in zip(axes, source, titles):
+        lines = history.dropna(subset=[column]).groupby(keys, sort=True, dropna=False)
+        for i, (values, rows) in enumerate(lines):
+            stats = rows.groupby("step")[column].agg(["mean", "std"]).fillna({"std": 0.0})
+            loss = values[0] if isinstance(values, tuple) else values
+            color, low, high = colors[str(loss)], stats["mean"] - stats["std"], stats["mean"] + stats["std"]
+            ax.plot(stats.index, stats["mean"], color=color, linestyle=styles[i % len(styles)],
+                    label=_label(keys, values))  # fmt: skip
+            ax.fill_between(stats.index, low, high, color=color, alpha=0.2)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel(f"log-prob change ({source[0].split('/')[0]})")
+    axes[1].legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy") -> Path | None:
+    """Final metric vs β, one line per loss (and λ), error bars = std over seeds; needs at least two β."""
+    if not _has(results, "loss", "beta", metric) or results["beta"].nunique() < 2:
+        return None
+    keys = line_keys(results, ("spo_lambda",))
+    colors = _loss_colors(results["loss"].dropna())
+    figure = _new_figure()
+    ax = figure.subplots()
+    for values, rows in results.dropna(subset=[metric]).groupby(keys, sort=True, dropna=False):
+        stats = rows.groupby("beta")[metric].agg(["mean", "std"])
+        loss = values[0] if isinstance(values, tuple) else values
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
+                    color=colors[str(loss)], label=_label(keys, values))  # fmt: skip
+    betas = results["beta"].dropna()
+    if (betas > 0).all() and betas.max() / betas.min() >= 10:
+        ax.set_xscale("log")  # β grids are usually geometric
+    ax.set_xlabel("β")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_beta_lambda_heatmap(
+    results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy", loss: str = "spo"
+) -> Path | None:
+    """Mean metric over seeds on the β × λ grid of one loss (SPO); needs at least two grid cells."""
+    if not _has(results, "loss", "beta", "spo_lambda", metric):
+        return None
+    rows = results.loc[results["loss"] == loss].dropna(subset=[metric])
+    grid = rows.pivot_table(index="spo_lambda", columns="beta", values=metric, aggfunc="mean")
+    if grid.size < 2:
+        return None
+    figure = _new_figure()
+    ax = figure.subplots()
+    values = grid.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis")
+    figure.colorbar(image, ax=ax, label=metric)
+    ax.set_xticks(range(grid.shape[1]), [_short(b) for b in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [_short(lam) for lam in grid.index])
+    ax.set_xlabel("β")
+    ax.set_ylabel("λ (spo_lambda)")
+    ax.set_title(f"{loss}: mean {metric} over seeds", fontsize=10)
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color="white", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_init_sensitivity(results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy") -> Path | None:
+    """Metric per initialization, grouped bars per loss with std error bars (paper §2, finding 2).
+
+    Each bar pools all runs of a loss on that init (every β and λ), so it shows how much the outcome
+    moves with the starting point, not the best achievable value.
+    """
+    if not _has(results, "loss", "init", metric) or results["init"].nunique() < 2:
+        return None
+    stats = results.dropna(subset=[metric]).groupby(["init", "loss"], sort=True)[metric].agg(["mean", "std"])
+    inits = sorted(stats.index.get_level_values("init").unique(), key=str)
+    losses = sorted(stats.index.get_level_values("loss").unique(), key=str)
+    colors = _loss_colors(losses)
+    width = 0.8 / len(losses)
+    figure = _new_figure()
+    ax = figure.subplots()
+    for k, loss in enumerate(losses):
+        x = [i + (k - (len(losses) - 1) / 2) * width for i in range(len(inits))]
+        means = [stats["mean"].get((init, loss), np.nan) for init in inits]
+        stds = [stats["std"].get((init, loss), np.nan) for init in inits]
+        ax.bar(x, means, width, yerr=np.nan_to_num(stds), capsize=3, color=colors[str(loss)], label=str(loss))
+    ax.set_xticks(range(len(inits)), [_short(i) for i in inits])
+    ax.set_xlabel("initialization")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def plot_mass_split(results: pd.DataFrame, path: str | Path) -> Path | None:
+    """Where the probability mass goes: stacked mean mass_correct/mistake/other/malformed per loss (× init).
+
+    This is the catastrophic-preference-shift picture (paper §2, finding 3): mass leaving the chosen answer
+    may land on wrong or malformed outputs instead of correct ones.
+    """
+    columns = [c for c in MASS_COLUMNS if _has(results, c)]
+    if not columns or not _has(results, "loss"):
+        return None
+    keys = ["loss", "init"] if "init" in results.columns and results["init"].nunique() > 1 else ["loss"]
+    means = results.groupby(keys, sort=True, dropna=False)[columns].mean().fillna(0.0)
+    labels = [" / ".join(_short(v) for v in (k if isinstance(k, tuple) else (k,))) for k in means.index]
+    colors = {"eval/mass_correct": "#2ca02c", "eval/mass_mistake": "#d62728", "eval/mass_other": "#7f7f7f",
+              "eval/mass_malformed": "#9467bd"}  # fmt: skip
+    figure = _new_figure(max(6.4, 0.6 * len(labels) + 2.0), 4.2)
+    ax = figure.subplots()
+    bottom = np.zeros(len(labels))
+    for column in columns:
+        ax.bar(range(len(labels)), means[column].to_numpy(), 0.7, bottom=bottom, color=colors[column],
+               label=column.split("mass_")[-1])  # fmt: skip
+        bottom += means[column].to_numpy()
+    crowded = len(labels) > 4
+    ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+    ax.set_ylabel("mean probability mass")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars reach 1.0
+    return _save(figure, path)

@@ -1,0 +1,141 @@
+"""Turn one experiment directory into `report.md`, `tables/*.{md,tex,csv}` and `plots/*.png`.
+
+    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3]
+
+Everything is written into the experiment directory, with links in report.md relative to it, so the
+directory can be zipped or pushed to a repository and still render.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.collect import Experiment, ExperimentError, load_experiment
+from analysis.tables import best_configs, config_columns, paired_differences, summary_table, to_markdown, write_table
+
+REPORT_FILE = "report.md"
+LOGP_METRICS = ("eval/chosen_logp_delta", "eval/rejected_logp_delta")
+# What each figure needs, said in the report when a sweep is too small to draw it.
+PLOTS = {
+    "logp_evolution": ("Log-prob evolution of chosen and rejected responses", "history with log-prob deltas"),
+    "accuracy_vs_beta": ("Metric vs β", "at least two values of β"),
+    "beta_lambda_heatmap": ("SPO β × λ grid", "SPO runs on at least two (β, λ) cells"),
+    "init_sensitivity": ("Initialization sensitivity", "at least two initializations"),
+    "mass_split": ("Where the probability mass goes", "eval/mass_* metrics"),
+}
+
+
+def report_configs(results: pd.DataFrame) -> list[str]:
+    """The configuration columns worth a table column: the loss plus every parameter that varies."""
+    varying = [c for c in config_columns(results) if results[c].nunique(dropna=False) > 1]
+    return (["loss"] if "loss" in results.columns and "loss" not in varying else []) + varying
+
+
+def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
+    """Every table of the report, by file stem; empty frames for the ones the sweep cannot fill."""
+    results = exp.results
+    by = report_configs(results)
+    tables = {"summary": summary_table(results, [metric, *[m for m in LOGP_METRICS if m != metric]], by=by)}
+    mass = [c for c in plots.MASS_COLUMNS if c in results.columns]
+    if mass:
+        tables["mass"] = summary_table(results, mass, by=by)
+    lower_is_better = metric.endswith("loss")
+    tables["best_configs"] = best_configs(results, metric, config=by, higher_is_better=not lower_is_better)
+    tables["paired_spo_dpo"] = paired_differences(results, metric)
+    if exp.all_results is not None and "loss" in exp.all_results.columns:
+        counts = pd.crosstab(exp.all_results["loss"], exp.all_results["status"])
+        tables["status_counts"] = counts.reset_index().rename_axis(columns=None)
+    return tables
+
+
+def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
+    """Every figure by name; None where the sweep lacks what the figure needs."""
+    return {
+        "logp_evolution": plots.plot_logp_evolution(exp.history, plot_dir / "logp_evolution.png"),
+        "accuracy_vs_beta": plots.plot_accuracy_vs_beta(exp.results, plot_dir / "accuracy_vs_beta.png", metric),
+        "beta_lambda_heatmap": plots.plot_beta_lambda_heatmap(
+            exp.results, plot_dir / "beta_lambda_heatmap.png", metric
+        ),
+        "init_sensitivity": plots.plot_init_sensitivity(exp.results, plot_dir / "init_sensitivity.png", metric),
+        "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png"),
+    }
+
+
+def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3) -> Path:
+    """Write report.md, tables/ and plots/ into the experiment directory; return report.md's path."""
+    exp = load_experiment(directory)
+    tables = build_tables(exp, metric)
+    for stem, table in tables.items():
+        write_table(table, exp.path / "tables" / stem, decimals)
+    figures = draw_plots(exp, exp.path / "plots", metric)
+    report = exp.path / REPORT_FILE
+    report.write_text(render_markdown(exp, tables, figures, metric, decimals), encoding="utf-8")
+    return report
+
+
+def render_markdown(
+    exp: Experiment, tables: dict[str, pd.DataFrame], figures: dict[str, Path | None], metric: str, decimals: int
+) -> str:
+    """The report's text: what was used, the tables inline, the figures linked relatively."""
+    used, total = len(exp.results), len(exp.all_results) if exp.all_results is not None else len(exp.results)
+    lines = [f"# Experiment report: {exp.path.name}", "", f"Main metric: `{metric}`. Trials used: {used} of {total}."]
+    lines += [f"- {note}" for note in exp.skipped]
+    if metric not in exp.results.columns:
+        lines.append(f"- results.csv has no column `{metric}`: its tables are empty")
+
+    def section(title: str, stem: str, empty: str, intro: str = "") -> None:
+        lines.extend(["", f"## {title}", ""])
+        if intro:
+            lines.extend([intro, ""])
+        table = tables.get(stem)
+        if table is None or table.empty:
+            lines.append(empty)
+        else:
+            lines.append(to_markdown(table, decimals).rstrip("\n"))
+        lines.extend(["", f"Files: `tables/{stem}.md`, `tables/{stem}.tex`, `tables/{stem}.csv`."])
+
+    section("Summary (mean ± std over seeds)", "summary", "No finished trials to summarize.")
+    if "mass" in tables:
+        section("Probability mass split (mean ± std over seeds)", "mass", "No mass metrics.")
+    section("Best configuration per loss", "best_configs", f"No finished trials with `{metric}`.",
+            "Ranked by the mean over seeds, not the best single run.")  # fmt: skip
+    section("Paired SPO − DPO differences", "paired_spo_dpo", "No SPO and DPO runs sharing β, init and seed.",
+            f"`{metric}` of SPO minus DPO on runs matched by β, init and seed; 95% percentile-bootstrap interval "
+            "(10 000 resamples, seed 0). Rows with β = all pool every pair.")  # fmt: skip
+    if "status_counts" in tables:
+        section("Trial status by loss (all trials)", "status_counts", "No trials.")
+
+    lines.extend(["", "## Figures", ""])
+    for name, path in figures.items():
+        title, needs = PLOTS[name]
+        if path is None:
+            lines.append(f"- {title}: not drawn (needs {needs}).")
+        else:
+            lines.extend([f"### {title}", "", f"![{title}]({path.relative_to(exp.path).as_posix()})", ""])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 2 with one line on stderr for a bad or unreadable directory."""
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    parser.add_argument("experiment_dir", help="directory holding results.csv (and history.parquet)")
+    parser.add_argument("--metric", default="eval/accuracy", help="metric for the tables and plots")
+    parser.add_argument("--decimals", type=int, default=3, help="decimals in Markdown/LaTeX cells")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.experiment_dir, args.metric, args.decimals)
+    except (FileNotFoundError, NotADirectoryError, ExperimentError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report written to {report}")
+    print(f"tables in {report.parent / 'tables'}, plots in {report.parent / 'plots'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

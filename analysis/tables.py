@@ -1,0 +1,312 @@
+"""Comparison tables over seeds: summaries, best configurations, paired SPO − DPO differences, writers.
+
+Every statistic is over seeds of one configuration: a "group" is one combination of the `by` columns, and
+its runs differ only in seed (and in any parameter left out of `by`). The writers render "mean ± std"
+cells with a fixed number of decimals in Markdown and LaTeX without tabulate or jinja2, and keep full
+precision in CSV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.collect import parameter_columns
+
+DEFAULT_BY = ("loss", "beta", "spo_lambda", "init")
+MEAN_SUFFIX = " mean"
+STD_SUFFIX = " std"
+
+
+def _as_list(names: str | Sequence[str]) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+def summary_table(
+    results: pd.DataFrame, metrics: str | Sequence[str], by: str | Sequence[str] = DEFAULT_BY
+) -> pd.DataFrame:
+    """Mean, sample std (ddof=1, NaN for a single run) and run count `n` of each metric per group.
+
+    Only the `by` columns and metrics present in `results` are used, so a sweep that did not vary `init`
+    (or has not produced a metric yet) still gets a table. Means skip NaN values; `n` counts runs.
+    Columns: the `by` columns, `n`, then `<metric> mean` and `<metric> std` for each metric.
+    """
+    keys = [c for c in _as_list(by) if c in results.columns]
+    present = [m for m in _as_list(metrics) if m in results.columns]
+    if not keys:
+        # One group of everything: a sweep over seeds only.
+        results = results.assign(_all="all")
+        keys = ["_all"]
+    grouped = results.groupby(keys, dropna=False, sort=True)
+    table = grouped.size().rename("n").to_frame()
+    for metric in present:
+        values = grouped[metric]
+        table[metric + MEAN_SUFFIX] = values.mean()
+        table[metric + STD_SUFFIX] = values.std(ddof=1)
+    table = table.reset_index()
+    return table.drop(columns=["_all"], errors="ignore")
+
+
+def config_columns(results: pd.DataFrame, exclude: Sequence[str] = ("seed",)) -> list[str]:
+    """Parameters that define a configuration: every swept parameter except the seed."""
+    return [p for p in parameter_columns(results) if p not in exclude]
+
+
+def best_configs(
+    results: pd.DataFrame,
+    metric: str = "eval/accuracy",
+    by: str = "loss",
+    config: Sequence[str] | None = None,
+    higher_is_better: bool = True,
+) -> pd.DataFrame:
+    """For each value of `by` (each loss), the configuration with the best mean of `metric` over seeds.
+
+    A configuration is one combination of `config` columns (default: every swept parameter except the
+    seed). Ranking by the mean over seeds, not the best single run, keeps one lucky seed from winning.
+    """
+    if metric not in results.columns or by not in results.columns:
+        return pd.DataFrame()
+    config = [c for c in (config if config is not None else config_columns(results)) if c != by]
+    table = summary_table(results, [metric], by=[by, *config])
+    table = table.dropna(subset=[metric + MEAN_SUFFIX])
+    if table.empty:
+        return table
+    order = table[metric + MEAN_SUFFIX]
+    best_rows = (order if higher_is_better else -order).groupby(table[by], sort=True).idxmax()
+    return table.loc[best_rows.to_numpy()].reset_index(drop=True)
+
+
+def paired_runs(
+    results: pd.DataFrame,
+    metric: str,
+    treatment: str = "spo",
+    control: str = "dpo",
+    match: Sequence[str] = ("beta", "init", "seed"),
+) -> pd.DataFrame:
+    """Treatment runs matched with the control run that shares the `match` keys; `diff` = treatment − control.
+
+    Runs without a partner are dropped. When the control has several runs per key (a grid that also varied
+    λ, which DPO ignores), their mean is the control value, so every treatment run pairs with one number.
+    Columns: every treatment parameter, `treatment`, `control`, `diff`.
+    """
+    if "loss" not in results.columns or metric not in results.columns:
+        return pd.DataFrame(columns=["treatment", "control", "diff"])
+    keys = [k for k in match if k in results.columns]
+    treated = results.loc[results["loss"] == treatment].dropna(subset=[metric])
+    controls = results.loc[results["loss"] == control].dropna(subset=[metric])
+    params = [p for p in parameter_columns(results) if p != "loss"]
+    treated = treated[params + [metric]].rename(columns={metric: "treatment"})
+    if keys:
+        control_values = controls.groupby(keys, dropna=False)[metric].mean().rename("control").reset_index()
+        pairs = treated.merge(control_values, on=keys, how="inner")
+    else:
+        pairs = treated.assign(control=controls[metric].mean()).dropna(subset=["control"])
+    pairs["diff"] = pairs["treatment"] - pairs["control"]
+    return pairs.reset_index(drop=True)
+
+
+def bootstrap_interval(
+    values: np.ndarray, n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; deterministic for a given seed.
+
+    With a handful of seeds per cell a normal approximation is not credible; the percentile bootstrap makes
+    no shape assumption (and honestly collapses to a point when there is one pair).
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    resampled = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(resampled, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def paired_differences(
+    results: pd.DataFrame,
+    metric: str,
+    treatment: str = "spo",
+    control: str = "dpo",
+    match: Sequence[str] = ("beta", "init", "seed"),
+    group_by: Sequence[str] = ("beta", "init"),
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Mean treatment − control difference and its bootstrap interval per (β, init) group and overall.
+
+    Matching on seed removes the between-seed noise shared by both methods (same data order, same init
+    noise), which is what makes a few seeds enough. Treatment parameters that vary outside the match keys
+    (typically `spo_lambda`) are kept apart: each value gets its own rows, never pooled. The overall rows
+    have "all" in the `group_by` columns.
+    Columns: the group columns, `n_pairs`, `treatment mean`, `control mean`, `diff mean`, `ci low`, `ci high`.
+    """
+    pairs = paired_runs(results, metric, treatment, control, match)
+    groups = [g for g in group_by if g in pairs.columns]
+    varying = [
+        p
+        for p in pairs.columns
+        if p not in (*match, *groups, "treatment", "control", "diff") and pairs[p].nunique(dropna=False) > 1
+    ]
+    columns = [*groups, *varying, "n_pairs", "treatment mean", "control mean", "diff mean", "ci low", "ci high"]
+    if pairs.empty:
+        return pd.DataFrame(columns=columns)
+
+    def summarize(frame: pd.DataFrame) -> dict:
+        low, high = bootstrap_interval(frame["diff"].to_numpy(), n_resamples, confidence, seed)
+        return {
+            "n_pairs": len(frame),
+            "treatment mean": frame["treatment"].mean(),
+            "control mean": frame["control"].mean(),
+            "diff mean": frame["diff"].mean(),
+            "ci low": low,
+            "ci high": high,
+        }
+
+    rows = []
+    for key, frame in _groups(pairs, [*groups, *varying]):
+        rows.append({**key, **summarize(frame)})
+    if groups:
+        for key, frame in _groups(pairs, varying):
+            rows.append({**{g: "all" for g in groups}, **key, **summarize(frame)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _groups(frame: pd.DataFrame, keys: list[str]):
+    """Yield ({column: value}, rows) per group; one group of everything when there are no keys."""
+    if not keys:
+        yield {}, frame
+        return
+    for values, rows in frame.groupby(keys, dropna=False, sort=True):
+        yield dict(zip(keys, values)), rows
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+def _format_value(value, decimals: int) -> str:
+    """Floats with fixed decimals, integers and text as they are, missing values as an empty cell."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{decimals}f}"
+    return str(value)
+
+
+def _format_parameter(value) -> str:
+    """Parameter values as written in the sweep (0.1, not 0.100): they are labels, not measurements."""
+    if isinstance(value, (float, np.floating)) and not np.isnan(value):
+        return f"{value:g}"
+    return _format_value(value, 3)
+
+
+def display_frame(df: pd.DataFrame, decimals: int = 3, plus_minus: str = " ± ") -> pd.DataFrame:
+    """Strings for display: each `<m> mean`/`<m> std` column pair becomes one `<m>` column of "mean ± std".
+
+    A missing std (one run) shows the mean alone. Parameter columns keep their natural form (β = 0.1).
+    """
+    out = {}
+    for column in df.columns:
+        if column.endswith(STD_SUFFIX) and column[: -len(STD_SUFFIX)] + MEAN_SUFFIX in df.columns:
+            continue
+        if column.endswith(MEAN_SUFFIX) and column[: -len(MEAN_SUFFIX)] + STD_SUFFIX in df.columns:
+            name = column[: -len(MEAN_SUFFIX)]
+            means, stds = df[column], df[name + STD_SUFFIX]
+            out[name] = [_mean_std(m, s, decimals, plus_minus) for m, s in zip(means, stds)]
+        elif _is_label_column(column):
+            out[column] = [_format_parameter(v) for v in df[column]]
+        else:
+            out[column] = [_format_value(v, decimals) for v in df[column]]
+    return pd.DataFrame(out, index=range(len(df)), dtype=object)
+
+
+# Statistics columns written by this module; every other column without a "/" is a parameter (a label).
+STAT_COLUMNS = ("n", "n_pairs", "treatment mean", "control mean", "diff mean", "ci low", "ci high")
+
+
+def _is_label_column(column: str) -> bool:
+    return "/" not in column and column not in STAT_COLUMNS and not column.endswith((MEAN_SUFFIX, STD_SUFFIX))
+
+
+def _mean_std(mean, std, decimals: int, plus_minus: str) -> str:
+    if mean is None or pd.isna(mean):
+        return ""
+    if std is None or pd.isna(std):
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f}{plus_minus}{std:.{decimals}f}"
+
+
+def to_markdown(df: pd.DataFrame, decimals: int = 3) -> str:
+    """A GitHub-flavoured Markdown table with "mean ± std" cells."""
+    shown = display_frame(df, decimals)
+
+    def row(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [row(shown.columns), row(["---"] * len(shown.columns))]
+    lines += [row(values) for values in shown.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX's special characters (metric names are full of underscores)."""
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def to_latex(df: pd.DataFrame, decimals: int = 3) -> str:
+    """A booktabs `tabular` with "$mean \\pm std$" cells; needs only `\\usepackage{booktabs}`."""
+    marker = "\x00PM\x00"  # placed before escaping so the ± survives as math
+    shown = display_frame(df, decimals, plus_minus=marker)
+
+    def cell(value) -> str:
+        text = latex_escape(value)
+        if marker in text:
+            mean, std = text.split(marker)
+            return f"${mean} \\pm {std}$"
+        return text
+
+    align = "".join("r" if _is_numeric_column(df, c) else "l" for c in shown.columns)
+    lines = [f"\\begin{{tabular}}{{{align}}}", r"\toprule"]
+    lines.append(" & ".join(latex_escape(c) for c in shown.columns) + r" \\")
+    lines.append(r"\midrule")
+    lines += [" & ".join(cell(v) for v in values) + r" \\" for values in shown.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _is_numeric_column(df: pd.DataFrame, shown_name: str) -> bool:
+    column = shown_name if shown_name in df.columns else shown_name + MEAN_SUFFIX
+    return column in df.columns and pd.api.types.is_numeric_dtype(df[column])
+
+
+def write_table(df: pd.DataFrame, stem: str | Path, decimals: int = 3) -> list[Path]:
+    """Write `<stem>.md`, `<stem>.tex` and `<stem>.csv` (full precision); return the three paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".md"), stem.with_suffix(".tex"), stem.with_suffix(".csv")]
+    paths[0].write_text(to_markdown(df, decimals), encoding="utf-8")
+    paths[1].write_text(to_latex(df, decimals), encoding="utf-8")
+    df.to_csv(paths[2], index=False)
+    return paths

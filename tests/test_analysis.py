@@ -1,0 +1,328 @@
+"""Analysis of an experiment directory: statistics against hand-computed values, writers, plots, CLI.
+
+The hand-made sweep: dpo and spo × β ∈ {0.1, 0.3} × seeds {0, 1, 2}, init "base", plus one ERROR trial.
+Expected values are literal numbers or plain arithmetic in the test, never the pandas code under test.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import plots
+from analysis.collect import load_experiment
+from analysis.report import write_report
+from analysis.tables import (
+    best_configs,
+    bootstrap_interval,
+    paired_differences,
+    paired_runs,
+    summary_table,
+    to_latex,
+    to_markdown,
+    write_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# eval/accuracy per (loss, beta) for seeds 0, 1, 2.
+ACCURACY = {
+    ("dpo", 0.1): [0.50, 0.60, 0.70],
+    ("dpo", 0.3): [0.40, 0.50, 0.60],
+    ("spo", 0.1): [0.70, 0.85, 0.90],
+    ("spo", 0.3): [0.60, 0.65, 0.80],
+}
+
+
+def write_experiment(directory: Path) -> Path:
+    """results.csv + history.parquet + sweep.yaml for the hand-made sweep (and one ERROR trial)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, history = [], []
+    for (loss, beta), accuracies in ACCURACY.items():
+        for seed, accuracy in enumerate(accuracies):
+            trial_id = f"{loss}_{beta}_{seed}"
+            rows.append({
+                "trial_id": trial_id, "status": "TERMINATED", "error": "",
+                "loss": loss, "beta": beta, "spo_lambda": 1.0 if loss == "spo" else 0.0, "init": "base", "seed": seed,
+                "eval/accuracy": accuracy, "eval/chosen_logp_delta": -1.0 if loss == "dpo" else 0.5,
+                "eval/rejected_logp_delta": -3.0, "eval/mass_correct": accuracy, "eval/mass_mistake": 1 - accuracy,
+                "eval/mass_other": 0.0, "eval/mass_malformed": 0.0, "train/loss": 0.3, "step": 20, "wall_time_s": 5.0,
+            })  # fmt: skip
+            sign = -1.0 if loss == "dpo" else 1.0
+            for step in (0, 10, 20):
+                history.append({
+                    "trial_id": trial_id, "step": step,
+                    "train/chosen_logp_delta": sign * step / 10 * (1 + 0.1 * seed),
+                    "train/rejected_logp_delta": -step / 5 * (1 + 0.1 * seed),
+                    "eval/accuracy": accuracy if step == 20 else np.nan,
+                })  # fmt: skip
+    rows.append({"trial_id": "spo_err", "status": "ERROR", "error": "CUDA out of memory", "loss": "spo",
+                 "beta": 0.1, "spo_lambda": 1.0, "init": "base", "seed": 3})  # fmt: skip
+    history.append({"trial_id": "spo_err", "step": 0, "train/chosen_logp_delta": 99.0})
+    pd.DataFrame(rows).to_csv(directory / "results.csv", index=False)
+    pd.DataFrame(history).to_parquet(directory / "history.parquet")
+    (directory / "sweep.yaml").write_text("name: hand-made\n")
+    return directory
+
+
+@pytest.fixture
+def experiment_dir(tmp_path) -> Path:
+    return write_experiment(tmp_path / "exp")
+
+
+@pytest.fixture
+def results(experiment_dir) -> pd.DataFrame:
+    return load_experiment(experiment_dir).results
+
+
+# ------------------------------------------------------------------------------------------- collect
+
+
+def test_load_skips_the_error_trial_and_says_so(experiment_dir):
+    exp = load_experiment(experiment_dir)
+    assert len(exp.results) == 12 and "spo_err" not in set(exp.results["trial_id"])
+    assert len(exp.all_results) == 13
+    assert "skipped 1 trial with status ERROR" in exp.skipped
+    assert exp.params == ["loss", "beta", "spo_lambda", "init", "seed"]
+
+
+def test_history_has_params_joined_and_only_kept_trials(experiment_dir):
+    history = load_experiment(experiment_dir).history
+    assert len(history) == 12 * 3
+    assert 99.0 not in set(history["train/chosen_logp_delta"])
+    row = history[(history["trial_id"] == "spo_0.3_2") & (history["step"] == 10)].iloc[0]
+    assert (row["loss"], row["beta"], row["seed"]) == ("spo", 0.3, 2)
+    assert row["train/chosen_logp_delta"] == pytest.approx(1.2)
+
+
+def test_partial_sweep_without_history_loads_with_notes(tmp_path):
+    directory = tmp_path / "partial"
+    directory.mkdir()
+    pd.DataFrame([
+        {"trial_id": "a", "status": "TERMINATED", "error": "", "loss": "dpo", "beta": 0.1, "seed": 0, "eval/accuracy": 0.5},
+        {"trial_id": "b", "status": "RUNNING", "error": "", "loss": "spo", "beta": 0.1, "seed": 0},
+        {"trial_id": "c", "status": "RUNNING", "error": "", "loss": "spo", "beta": 0.1, "seed": 1},
+    ]).to_csv(directory / "results.csv", index=False)  # fmt: skip
+    exp = load_experiment(directory)
+    assert list(exp.results["trial_id"]) == ["a"]
+    assert exp.history.empty
+    assert "skipped 2 trials with status RUNNING" in exp.skipped
+    assert any("history.parquet" in note for note in exp.skipped)
+    table = summary_table(exp.results, ["eval/accuracy", "eval/mass_correct"])
+    assert list(table.columns) == ["loss", "beta", "n", "eval/accuracy mean", "eval/accuracy std"]
+    assert np.isnan(table.loc[0, "eval/accuracy std"])  # one run: no sample std
+
+
+def test_missing_directory_or_results_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_experiment(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="results.csv"):
+        load_experiment(tmp_path / "empty")
+
+
+# -------------------------------------------------------------------------------------------- tables
+
+
+def test_summary_table_mean_std_and_n_over_seeds(results):
+    table = summary_table(results, ["eval/accuracy"])
+    assert list(table.columns) == ["loss", "beta", "spo_lambda", "init", "n", "eval/accuracy mean", "eval/accuracy std"]
+    assert len(table) == 4
+    for (loss, beta), values in ACCURACY.items():
+        row = table[(table["loss"] == loss) & (table["beta"] == beta)].iloc[0]
+        assert row["n"] == 3
+        assert row["eval/accuracy mean"] == pytest.approx(sum(values) / 3)
+        assert row["eval/accuracy std"] == pytest.approx(statistics.stdev(values))
+    spo_03 = table[(table["loss"] == "spo") & (table["beta"] == 0.3)].iloc[0]
+    assert spo_03["eval/accuracy mean"] == pytest.approx(0.683333, abs=1e-6)
+    assert spo_03["eval/accuracy std"] == pytest.approx(0.104083, abs=1e-6)
+
+
+def test_best_config_per_loss_ranks_by_mean_over_seeds(results):
+    best = best_configs(results, "eval/accuracy")
+    assert list(best["loss"]) == ["dpo", "spo"]
+    assert list(best["beta"]) == [0.1, 0.1]
+    assert best["eval/accuracy mean"].tolist() == pytest.approx([0.6, 0.816667], abs=1e-6)
+    lowest = best_configs(results, "eval/accuracy", higher_is_better=False)
+    assert list(lowest["beta"]) == [0.3, 0.3]
+
+
+def test_paired_differences_match_hand_computed_spo_minus_dpo(results):
+    pairs = paired_runs(results, "eval/accuracy")
+    assert len(pairs) == 6
+    assert sorted(np.round(pairs["diff"], 6)) == [0.15, 0.2, 0.2, 0.2, 0.2, 0.25]
+
+    table = paired_differences(results, "eval/accuracy", n_resamples=2000, seed=7)
+    assert list(table["beta"]) == [0.1, 0.3, "all"]
+    expected = [(0.2 + 0.25 + 0.2) / 3, (0.2 + 0.15 + 0.2) / 3, 1.2 / 6]
+    assert table["diff mean"].tolist() == pytest.approx(expected)
+    assert table["n_pairs"].tolist() == [3, 3, 6]
+    assert table.loc[2, "treatment mean"] - table.loc[2, "control mean"] == pytest.approx(0.2)
+    for _, row in table.iterrows():
+        assert row["ci low"] <= row["diff mean"] <= row["ci high"]
+    # Resampled means of {0.15, 0.2, 0.25} pairs cannot leave the range of the pairs.
+    assert 0.15 <= table.loc[2, "ci low"] and table.loc[2, "ci high"] <= 0.25
+    again = paired_differences(results, "eval/accuracy", n_resamples=2000, seed=7)
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_paired_differences_skip_unmatched_runs(results):
+    partial = results[~((results["loss"] == "dpo") & (results["seed"] == 2))]
+    table = paired_differences(partial, "eval/accuracy", n_resamples=500)
+    assert table["n_pairs"].tolist() == [2, 2, 4]
+    assert table.loc[0, "diff mean"] == pytest.approx((0.2 + 0.25) / 2)
+
+
+def test_bootstrap_interval_is_seeded_and_degenerate_for_constant_differences():
+    values = np.array([0.1, 0.3, 0.2, 0.5])
+    assert bootstrap_interval(values, seed=1) == bootstrap_interval(values, seed=1)
+    low, high = bootstrap_interval(values, seed=1)
+    assert 0.1 <= low < 0.275 < high <= 0.5
+    assert bootstrap_interval(np.array([0.2, 0.2]), n_resamples=100) == pytest.approx((0.2, 0.2))
+
+
+def parse_markdown(text: str) -> list[dict[str, str]]:
+    lines = [line.strip().strip("|") for line in text.strip().splitlines()]
+    header = [cell.strip() for cell in lines[0].split("|")]
+    assert set(lines[1].replace("|", "").split()) == {"---"}
+    return [dict(zip(header, (cell.strip() for cell in line.split("|")))) for line in lines[2:]]
+
+
+def parse_latex(text: str) -> list[dict[str, str]]:
+    lines = text.strip().splitlines()
+    assert lines[0].startswith(r"\begin{tabular}") and lines[-1] == r"\end{tabular}"
+    body = lines[lines.index(r"\toprule") + 1 : lines.index(r"\bottomrule")]
+    body = [line.removesuffix(r" \\") for line in body if line != r"\midrule"]
+    rows = [[cell.strip().replace(r"\_", "_") for cell in line.split(" & ")] for line in body]
+    return [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def mean_std(cell: str, separator: str) -> tuple[float, float]:
+    mean, std = cell.strip("$").split(separator)
+    return float(mean), float(std)
+
+
+def test_markdown_and_latex_tables_parse_back_to_the_numbers(results):
+    table = summary_table(results, ["eval/accuracy", "eval/chosen_logp_delta"])
+    for text, separator, parse in [(to_markdown(table), " ± ", parse_markdown), (to_latex(table), r" \pm ", parse_latex)]:
+        rows = parse(text)
+        assert len(rows) == 4
+        spo_03 = next(r for r in rows if r["loss"] == "spo" and r["beta"] == "0.3")
+        assert spo_03["n"] == "3" and spo_03["init"] == "base" and spo_03["spo_lambda"] == "1"
+        assert mean_std(spo_03["eval/accuracy"], separator) == (0.683, 0.104)
+        dpo_01 = next(r for r in rows if r["loss"] == "dpo" and r["beta"] == "0.1")
+        assert mean_std(dpo_01["eval/accuracy"], separator) == (0.600, 0.100)
+        assert mean_std(dpo_01["eval/chosen_logp_delta"], separator) == (-1.0, 0.0)
+
+
+def test_write_table_writes_markdown_latex_and_full_precision_csv(results, tmp_path):
+    table = summary_table(results, ["eval/accuracy"])
+    paths = write_table(table, tmp_path / "tables" / "summary", decimals=2)
+    assert [p.name for p in paths] == ["summary.md", "summary.tex", "summary.csv"]
+    assert "0.68 ± 0.10" in paths[0].read_text()
+    back = pd.read_csv(paths[2])
+    assert back["eval/accuracy mean"].max() == pytest.approx((0.70 + 0.85 + 0.90) / 3)
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def assert_valid_png(path: Path) -> None:
+    from matplotlib.image import imread
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.ndim == 3 and image.std() > 0
+    rgba = np.ascontiguousarray((image[..., :3] * 255).astype(np.uint8))
+    packed = rgba[..., 0].astype(np.uint32) << 16 | rgba[..., 1].astype(np.uint32) << 8 | rgba[..., 2]
+    assert len(np.unique(packed)) > 2  # more than background and one ink colour
+
+
+def rich_results(seed: int = 0) -> pd.DataFrame:
+    """A sweep with every axis varied: 2 losses × 2 β × 2 λ (spo) × 2 inits × 2 seeds."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for loss in ("dpo", "spo"):
+        for beta in (0.1, 1.0):
+            for lam in (0.5, 2.0) if loss == "spo" else (0.0,):
+                for init in ("base", "sft_short"):
+                    for s in (0, 1):
+                        acc = rng.uniform(0.3, 0.9)
+                        rows.append({"trial_id": f"{loss}{beta}{lam}{init}{s}", "loss": loss, "beta": beta,
+                                     "spo_lambda": lam, "init": init, "seed": s, "eval/accuracy": acc,
+                                     "eval/mass_correct": acc, "eval/mass_mistake": (1 - acc) / 2,
+                                     "eval/mass_other": (1 - acc) / 4, "eval/mass_malformed": (1 - acc) / 4})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_every_plot_is_a_valid_png(experiment_dir, tmp_path):
+    exp = load_experiment(experiment_dir)
+    rich = rich_results()
+    written = [
+        plots.plot_logp_evolution(exp.history, tmp_path / "logp.png"),
+        plots.plot_accuracy_vs_beta(rich, tmp_path / "beta.png"),
+        plots.plot_beta_lambda_heatmap(rich, tmp_path / "heat.png"),
+        plots.plot_init_sensitivity(rich, tmp_path / "init.png"),
+        plots.plot_mass_split(rich, tmp_path / "mass.png"),
+    ]
+    for path in written:
+        assert path is not None
+        assert_valid_png(path)
+
+
+def test_plots_fall_back_to_eval_logp_and_return_none_when_data_is_missing(tmp_path):
+    history = pd.DataFrame({"trial_id": ["a", "a"], "step": [0, 10], "loss": ["dpo", "dpo"],
+                            "eval/chosen_logp_delta": [0.0, -1.0], "eval/rejected_logp_delta": [0.0, -2.0]})  # fmt: skip
+    assert_valid_png(plots.plot_logp_evolution(history, tmp_path / "eval_logp.png"))
+
+    one_run = rich_results().iloc[:1]
+    assert plots.plot_logp_evolution(pd.DataFrame(columns=["trial_id", "step"]), tmp_path / "a.png") is None
+    assert plots.plot_accuracy_vs_beta(one_run, tmp_path / "b.png") is None
+    assert plots.plot_beta_lambda_heatmap(one_run, tmp_path / "c.png") is None
+    assert plots.plot_init_sensitivity(one_run, tmp_path / "d.png") is None
+    assert plots.plot_mass_split(one_run.drop(columns=[c for c in one_run if "mass" in c]), tmp_path / "e.png") is None
+    assert not list(tmp_path.glob("[a-e].png"))
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def test_write_report_links_existing_plots_and_lists_skipped_trials(experiment_dir):
+    report = write_report(experiment_dir)
+    text = report.read_text()
+    assert "skipped 1 trial with status ERROR" in text
+    assert "| loss | beta | spo_lambda | n | eval/accuracy |" in text
+    assert "![" in text and "(plots/logp_evolution.png)" in text
+    assert "Initialization sensitivity: not drawn" in text
+    for stem in ("summary", "best_configs", "paired_spo_dpo"):
+        for suffix in ("md", "tex", "csv"):
+            assert (experiment_dir / "tables" / f"{stem}.{suffix}").is_file()
+    for png in (experiment_dir / "plots").glob("*.png"):
+        assert f"(plots/{png.name})" in text
+        assert_valid_png(png)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_report_cli_writes_report_md(experiment_dir):
+    done = run_cli(str(experiment_dir), "--metric", "eval/accuracy")
+    assert done.returncode == 0, done.stderr
+    assert str(experiment_dir / "report.md") in done.stdout
+    text = (experiment_dir / "report.md").read_text()
+    assert "0.817 ± 0.104" in text  # spo β=0.1: mean and sample std of 0.70, 0.85, 0.90
+
+
+def test_report_cli_on_a_missing_directory_exits_2_with_one_line(tmp_path):
+    done = run_cli(str(tmp_path / "missing"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "missing") in lines[0]
+    assert "Traceback" not in done.stderr
