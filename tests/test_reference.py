@@ -1,0 +1,97 @@
+"""The shared reference log-prob cache (one computation per reference model × data × tokenization)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import tiny_run
+from spo_ray.config import validate_run
+from spo_ray.data import PairDataset, TokenizedPair
+from spo_ray.reference import (ModelReference, cached_reference_logps, compute_reference_logps,
+                               dataset_fingerprint, fingerprint, model_identity)
+from spo_ray.trainer import train
+
+
+def tiny_model(seed):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32))
+
+
+def dataset(shift=0):
+    return PairDataset([TokenizedPair([1, 2 + shift, 3], [4, 5, 2], [6, 2]),
+                        TokenizedPair([1, 7], [8, 9, 9, 2], [3, 2]),
+                        TokenizedPair([5], [6, 2], [7, 7, 7, 2])])
+
+
+class Counter:
+    def __init__(self, model, data):
+        self.model, self.data, self.calls = model, data, 0
+
+    def __call__(self):
+        self.calls += 1
+        return compute_reference_logps(self.model, self.data, pad_token_id=0, batch_size=2)
+
+
+def key_for(folder, data):
+    return fingerprint(model_identity(str(folder)), dataset_fingerprint(data))
+
+
+def test_cache_hits_on_second_use_and_misses_when_data_or_model_change(tmp_path):
+    folder = tmp_path / "ref"
+    tiny_model(0).save_pretrained(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    data = dataset()
+    compute = Counter(model, data)
+    first, hit = cached_reference_logps(tmp_path / "cache", key_for(folder, data), data, compute)
+    second, hit_again = cached_reference_logps(tmp_path / "cache", key_for(folder, data), data, compute)
+    assert (hit, hit_again, compute.calls) == (False, True, 1)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+    changed = dataset(shift=1)
+    assert key_for(folder, changed) != key_for(folder, data)
+    _, hit = cached_reference_logps(tmp_path / "cache", key_for(folder, changed), changed, Counter(model, changed))
+    assert not hit
+
+    old_key = key_for(folder, data)
+    tiny_model(1).save_pretrained(folder)  # new weights in the same folder
+    assert key_for(folder, data) != old_key
+
+
+def test_corrupt_or_partial_cache_file_is_rebuilt(tmp_path):
+    model, data = tiny_model(0), dataset()
+    compute = Counter(model, data)
+    logps, _ = cached_reference_logps(tmp_path, "k", data, compute)
+    path = tmp_path / "reflogps-k.parquet"
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    again, hit = cached_reference_logps(tmp_path, "k", data, compute)
+    assert (hit, compute.calls) == (False, 2)
+    assert all(torch.equal(logps[k], again[k]) for k in logps)
+    # A table with the wrong number of rows (another dataset's) is not trusted either.
+    _, hit = cached_reference_logps(tmp_path, "k", PairDataset(data.pairs[:2]), Counter(model, PairDataset(data.pairs[:2])))
+    assert not hit
+
+
+def test_cached_values_equal_the_model_run_on_each_batch():
+    model, data = tiny_model(0), dataset()
+    table = compute_reference_logps(model, data, pad_token_id=0, batch_size=3)
+    from spo_ray.data import collate_pairs
+    for i in range(len(data)):  # one pair per batch: different padding than the cached batches
+        on_the_fly = ModelReference(model)(collate_pairs([data[i]], 0))
+        for name, values in on_the_fly.items():
+            assert values.item() == pytest.approx(table[name][i].item(), abs=1e-5)
+
+
+def test_training_with_and_without_the_cache_gives_the_same_metrics(init_cache, tmp_path):
+    histories = []
+    for cache in (True, False):
+        rows = []
+        train(validate_run(tiny_run(loss={"name": "spo"}, reference={"cache": cache})), cache_dir=init_cache,
+              reference_dir=str(tmp_path), report=lambda row, ckpt: rows.append(row))
+        histories.append(rows)
+    for with_cache, without in zip(*histories):
+        for key, value in with_cache.items():
+            if key in ("train/tokens_per_s", "wall_time_s"):
+                continue
+            assert without[key] == pytest.approx(value, abs=1e-6), key
+    assert list((tmp_path).glob("reflogps-*.parquet"))  # the cached run wrote its tables

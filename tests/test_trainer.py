@@ -1,0 +1,119 @@
+"""The single-run trainer, without Ray."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from spo_ray.config import validate_run
+from spo_ray.data import TokenizedPair, collate_pairs
+from spo_ray.logprobs import concatenated_forward
+from spo_ray.trainer import batch_loss, one_step_penalty, spo_lambda_at, train
+
+# MISSION §2 "What every run measures".
+REQUIRED_METRICS = [
+    "train/loss", "train/chosen_logps", "train/rejected_logps", "train/chosen_logp_delta",
+    "train/rejected_logp_delta", "train/chosen_reward", "train/rejected_reward", "train/reward_margin",
+    "train/reward_accuracy", "train/spo_penalty", "train/safe_region_violation", "train/learning_rate",
+    "train/grad_norm", "train/tokens_per_s", "probe/chosen_grad_norm", "probe/rejected_grad_norm",
+    "probe/grad_cosine", "eval/loss", "eval/chosen_logp_delta", "eval/rejected_logp_delta",
+    "eval/reward_accuracy", "eval/accuracy", "eval/mass_correct", "eval/mass_mistake", "eval/mass_other",
+    "eval/mass_malformed",
+]
+
+
+def run(raw, cache_dir, **kwargs):
+    rows = []
+    final = train(validate_run(raw), cache_dir=cache_dir, report=lambda row, ckpt: rows.append(row), **kwargs)
+    return final, rows
+
+
+def test_every_mission_metric_appears_in_the_history(init_cache):
+    final, rows = run(tiny_run(loss={"name": "spo"}), init_cache)
+    seen = set().union(*rows)
+    assert [m for m in REQUIRED_METRICS if m not in seen] == []
+    assert [r["step"] for r in rows] == [3, 6]
+    masses = sum(final[f"eval/mass_{k}"] for k in ("correct", "mistake", "other", "malformed"))
+    assert masses == pytest.approx(1.0, abs=1e-4)
+
+
+def test_same_seed_gives_identical_metrics_twice(init_cache):
+    _, first = run(tiny_run(), init_cache)
+    _, second = run(tiny_run(), init_cache)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("train/tokens_per_s", "wall_time_s")}
+                          for r in rows]
+    assert strip(first) == strip(second)
+    _, other_seed = run(tiny_run(train={"seed": 1}), init_cache)
+    assert strip(other_seed) != strip(first)
+
+
+def test_trainer_lowers_the_dpo_loss_on_a_fixed_batch(init_cache):
+    # 16 training pairs and a batch of 16: every step sees the same batch.
+    raw = tiny_run(train={"max_steps": 30, "log_every": 1, "eval_every": 30, "probe_every": 30,
+                          "batch_size": 16, "learning_rate": 3e-3, "lr_schedule": "constant"},
+                   loss={"beta": 0.5})
+    raw["data"]["arithmetic"] = {**raw["data"]["arithmetic"], "train_pairs": 16}
+    _, rows = run(raw, init_cache)
+    losses = [r["train/loss"] for r in rows]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_spo_lambda_warmup_is_linear():
+    cfg = validate_run({"loss": {"name": "spo", "spo_lambda": 2.0, "spo_lambda_warmup_steps": 10}}).loss
+    assert [spo_lambda_at(cfg, s) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
+
+
+def test_one_step_penalty_equals_a_manual_inner_step():
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32))
+    items = [(0, TokenizedPair([1, 2, 3], [4, 5, 2], [6, 2])), (1, TokenizedPair([1, 7], [8, 9, 9, 2], [3, 2]))]
+    batch = collate_pairs(items, 0)
+    out = concatenated_forward(model, batch)
+    alpha = 0.5
+    penalty = one_step_penalty(model, batch, out["chosen_avg_logps"], alpha, 0.0)
+
+    # Independently: g(θ), take the SGD step on a copy of the model, g(θ').
+    g = -out["chosen_avg_logps"].mean()
+    grads = torch.autograd.grad(g, list(model.parameters()), retain_graph=True)
+    stepped = LlamaForCausalLM(model.config)
+    stepped.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p, grad in zip(stepped.parameters(), grads):
+            p -= alpha * grad
+        g_after = -concatenated_forward(stepped, batch)["chosen_avg_logps"].mean()
+    assert penalty.item() == pytest.approx(max(0.0, (g - g_after).item()), rel=1e-5)
+    assert penalty.item() > 0  # a gradient step on the NLL lowers it
+    # Its gradient is ∇g (the inner value is a stop-gradient).
+    (grad_penalty,) = torch.autograd.grad(penalty, [model.lm_head.weight], retain_graph=True)
+    (grad_g,) = torch.autograd.grad(g, [model.lm_head.weight])
+    assert torch.allclose(grad_penalty, grad_g, atol=1e-6)
+
+
+def test_one_step_spo_trains_and_reports_its_penalty(init_cache):
+    final, _ = run(tiny_run(loss={"name": "spo", "spo_estimator": "one_step", "spo_lambda": 1.0}), init_cache)
+    assert final["train/spo_penalty"] >= 0 and math.isfinite(final["train/loss"])
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "ipo", "hinge", "dpop", "simpo", "cpo"])
+def test_every_loss_trains_through_the_trainer(init_cache, loss):
+    final, _ = run(tiny_run(loss={"name": loss}, train={"max_steps": 2, "eval_every": 2, "probe_every": 2}),
+                   init_cache)
+    assert math.isfinite(final["train/loss"]) and final["step"] == 2
+
+
+def test_batch_loss_measures_summed_deltas_even_for_averaged_losses():
+    cfg = validate_run({"loss": {"name": "simpo", "beta": 2.0, "gamma": 0.5}}).loss
+    policy = {"chosen_logps": torch.tensor([-4.0]), "rejected_logps": torch.tensor([-6.0]),
+              "chosen_avg_logps": torch.tensor([-2.0]), "rejected_avg_logps": torch.tensor([-2.0]),
+              "chosen_lengths": torch.tensor([2.0]), "rejected_lengths": torch.tensor([3.0])}
+    reference = {"chosen_logps": torch.tensor([-5.0]), "rejected_logps": torch.tensor([-5.0]),
+                 "chosen_avg_logps": torch.tensor([-2.5]), "rejected_avg_logps": torch.tensor([-1.0])}
+    loss, metrics = batch_loss(cfg, policy, reference, step=0)
+    # SimPO on averaged log-probs, no reference: −log σ(2·(−2 − −2) − 0.5)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(0.5))), abs=1e-6)
+    assert metrics["chosen_logp_delta"].item() == pytest.approx(1.0)
+    assert metrics["rejected_logp_delta"].item() == pytest.approx(-1.0)
