@@ -1,0 +1,358 @@
+"""Real preference data: local files or a Hugging Face dataset → validated text pairs → a `Task`.
+
+The format is TRL's: columns `prompt`, `chosen`, `rejected` (rename yours with `data.columns`), each either
+plain text or a *conversational* list of `{"role", "content"}` messages. Messages are rendered with the
+tokenizer's chat template the way TRL does it: the prompt with `add_generation_prompt=True`, a response as
+what the template adds to the rendered prompt when the response's turns follow it. A response that repeats
+the prompt's messages (a whole conversation) has them removed first.
+
+    data:
+      source: files                   # or hub (data.path is a dataset id; name, split, revision)
+      path: pairs.jsonl               # .jsonl / .json, .parquet, .csv
+      columns: {prompt: question}     # our name: your column
+
+Validation stops at the first bad row with one line naming the file and row (a JSONL line number, else the
+1-based row) and column; rows that cannot teach a preference (an empty response, chosen == rejected) are
+dropped and counted; the counts come back in a `PairReport` and are printed as one line. Sequences longer
+than `data.max_length` are truncated by `spo_ray.data.tokenize_pairs`, which counts them for the report.
+
+The eval split is `data.eval_path` / `data.eval_split` when given, else a seeded `eval_fraction` of the
+*prompts*, so that no prompt is on both sides (pairs of one prompt share most of their text).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spo_ray.config import ConfigError, DataConfig, RunConfig
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# The split and the caps do not depend on the trial's seed: every trial of a sweep must train and evaluate
+# on the same pairs to be comparable (and to share one reference log-prob cache).
+SPLIT_SEED = 0
+FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PairReport:
+    """What loading did to the data: rows read, rows dropped and why, pairs kept, pairs truncated."""
+    sources: list[str] = field(default_factory=list)
+    rows: int = 0
+    empty_response: int = 0
+    identical: int = 0
+    train: int = 0
+    eval: int = 0
+    truncated: int | None = None  # None: not counted (no tokenizer given)
+
+    def dropped(self) -> str:
+        return (f"{self.rows} rows, dropped {self.empty_response} with an empty response and {self.identical} "
+                f"with chosen == rejected")
+
+    def summary(self) -> str:
+        truncated = "" if self.truncated is None else f", {self.truncated} truncated to max_length"
+        return (f"pairs from {' + '.join(self.sources)}: {self.dropped()}; {self.train} train / {self.eval} eval "
+                f"pairs{truncated}")
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of a library's error, for a one-line user message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading rows: (label, row) where the label names the row in errors ("line 7", "row 3")
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path} line {number}: malformed JSON ({error.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((f"line {number}", row))
+    return rows
+
+
+def _read_table(path: Path, kind: str) -> list[tuple[str, dict]]:
+    if kind == "csv":
+        import pandas as pd
+        # Every cell as text, and an empty cell as "" (an empty response), not NaN (a non-string cell).
+        records = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+    else:
+        import pyarrow.parquet as pq
+        records = pq.read_table(path).to_pylist()  # plain lists and dicts, also for message columns
+    return [(f"row {i}", row) for i, row in enumerate(records, start=1)]
+
+
+def read_file_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """Rows of a local JSONL / Parquet / CSV file, chosen by its extension."""
+    path = Path(path)
+    kind = FILE_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"{path}: unknown file type {path.suffix!r} (expected one of {', '.join(FILE_SUFFIXES)})")
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        return _read_jsonl(path) if kind == "jsonl" else _read_table(path, kind)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read as {kind} ({_first_line(error)})") from None
+
+
+def read_hub_rows(dataset_id: str, split: str, data_cfg: DataConfig, columns: list[str]) -> list[tuple[str, dict]]:
+    """Rows of a Hugging Face dataset split (`datasets.load_dataset`: a hub id, or a local dataset folder)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, name=data_cfg.name, split=split, revision=data_cfg.revision)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"data.path: cannot load dataset {dataset_id!r} split {split!r} ({_first_line(error)})") from None
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ConfigError(_missing_message(f"{dataset_id} (split {split})", missing, dataset.column_names))
+    dataset = dataset.select_columns(columns)
+    return [(f"row {i}", row) for i, row in enumerate(dataset, start=1)]
+
+
+def _missing_message(where: str, missing: list[str], present) -> str:
+    return (f"{where}: missing column(s) {', '.join(map(repr, missing))} (has {', '.join(map(repr, present))}; "
+            f"map yours with data.columns)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows → text pairs
+
+def user_columns(data_cfg: DataConfig) -> dict[str, str]:
+    """Our column name → the dataset's, from `data.columns`."""
+    unknown = [k for k in data_cfg.columns if k not in PAIR_COLUMNS]
+    if unknown:
+        raise ConfigError(f"data.columns.{unknown[0]}: unknown key (expected {', '.join(PAIR_COLUMNS)})")
+    return {name: data_cfg.columns.get(name, name) for name in PAIR_COLUMNS}
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def _is_blank(value) -> bool:
+    """An empty response: blank text, or messages whose contents are all blank."""
+    return not value.strip() if isinstance(value, str) else all(not m["content"].strip() for m in value)
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_conversation(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict],
+                        where: str) -> dict:
+    """Messages → texts with the chat template (TRL's convention; see the module docstring)."""
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    pair = {"prompt": prompt_text}
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        if prompt and response[:len(prompt)] == prompt:  # a whole conversation: keep the response turns
+            response = response[len(prompt):]
+        full = _render(tokenizer, prompt + response, add_generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise ConfigError(f"{where} column {name}: the chat template renders the prompt differently when the "
+                              f"response follows it, so the response cannot be cut out")
+        pair[name] = full[len(prompt_text):]
+    return pair
+
+
+def rows_to_pairs(rows: list[tuple[str, dict]], source: str, columns: dict[str, str], tokenizer,
+                  report: PairReport) -> list[dict]:
+    """Validate rows and turn them into text pairs; drop (and count) the ones that teach no preference."""
+    pairs = []
+    for label, row in rows:
+        where = f"{source} {label}"
+        missing = [user for user in columns.values() if user not in row]
+        if missing:
+            raise ConfigError(_missing_message(where, missing, list(row)))
+        values = {name: row[user] for name, user in columns.items()}
+        for name, value in values.items():
+            if not (isinstance(value, str) or _is_messages(value)):
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise ConfigError(f"{where} column {columns[name]}: expected text or a list of "
+                                  f"{{role, content}} messages, got {type(value).__name__} {shown}")
+        report.rows += 1
+        conversational = [isinstance(v, list) for v in values.values()]
+        if any(conversational) and not all(conversational):
+            raise ConfigError(f"{where}: prompt, chosen and rejected must all be text or all be messages")
+        if _is_blank(values["chosen"]) or _is_blank(values["rejected"]):
+            report.empty_response += 1
+            continue
+        if all(conversational):
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(f"{where}: holds chat messages, but the tokenizer has no chat template "
+                                  f"(set data.tokenizer to one that has)")
+            values = render_conversation(tokenizer, values["prompt"], values["chosen"], values["rejected"], where)
+        if values["chosen"] == values["rejected"]:
+            report.identical += 1
+            continue
+        pairs.append(values)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splits and caps
+
+def eval_keys(keys, eval_fraction: float, seed: int = SPLIT_SEED) -> set:
+    """A seeded `eval_fraction` of the distinct keys (at least one, never all), independent of their order."""
+    distinct = sorted(set(keys))
+    if len(distinct) < 2:
+        raise ConfigError(f"data.eval_fraction: needs at least 2 distinct prompts to split, got {len(distinct)} "
+                          f"(give data.eval_path or data.eval_split instead)")
+    random.Random(seed).shuffle(distinct)
+    count = min(len(distinct) - 1, max(1, math.ceil(eval_fraction * len(distinct))))
+    return set(distinct[:count])
+
+
+def split_by_prompt(pairs: list[dict], eval_fraction: float, seed: int = SPLIT_SEED) -> tuple[list[dict], list[dict]]:
+    """(train, eval) with every prompt on one side only."""
+    held_out = eval_keys([p["prompt"] for p in pairs], eval_fraction, seed)
+    return [p for p in pairs if p["prompt"] not in held_out], [p for p in pairs if p["prompt"] in held_out]
+
+
+def cap(pairs: list[dict], limit: int | None, seed: int = SPLIT_SEED) -> list[dict]:
+    """A seeded random `limit` of the pairs (in their original order), so a cap does not keep only the
+    head of a sorted file."""
+    if limit is None or len(pairs) <= limit:
+        return pairs
+    kept = sorted(random.Random(seed).sample(range(len(pairs)), limit))
+    return [pairs[i] for i in kept]
+
+
+def finish_splits(train: list[dict], eval_pairs: list[dict], data_cfg: DataConfig, tokenizer,
+                  report: PairReport) -> tuple[list[dict], list[dict], PairReport]:
+    """Caps, the empty-dataset check and the counts every source shares (GSM8K too)."""
+    train, eval_pairs = cap(train, data_cfg.max_train_pairs), cap(eval_pairs, data_cfg.max_eval_pairs)
+    for name, pairs in (("training", train), ("evaluation", eval_pairs)):
+        if not pairs:
+            sources = " + ".join(dict.fromkeys(report.sources))
+            raise ConfigError(f"{sources}: no {name} pairs left after filtering ({report.dropped()})")
+    report.train, report.eval = len(train), len(eval_pairs)
+    if tokenizer is not None:
+        from spo_ray.data import tokenize_pairs
+        report.truncated = sum(tokenize_pairs(pairs, tokenizer, data_cfg.max_length)[1].truncated
+                               for pairs in (train, eval_pairs))
+    return train, eval_pairs, report
+
+
+def read_pairs(data_cfg: DataConfig, which: str = "train", tokenizer=None,
+               report: PairReport | None = None) -> tuple[list[dict], PairReport]:
+    """The validated text pairs of one side: `which="train"` reads `data.path` (`data.split` on the hub),
+    `which="eval"` reads `data.eval_path` and/or `data.eval_split`."""
+    report = report or PairReport()
+    columns = user_columns(data_cfg)
+    path = data_cfg.path if which == "train" else (data_cfg.eval_path or data_cfg.path)
+    if not path:
+        raise ConfigError(f"data.path: required for data.source {data_cfg.source}")
+    if data_cfg.source == "hub":
+        split = data_cfg.split if which == "train" else (data_cfg.eval_split or data_cfg.split)
+        source = f"{path}:{split}"
+        rows = read_hub_rows(path, split, data_cfg, list(dict.fromkeys(columns.values())))
+    else:
+        source = str(path)
+        rows = read_file_rows(path)
+    report.sources.append(source)
+    return rows_to_pairs(rows, source, columns, tokenizer, report), report
+
+
+def load_pairs(data_cfg: DataConfig, tokenizer=None) -> tuple[list[dict], list[dict], PairReport]:
+    """(train pairs, eval pairs, report) for `data.source` files or hub (see the module docstring).
+
+    `tokenizer` renders conversational data and counts truncation; text-only data needs none.
+    """
+    if data_cfg.source == "files" and data_cfg.eval_split:
+        raise ConfigError("data.eval_split: only for data.source hub; give local eval pairs with data.eval_path")
+    train, report = read_pairs(data_cfg, "train", tokenizer)
+    if data_cfg.eval_path or data_cfg.eval_split:
+        eval_pairs, report = read_pairs(data_cfg, "eval", tokenizer, report)
+    else:
+        train, eval_pairs = split_by_prompt(train, data_cfg.eval_fraction) if train else ([], [])
+    return finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The task
+
+def load_tokenizer(path: str, trust_remote_code: bool, key: str):
+    """`AutoTokenizer` from a folder or hub id; pad = EOS where the tokenizer has no pad token (as most
+    causal LMs): padding is masked everywhere, so which id fills it does not matter."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r} ({_first_line(error)})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_model_path(name: str, config: RunConfig, cache_dir: str, progress: bool, key: str) -> str:
+    """A hub id or local folder as given; the reserved `gsm8k-local-small` built (once) into the cache."""
+    from spo_ray.models import INIT_NAMES
+    from spo_ray.tasks import builtin_model_kwargs
+    from spo_ray.tasks import gsm8k
+
+    if name == gsm8k.LOCAL_MODEL_NAME:
+        folder = config.data.path if config.data.source == "gsm8k" and config.data.path else None
+        return str(gsm8k.build_local_gsm8k_model(cache_dir, model_kwargs=builtin_model_kwargs(config),
+                                                 sft_steps=config.model.init_steps.get(name, 0), folder=folder,
+                                                 progress=progress))
+    if name in INIT_NAMES:
+        raise ConfigError(f"{key}: {name!r} is a built-in init of the arithmetic task; with data.source "
+                          f"{config.data.source} give a hub id, a local model folder or {gsm8k.LOCAL_MODEL_NAME!r}")
+    return name
+
+
+def load_pair_task(config: RunConfig, cache_dir: str, progress: bool = False):
+    """The `Task` of `data.source` files, hub or gsm8k: pairs, tokenizer, weights and (GSM8K) accuracy."""
+    from spo_ray.tasks import Task
+
+    policy_path = resolve_model_path(config.model.init, config, cache_dir, progress, "model.init")
+    reference_path = (resolve_model_path(config.model.reference, config, cache_dir, progress, "model.reference")
+                      if config.model.reference else policy_path)
+    tokenizer_key = "data.tokenizer" if config.data.tokenizer else "model.init"
+    tokenizer = load_tokenizer(config.data.tokenizer or policy_path, config.model.trust_remote_code, tokenizer_key)
+    evaluate = None
+    if config.data.source == "gsm8k":
+        train, eval_pairs, report, evaluate = _gsm8k_splits(config.data, tokenizer)
+    else:
+        train, eval_pairs, report = load_pairs(config.data, tokenizer)
+    print(report.summary())
+    return Task(name=config.data.source, tokenizer=tokenizer, train_pairs=train, eval_pairs=eval_pairs,
+                policy_path=policy_path, reference_path=reference_path, evaluate=evaluate,
+                notes=[report.summary()])
+
+
+def _gsm8k_splits(data_cfg: DataConfig, tokenizer):
+    """GSM8K pairs split by question (over all 1319, so the accuracy questions are held out too) and the
+    accuracy evaluator on the first `EVAL_QUESTIONS` held-out questions."""
+    from spo_ray.tasks import gsm8k
+
+    folder = Path(data_cfg.path) if data_cfg.path else gsm8k.data_dir()
+    questions = gsm8k.gsm8k_questions(folder)
+    held_out = eval_keys([q["prompt"] for q in questions], data_cfg.eval_fraction)
+    report = PairReport(sources=[str(folder / "example_model_solutions.jsonl")])
+    rows = [(f"pair {i}", pair) for i, pair in enumerate(gsm8k.gsm8k_pairs(questions), start=1)]
+    pairs = rows_to_pairs(rows, report.sources[0], {c: c for c in PAIR_COLUMNS}, tokenizer, report)
+    train = [p for p in pairs if p["prompt"] not in held_out]
+    eval_pairs = [p for p in pairs if p["prompt"] in held_out]
+    train, eval_pairs, report = finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
+    eval_questions = [q for q in questions if q["prompt"] in held_out][:gsm8k.EVAL_QUESTIONS]
+    prompts, answers = [q["prompt"] for q in eval_questions], [q["answer"] for q in eval_questions]
+    return train, eval_pairs, report, lambda model: gsm8k.gsm8k_accuracy(model, tokenizer, prompts, answers)
