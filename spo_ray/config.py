@@ -319,8 +319,9 @@ def validate_sweep(raw: dict) -> tuple[SweepConfig, dict[str, dict]]:
     if spaces and any(k.split(".")[0] in ("tune", "scaling", "name", "storage_path", "cache_dir") for k in spaces):
         key = next(k for k in spaces if k.split(".")[0] in ("tune", "scaling", "name", "storage_path", "cache_dir"))
         raise ConfigError(f"{key}: cannot be swept (only run settings can: loss, model, data, train, reference)")
-    for key, space in spaces.items():
-        for value in _space_values(key, space):
+    values = {key: _space_values(key, space) for key, space in spaces.items()}  # every space's shape first
+    for key, space_values in values.items():
+        for value in space_values:
             point = copy.deepcopy(raw)
             set_dotted(point, key, value)
             validate_run(first_point(point))

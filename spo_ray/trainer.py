@@ -252,7 +252,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     policy.train()
     model = wrap_model(policy) if wrap_model else policy
     autocast = _autocast_factory(device, getattr(cfg, "mixed_precision", "auto"))
-    reference_path = config.model.reference or task.reference_path
+    reference_path = task.reference_path  # the task resolves built-in names and model.reference
 
     def reference_model():
         return load_causal_lm(reference_path, config.model.model_copy(update={"lora": None}), device=device)
@@ -343,7 +343,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             bar.update(1)
 
         step_mean = {k: sum(v) / len(v) for k, v in step_metrics.items()}
-        if not math.isfinite(step_mean["loss"]):
+        # The gradient norm comes from the all-reduced gradients, so under DDP every rank sees it turn
+        # non-finite at the same step and all ranks stop together (none is left waiting in a collective).
+        if not (math.isfinite(step_mean["loss"]) and math.isfinite(float(grad_norm))):
             raise Diverged(step, last_finite)
         step_mean.update(grad_norm=float(grad_norm), learning_rate=lr)
         for k, v in step_mean.items():

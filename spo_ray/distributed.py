@@ -1,0 +1,287 @@
+"""Ray at the edges: one sweep trial, run in-process or on a Ray Train worker group.
+
+`run_trial(trial_config)` is the Tune function trainable every sweep runs. Its config is the sweep YAML with
+Tune's sampled values in place of the search spaces. It takes one of two paths to `trainer.train`:
+
+  (a) in-process (1 worker, the default): the trial's own Tune actor runs the trainer; rows go to
+      `tune.report`, checkpoints are `torch.save`d trainer states, a retried or resumed trial restarts from
+      `tune.get_checkpoint()`, and Tune's `FailureConfig(max_failures)` retries a crashed trial;
+  (b) Ray Train (`scaling.num_workers > 1` or `scaling.force_ray_train`): the trial is a thin driver that
+      launches a `TorchTrainer` (Train V2); every worker runs the trainer under DDP (`prepare_model`; gloo on
+      CPUs), rows and rank 0's checkpoints go to `ray.train.report`, `TuneReportCallback` forwards them to
+      Tune, and Train's `FailureConfig(max_failures)` restarts failed workers from `ray.train.get_checkpoint()`.
+
+Path (a) exists because it is measurably cheaper for the small trials this project mostly runs: it skips
+the Train controller, the worker actors and the process group (see benchmarks/sweep_overhead.py).
+
+Outcomes reach the sweep driver as follows: a finished run is TERMINATED; a run whose loss became NaN
+(`trainer.Diverged`) or that the trainer rejected (`ConfigError`, e.g. a batch size the worker count does not
+divide) reports one last row with `trial_status` DIVERGED / ERROR and an `error` line and ends normally —
+these outcomes are deterministic, so retrying them would only repeat them; any other exception propagates,
+is retried by the failure config, and finally marks the Tune trial ERROR.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from spo_ray.config import ConfigError, SweepConfig, validate_run
+
+#: Keys of the last row of a trial that ended without training to the end (see the module docstring).
+TRIAL_STATUS_KEY, ERROR_KEY = "trial_status", "error"
+CHECKPOINT_FILE = "trainer_state.pt"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where things live and what a trial needs
+
+def experiment_dir(sweep: SweepConfig) -> Path:
+    return Path(sweep.storage_path).absolute() / sweep.name
+
+
+def init_cache_dir(sweep: SweepConfig) -> str:
+    """Built-in initializations: shared by every sweep under the same storage path."""
+    return str(Path(sweep.cache_dir or Path(sweep.storage_path) / ".cache").absolute())
+
+
+def reference_cache_dir(sweep: SweepConfig) -> str:
+    """Reference log-prob tables: computed once per sweep and shared by its trials."""
+    return str(experiment_dir(sweep) / "reference_cache")
+
+
+def uses_ray_train(sweep: SweepConfig) -> bool:
+    return sweep.scaling.num_workers > 1 or sweep.scaling.force_ray_train
+
+
+def worker_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What one training worker holds: its CPUs, its (possibly fractional) GPU, any custom resources."""
+    scaling = sweep.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return resources
+
+
+def trial_resources(sweep: SweepConfig) -> dict[str, float]:
+    """What the Tune trial itself reserves.
+
+    In-process trials hold their worker's resources. A Ray Train trial is only a driver (the Train
+    controller itself asks for 0 CPUs); its workers reserve the resources, so the driver must reserve
+    none — otherwise two trials on a 2-CPU machine would each hold a CPU their own workers then wait for.
+    Tune refuses an all-zero request, so the driver asks for one byte of memory: nothing, but not empty.
+    """
+    return {"CPU": 0, "memory": 1} if uses_ray_train(sweep) else worker_resources(sweep)
+
+
+def trainable(sweep: SweepConfig):
+    """The Tune trainable of a sweep: `run_trial` with the trial's resources attached."""
+    from ray import tune
+    return tune.with_resources(run_trial, trial_resources(sweep))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: the trainer's state as a torch file in a directory
+
+def save_state(state: dict, directory: str) -> None:
+    import torch
+    torch.save(state, Path(directory) / CHECKPOINT_FILE)
+
+
+def load_state(checkpoint) -> dict | None:
+    """The trainer state in a Ray checkpoint (or None). The state holds only tensors, numbers and lists
+    (model, AdamW and LambdaLR state dicts, the step), so `weights_only=True` loads it."""
+    if checkpoint is None:
+        return None
+    import torch
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+
+
+def report_with_checkpoint(report_fn, checkpoint_cls, metrics: dict, state: dict | None, *,
+                           write: bool = True) -> None:
+    """Call `report_fn(metrics, checkpoint=...)`, packing `state` into a temporary checkpoint directory
+    (Ray copies it into the trial's storage before `report_fn` returns)."""
+    if state is None or not write:
+        report_fn(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_state(state, directory)
+        report_fn(metrics, checkpoint=checkpoint_cls.from_directory(directory))
+
+
+def final_row(status: str, error: BaseException, last_metrics: dict) -> dict:
+    """The row a trial that stopped early reports last: its last metrics, the status, the error line."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return {**last_metrics, TRIAL_STATUS_KEY: status, ERROR_KEY: message}
+
+
+# ---------------------------------------------------------------------------------------------------
+# W&B: an observer that can never fail a trial
+
+def start_tracking(sweep: SweepConfig, trial_name: str, rank: int, directory: str):
+    """The trial's W&B run; offline runs land in `<experiment dir>/wandb/` (Ray's local trial folders are
+    temporary), ready for `wandb sync`."""
+    try:
+        from spo_ray.config import to_plain
+        from spo_ray.tracking import start_run
+        plain = to_plain(sweep.run_config())
+        flat = {"loss": sweep.loss.name, **_flatten(plain)}
+        return start_run(plain["wandb"], run_name=trial_name, group=sweep.name, config=flat,
+                         tags=[sweep.loss.name], dir=directory, rank=rank)
+    except Exception as error:  # tracking is optional: never let it stop training
+        print(f"wandb: warning: tracking is off for this trial: {type(error).__name__}: {error}")
+        return None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "init_steps":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _tracked(report, tracker):
+    """Wrap a report callback so every row is also logged to W&B (rank 0 only; failures are swallowed)."""
+    if tracker is None:
+        return report
+
+    def both(metrics: dict, state: dict | None) -> None:
+        tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=metrics["step"])
+        report(metrics, state)
+    return both
+
+
+def _finish(tracker, status: str) -> None:
+    if tracker is not None:
+        tracker.finish(status)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainable
+
+def run_trial(trial_config: dict) -> None:
+    """One sweep trial (a Tune function trainable): path (a) or (b) of the module docstring."""
+    sweep = validate_run(trial_config)
+    if uses_ray_train(sweep):
+        _run_with_ray_train(sweep, trial_config)
+    else:
+        _run_in_process(sweep)
+
+
+def _run_in_process(sweep: SweepConfig) -> None:
+    from ray import tune
+    from spo_ray.trainer import WorkerContext
+
+    context = tune.get_context()
+    tracker = start_tracking(sweep, context.get_trial_name(), 0, str(experiment_dir(sweep)))
+    _train_and_report(sweep, tune.report, tune.Checkpoint, tracker,
+                      context=WorkerContext(cpus=max(1, int(sweep.scaling.cpus_per_worker))),
+                      resume=load_state(tune.get_checkpoint()))
+
+
+def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *, write_checkpoints: bool = True,
+                      **train_kwargs) -> None:
+    """Run the trainer, forwarding rows (and checkpoints) to `report_fn`. A divergence or a rejected config
+    ends the run with one last row (see the module docstring); any other error propagates."""
+    from spo_ray.trainer import Diverged, train
+
+    last: dict = {}
+
+    def report(metrics: dict, state: dict | None) -> None:
+        last.update(metrics)
+        report_with_checkpoint(report_fn, checkpoint_cls, metrics, state, write=write_checkpoints)
+
+    try:
+        train(sweep.run_config(), cache_dir=init_cache_dir(sweep), reference_dir=reference_cache_dir(sweep),
+              report=_tracked(report, tracker), **train_kwargs)
+    except Diverged as error:
+        # Under DDP every rank raises at the same step (the trainer also checks the all-reduced gradient
+        # norm), so every rank reaches this report and none is left waiting in a collective.
+        outcome, row = "DIVERGED", final_row("DIVERGED", error, {**last, **error.last_metrics})
+    except ConfigError as error:  # raised before any collective, on every rank alike
+        outcome, row = "ERROR", final_row("ERROR", error, last)
+    except BaseException:
+        _finish(tracker, "ERROR")
+        raise
+    else:
+        outcome, row = "TERMINATED", None
+    if row is not None:
+        report_fn(row)
+    _finish(tracker, outcome)
+
+
+def _run_with_ray_train(sweep: SweepConfig, trial_config: dict) -> None:
+    """The trial as a Ray Train driver: one TorchTrainer per trial, named after the trial, so a retried
+    or resumed trial finds its run's checkpoints again (Train V2 restores a run from its storage)."""
+    from ray import tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    context = tune.get_context()
+    scaling = sweep.scaling
+    resources = worker_resources(sweep)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"sweep": trial_config, "trial_name": context.get_trial_name()},
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=TrainRunConfig(
+            storage_path=str(experiment_dir(sweep) / "ray_train"),
+            name=context.get_trial_id(),
+            failure_config=FailureConfig(max_failures=sweep.tune.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=sweep.tune.keep_checkpoints),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()  # raises TrainingFailedError once Train's retries are spent: the trial is ERROR
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: the trainer under DDP, reporting to Ray Train."""
+    import ray.train
+    import ray.train.torch
+    from spo_ray.trainer import WorkerContext
+
+    sweep = validate_run(loop_config["sweep"])
+    train_context = ray.train.get_context()
+    rank, world_size = train_context.get_world_rank(), train_context.get_world_size()
+    context = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device(),
+                            cpus=max(1, int(sweep.scaling.cpus_per_worker)))
+    tracker = (start_tracking(sweep, loop_config["trial_name"], rank, str(experiment_dir(sweep)))
+               if rank == 0 else None)
+    # Every rank calls ray.train.report (it synchronises the workers); only rank 0 uploads checkpoints,
+    # since the DDP replicas hold the same weights.
+    _train_and_report(sweep, ray.train.report, ray.train.Checkpoint, tracker, write_checkpoints=rank == 0,
+                      context=context, wrap_model=ray.train.torch.prepare_model,
+                      resume=load_state(ray.train.get_checkpoint()))
+
+
+def one_line_error(error: BaseException | None) -> str:
+    """The user-facing line of an error that ended a trial: the innermost cause, without the Ray wrapping."""
+    if error is None:
+        return ""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)  # Train's WorkerGroupError: rank -> exception
+        if failures:
+            error = next(iter(failures.values()))
+            continue
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None or not isinstance(inner, BaseException):
+            break
+        error = inner
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):  # a text trace (Tune's error file)
+        return lines[-1]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+__all__ = ["run_trial", "trainable", "train_loop_per_worker", "uses_ray_train", "trial_resources",
+           "experiment_dir", "init_cache_dir", "reference_cache_dir", "one_line_error",
+           "TRIAL_STATUS_KEY", "ERROR_KEY"]

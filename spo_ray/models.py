@@ -1,0 +1,268 @@
+"""Model creation and the built-in initializations of the arithmetic task.
+
+The paper's second finding is that DPO's outcome depends on where the policy starts, so the initialization
+is a sweep axis (`init`). The built-in ones:
+
+- `scratch`: an untrained model (for tests and as a control);
+- `base`: trained from scratch on the noisy corpus (`pretraining_texts`), where `mistake_rate` of the answers
+  are error-model mistakes, so it is biased towards plausible wrong answers;
+- `sft_short` / `sft_long`: the base, fine-tuned on correct answers (`sft_pairs`) for a short and a long
+  schedule — the lower-level (SFT) problem of SPO solved partly and nearly fully.
+
+Each is built once into `cache_dir/<name>-<key>/` (model + tokenizer via `save_pretrained`) and reused by
+every trial; the key hashes everything that changes the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+
+from spo_ray.tasks.arithmetic import ArithmeticConfig, make_tokenizer, pretraining_texts, sft_pairs
+
+# Bump when a change to this file or to the task's data builders changes what an init contains.
+INIT_CODE_VERSION = 1
+INIT_NAMES = ("scratch", "base", "sft_short", "sft_long")
+# base: ~85% greedy accuracy with 40% noisy answers (MISSION §3 calibration); SFT: short vs long schedule.
+DEFAULT_INIT_STEPS = {"scratch": 0, "base": 1500, "sft_short": 150, "sft_long": 600}
+LEARNING_RATE = 1e-3  # MISSION §3: ~1e-3 learns, 3e-3 does not
+BATCH_SIZE = 64
+WARMUP_STEPS = 50
+
+
+def create_small_lm(vocab_size: int, arch: str = "llama", hidden_size: int = 128, num_layers: int = 4,
+                    num_heads: int = 4, intermediate_size: int | None = None, max_position_embeddings: int = 64,
+                    seed: int = 0, **extra) -> PreTrainedModel:
+    """A randomly initialized `transformers` causal LM from a config (no download).
+
+    arch "llama" (LlamaForCausalLM; MLP width 3 × hidden by default, 0.86M parameters at the defaults) or
+    "gpt2" (GPT2LMHeadModel; MLP width 4 × hidden). `extra` goes to the config (e.g. token ids).
+    The global torch RNG is left untouched: the weights depend on `seed` only.
+    """
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 3 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            **extra,
+        )
+        model_class = LlamaForCausalLM
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_position_embeddings,
+            **extra,
+        )
+        model_class = GPT2LMHeadModel
+    else:
+        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
+def _resolved_model_kwargs(model_kwargs: dict | None) -> dict:
+    """`create_small_lm`'s defaults overlaid with `model_kwargs`, so equal models get equal cache keys."""
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(create_small_lm).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **(model_kwargs or {})}
+
+
+def _tokenize_examples(examples: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt + response + EOS, right-padded; labels only on response and EOS (-100 elsewhere)."""
+    rows = []
+    for example in examples:
+        prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(example["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((prompt, response))
+    width = max(len(p) + len(r) for p, r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        ids = prompt + response
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(prompt) : len(ids)] = torch.tensor(response)
+        attention_mask[i, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed: int, *, progress: bool = True,
+                       description: str = "train") -> list[float]:
+    """Plain next-token training on the response tokens (and EOS) of `{"prompt", "response"}` examples.
+
+    Only the answer carries the loss: the operands in a prompt are random, so predicting them teaches
+    nothing and would spend capacity on noise; what the inits must learn (and be biased in) is the
+    distribution of answers given a question. AdamW at `LEARNING_RATE`, `BATCH_SIZE` examples a step drawn
+    with replacement, linear warm-up then cosine decay to 10%. Returns the loss of every step.
+    """
+    input_ids, attention_mask, labels = _tokenize_examples(examples, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    warmup = min(WARMUP_STEPS, max(1, steps // 10))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_share = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress_share * torch.pi)).item())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    losses = []
+    bar = tqdm(range(steps), desc=description, disable=not progress)
+    for step in bar:
+        batch = torch.randint(len(input_ids), (BATCH_SIZE,), generator=generator)
+        loss = model(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, cache_dir: str | Path, *,
+             steps: int | None = None, base_steps: int | None = None) -> Path:
+    """Where `build_arithmetic_init` keeps (or will keep) this init: `cache_dir/<name>-<key>`."""
+    if name not in INIT_NAMES:
+        raise ValueError(f"init must be one of {INIT_NAMES}, got {name!r}")
+    description = {
+        "name": name,
+        "task": asdict(task_cfg),
+        "model": _resolved_model_kwargs(model_kwargs),
+        "steps": DEFAULT_INIT_STEPS[name] if steps is None else steps,
+        "code_version": INIT_CODE_VERSION,
+    }
+    if name.startswith("sft"):
+        description["base"] = init_dir("base", task_cfg, model_kwargs, cache_dir, steps=base_steps).name
+    key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}-{key}"
+
+
+def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None,
+                          cache_dir: str | Path, *, steps: int | None = None, base_steps: int | None = None,
+                          progress: bool = True) -> Path:
+    """Build the init `name` (see the module docstring) unless cached; return its directory.
+
+    `steps` overrides the training steps of `name` (`DEFAULT_INIT_STEPS`), `base_steps` those of the base an
+    SFT init starts from (built first through this same function, so cached too). The directory is written
+    under a temporary name and renamed into place, so a concurrent builder never sees half an init; when two
+    race, the loser discards its copy and uses the winner's.
+    """
+    target = init_dir(name, task_cfg, model_kwargs, cache_dir, steps=steps, base_steps=base_steps)
+    if (target / "init.json").exists():
+        return target
+    steps = DEFAULT_INIT_STEPS[name] if steps is None else steps
+    tokenizer = make_tokenizer()
+    started = time.perf_counter()
+    if name == "scratch" or name == "base":
+        special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = create_small_lm(len(tokenizer), **_resolved_model_kwargs(model_kwargs), **special_ids)
+        examples = pretraining_texts(task_cfg) if name == "base" else []
+        base_path = None
+    else:
+        base_path = build_arithmetic_init("base", task_cfg, model_kwargs, cache_dir, steps=base_steps,
+                                          progress=progress)
+        model, tokenizer = load_init(base_path)
+        examples = sft_pairs(task_cfg)
+    losses = []
+    if steps > 0:
+        losses = train_on_responses(model, tokenizer, examples, steps, seed=task_cfg.seed, progress=progress,
+                                    description=f"init {name}")
+    info = {
+        "name": name,
+        "task": asdict(task_cfg),
+        "model": _resolved_model_kwargs(model_kwargs),
+        "steps": steps,
+        "base": str(base_path) if base_path else None,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "code_version": INIT_CODE_VERSION,
+    }
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    staging = Path(cache_dir) / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "init.json").write_text(json.dumps(info, indent=2, default=str))
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / "init.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # another builder won the race; its init is identical
+    return target
+
+
+def load_init(path: str | Path):
+    """(model, tokenizer) from an init directory, the model in eval mode."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- any model
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_causal_lm(path: str | Path, model_cfg, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Any `transformers` causal LM by local folder or hub id, set up as `model_cfg` (a ModelConfig) says.
+
+    `trust_remote_code` stays off unless the config turns it on: loading a hub repo must not run its code
+    by default. LoRA (through `peft`) freezes the base weights and trains only the adapters.
+    """
+    from spo_ray.config import ConfigError
+
+    kwargs = {"dtype": _DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"model.init: cannot load a causal LM from {str(path)!r} ({first_line})") from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if model_cfg.lora is not None:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        lora = model_cfg.lora
+        model = get_peft_model(model, PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return model.to(device)

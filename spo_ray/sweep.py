@@ -1,0 +1,414 @@
+"""`python -m spo_ray.sweep SWEEP.yaml [--dry-run] [--resume] [--storage-path DIR] [--name NAME] [--set KEY=VALUE ...]`
+
+Runs a sweep through Ray Tune, in this order:
+
+  1. read the YAML, apply `--set`, validate every key and every value a search space can take — before
+     Ray starts, so bad input is one `error:` line and exit code 2;
+  2. `--dry-run`: print the trials and stop (Ray is not imported);
+  3. build the built-in initializations the grid needs, once, into the shared init cache;
+  4. start Ray (`ray.init()`: a local cluster, or the one `RAY_ADDRESS` names) and run the trials
+     (`spo_ray.distributed.run_trial`) with a FIFO or ASHA scheduler;
+  5. while results arrive, rewrite `results.csv` (one row per trial) and `history.parquet` (every
+     reported row) in the experiment directory `<storage_path>/<name>/`.
+
+Exit codes: 0 every trial finished; 1 some trials ended ERROR or DIVERGED (results.csv lists them with their
+error); 2 bad input; 130 interrupted (continue with `--resume`: finished trials are not run again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
+from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, column_name, get_dotted, grid_points, load_yaml,
+                            set_dotted, to_plain, trial_columns, validate_run, validate_sweep)
+from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
+                                 one_line_error, uses_ray_train, worker_resources)
+
+EXIT_INTERRUPTED = 130
+RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
+METRIC_PREFIXES = ("eval/", "train/", "probe/")
+#: Shown in Tune's progress table next to the swept parameters.
+PROGRESS_METRICS = {"step": "step", "train/loss": "train loss", "eval/accuracy": "eval acc",
+                    "eval/chosen_logp_delta": "Δ logp(y_w)", "eval/rejected_logp_delta": "Δ logp(y_l)"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m spo_ray.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="the sweep YAML (see sweeps/)")
+    parser.add_argument("--dry-run", action="store_true", help="list the trials and exit without starting Ray")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted sweep in the same experiment directory")
+    parser.add_argument("--storage-path", help="where experiment directories go (overrides storage_path)")
+    parser.add_argument("--name", help="the experiment's name (overrides name)")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override keys, e.g. --set loss.beta=0.3 'train.seed={grid: [0, 1]}'")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep before Ray: validated config, trial list, inits
+
+def resolve(raw: dict, args) -> tuple[dict, SweepConfig, dict[str, dict]]:
+    """Overrides applied, validated; storage and cache paths made absolute so trials find them anywhere."""
+    raw = apply_overrides(raw, args.overrides)
+    if args.storage_path:
+        raw["storage_path"] = args.storage_path
+    if args.name:
+        raw["name"] = args.name
+    sweep, spaces = validate_sweep(raw)
+    if not sweep.name or "/" in sweep.name or sweep.name.startswith("."):
+        raise ConfigError(f"name: {sweep.name!r} must be a plain folder name")
+    raw = copy.deepcopy(raw)
+    raw["storage_path"] = str(Path(sweep.storage_path).absolute())
+    raw["cache_dir"] = init_cache_dir(sweep)
+    sweep = sweep.model_copy(update={"storage_path": raw["storage_path"], "cache_dir": raw["cache_dir"]})
+    return raw, sweep, spaces
+
+
+def trial_table(sweep: SweepConfig, spaces: dict[str, dict], raw: dict) -> list[dict]:
+    """What `--dry-run` prints: every grid point × num_samples, numbered from 1."""
+    points = grid_points(raw, spaces) or [{}]
+    return [{"trial": i + 1, **point} for i, point in
+            enumerate(p for _ in range(sweep.tune.num_samples) for p in points)]
+
+
+def print_trial_table(rows: list[dict], sweep: SweepConfig) -> None:
+    keys = [k for k in rows[0] if k != "trial"]
+    header = ["trial"] + keys
+    cells = [[str(row[k]) for k in header] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+    path = "Ray Train (TorchTrainer)" if uses_ray_train(sweep) else "in-process"
+    print(f"{len(rows)} trials, {sweep.scaling.num_workers} worker(s) each, {path}; "
+          f"experiment directory {experiment_dir(sweep)}")
+
+
+def prepare_inits(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> None:
+    """Build the built-in initializations every grid point needs, once, before trials start.
+
+    Two trials that found an init missing would both build it (minutes each, on the CPUs the other trials
+    need); building them here uses the whole machine for one copy. Points whose model or data sections
+    are sampled at random are left to their trials.
+    """
+    from spo_ray.tasks import load_task
+
+    if any(k.startswith(("model.", "data.")) and "grid" not in s for k, s in spaces.items()):
+        return
+    seen = set()
+    for point in grid_points(raw, spaces) or [{}]:
+        concrete = copy.deepcopy(raw)
+        for key, value in point.items():
+            set_dotted(concrete, key, value)
+        config = validate_run({k: v for k, v in concrete.items()}).run_config()
+        if config.data.source != "arithmetic":
+            continue
+        identity = json.dumps([to_plain(config.model), to_plain(config.data)], sort_keys=True)
+        if identity not in seen:
+            seen.add(identity)
+            load_task(config, cache_dir=sweep.cache_dir, progress=True)
+
+
+def write_sweep_file(sweep: SweepConfig, spaces: dict[str, dict], directory: Path) -> None:
+    """sweep.yaml: the resolved config (defaults filled in), the search spaces in place, the swept keys."""
+    from spo_ray.results import write_yaml
+    resolved = to_plain(sweep)
+    for key, space in spaces.items():
+        set_dotted(resolved, key, space)
+    resolved["swept"] = list(spaces)
+    write_yaml(resolved, directory / SWEEP_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Search spaces → Tune
+
+def tune_space(space: dict):
+    from ray import tune
+    kind, spec = next(iter(space.items()))
+    if kind == "grid":
+        return tune.grid_search(list(spec))
+    if kind == "choice":
+        return tune.choice(list(spec))
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*spec)
+
+
+def param_space(raw: dict, spaces: dict[str, dict]) -> dict:
+    space = copy.deepcopy(raw)
+    for key, spec in spaces.items():
+        set_dotted(space, key, tune_space(spec))
+    return space
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two tables, rewritten as results arrive
+
+class ResultTables:
+    """A Tune callback (wrapped by `tables_callback`) that keeps results.csv and history.parquet current.
+
+    State lives on disk: `setup` reads the tables back, so a resumed sweep keeps the rows of trials that
+    finished before the interruption, and a trial that restarts from a checkpoint replaces its rows from
+    that step on (each step of each trial appears once).
+    """
+
+    def __init__(self, directory: str, swept: list[str]):
+        self.directory = Path(directory)
+        self.swept = swept
+        self.rows: dict[str, dict] = {}       # trial_id -> results row
+        self.history: dict[str, list[dict]] = {}
+
+    def load(self) -> None:
+        import pandas as pd
+        results, history = self.directory / RESULTS_FILE, self.directory / HISTORY_FILE
+        if results.exists():
+            frame = pd.read_csv(results, dtype={"trial_id": str, "error": str}, keep_default_na=False)
+            self.rows = {row["trial_id"]: row for row in frame.to_dict("records")}
+        if history.exists():
+            for row in pd.read_parquet(history).to_dict("records"):
+                clean = {k: v for k, v in row.items() if not _is_missing(v)}
+                self.history.setdefault(str(row["trial_id"]), []).append(clean)
+
+    def trial_added(self, trial) -> None:
+        if trial.trial_id not in self.rows:
+            self.rows[trial.trial_id] = {"trial_id": trial.trial_id, "status": "PENDING", "error": "",
+                                         **self.parameters(trial)}
+            self.write()
+
+    def parameters(self, trial) -> dict:
+        config = validate_run(trial.config)
+        point = {key: get_dotted(trial.config, key) for key in self.swept}
+        return trial_columns(point, config)
+
+    def set_status(self, trial, status: str, error: str = "") -> None:
+        self.trial_added(trial)
+        self.rows[trial.trial_id].update(status=status, error=error)
+        self.write()
+
+    def result(self, trial, result: dict) -> None:
+        self.trial_added(trial)
+        metrics = {k: v for k, v in result.items()
+                   if k.startswith(METRIC_PREFIXES) or k in ("step", "wall_time_s")}
+        steps = self.history.setdefault(trial.trial_id, [])
+        if "step" in metrics:  # a restarted trial re-reports from its checkpoint on: keep the new rows
+            steps[:] = [row for row in steps if row["step"] < metrics["step"]]
+        steps.append({"trial_id": trial.trial_id, **metrics})
+        row = self.rows[trial.trial_id]
+        row.update(metrics)
+        row.update(status=result.get(TRIAL_STATUS_KEY, "RUNNING"), error=result.get(ERROR_KEY, ""))
+        self.write()
+
+    def complete(self, trial) -> None:
+        row = self.rows.get(trial.trial_id, {})
+        status = row.get("status") if row.get("status") in ("DIVERGED", "ERROR") else "TERMINATED"
+        self.set_status(trial, status, row.get("error", "") if status != "TERMINATED" else "")
+
+    def write(self) -> None:
+        import pandas as pd
+        from spo_ray.results import write_csv, write_parquet
+        frame = pd.DataFrame(list(self.rows.values()))
+        write_csv(frame[_column_order(frame.columns)], self.directory / RESULTS_FILE)
+        history = [row for rows in self.history.values() for row in rows]
+        if history:
+            frame = pd.DataFrame(history)
+            write_parquet(frame[_column_order(frame.columns)], self.directory / HISTORY_FILE)
+
+    def statuses(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        return counts
+
+
+def _column_order(columns) -> list[str]:
+    """trial_id, status, error, the parameters, then eval/*, train/*, probe/*, step, wall_time_s."""
+    columns = list(columns)
+    head = [c for c in ("trial_id", "status", "error") if c in columns]
+    metrics = [c for prefix in METRIC_PREFIXES for c in columns if c.startswith(prefix)]
+    tail = [c for c in ("step", "wall_time_s") if c in columns]
+    params = [c for c in columns if c not in head + metrics + tail]
+    return head + params + metrics + tail
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def tables_callback(directory: str, swept: list[str]):
+    """The Tune callback around `ResultTables` (a factory, so that importing this module needs no Ray)."""
+    from ray.tune import Callback
+
+    class WriteResultTables(Callback):
+        def __init__(self):
+            self.tables = ResultTables(directory, swept)
+
+        def setup(self, **info):
+            self.tables.load()
+
+        def on_step_end(self, iteration, trials, **info):
+            for trial in trials:
+                if trial.trial_id not in self.tables.rows:
+                    self.tables.trial_added(trial)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.tables.set_status(trial, "RUNNING")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.tables.result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.tables.complete(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = trial.get_pickled_error() or trial.get_error()
+            self.tables.set_status(trial, "ERROR", one_line_error(error))
+
+        def on_experiment_end(self, trials, **info):
+            # Tune marks trials it did not finish (interrupted) as not TERMINATED; keep them resumable.
+            for trial in trials:
+                row = self.tables.rows.get(trial.trial_id)
+                if row and row["status"] == "RUNNING" and trial.status != "RUNNING":
+                    row["status"] = trial.status
+            self.tables.write()
+
+    return WriteResultTables()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray
+
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",   # no "Loading weights" lines from every trial
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def start_ray() -> None:
+    """A local cluster, or the one RAY_ADDRESS names (ray.init honours it)."""
+    import logging
+
+    import ray
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")                # CLIReporter's table, not the new console
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # the metric is only in evaluation rows
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    local = not os.environ.get("RAY_ADDRESS")
+    # Without the dashboard (a local run, or `ray` installed without its `default` extra) the State API is
+    # down and Ray Train's placement-group cleaner warns about it every few seconds: keep workers to errors.
+    worker_level = "ERROR" if local or importlib.util.find_spec("aiohttp") is None else "WARNING"
+    ray.init(include_dashboard=False if local else None, logging_level=logging.WARNING,
+             logging_config=ray.LoggingConfig(encoding="TEXT", log_level=worker_level),
+             runtime_env={"env_vars": QUIET_ENV})
+
+
+def default_concurrency(sweep: SweepConfig) -> int | None:
+    """Ray Train trials reserve no CPU themselves (their workers do), so Tune alone would start every trial
+    at once; cap them at the number of worker groups the cluster fits now."""
+    if sweep.tune.max_concurrent_trials or not uses_ray_train(sweep):
+        return sweep.tune.max_concurrent_trials
+    import ray
+    available = ray.cluster_resources()
+    per_trial = {k: v * sweep.scaling.num_workers for k, v in worker_resources(sweep).items() if v}
+    fits = min(int(available.get(k, 0) // v) for k, v in per_trial.items())
+    return max(1, fits)
+
+
+def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], directory: Path, resume: bool):
+    from ray import tune
+    from ray.tune import CLIReporter
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from spo_ray.distributed import trainable
+
+    trial_fn = trainable(sweep)
+    space = param_space(raw, spaces)
+    if resume:
+        return tune.Tuner.restore(str(directory), trial_fn, resume_errored=True, param_space=space)
+
+    cfg = sweep.tune
+    scheduler = (ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
+                               reduction_factor=cfg.reduction_factor, max_t=sweep.train.max_steps)
+                 if cfg.scheduler == "asha" else FIFOScheduler())
+    parameters = {key.replace(".", "/"): column_name(key) for key in spaces}
+    reporter = CLIReporter(parameter_columns=parameters, metric_columns=PROGRESS_METRICS, max_report_frequency=30,
+                           print_intermediate_tables=True, max_column_length=14)
+    # Ray Train trials retry their workers themselves (FailureConfig in the TorchTrainer); Tune retries
+    # in-process trials.
+    tune_retries = 0 if uses_ray_train(sweep) else cfg.max_failures
+    return tune.Tuner(
+        trial_fn,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=default_concurrency(sweep), scheduler=scheduler,
+                                    reuse_actors=False),
+        run_config=tune.RunConfig(
+            storage_path=sweep.storage_path, name=sweep.name,
+            failure_config=tune.FailureConfig(max_failures=tune_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[tables_callback(str(directory), list(spaces))],
+            progress_reporter=reporter, verbose=1,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+@user_errors_exit_2
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    raw, sweep, spaces = resolve(load_yaml(args.config), args)
+    if args.dry_run:
+        print_trial_table(trial_table(sweep, spaces, raw), sweep)
+        return EXIT_OK
+
+    directory = experiment_dir(sweep)
+    started = (directory / "tuner.pkl").exists()
+    if args.resume and not started:
+        raise ConfigError(f"--resume: {directory} holds no sweep to resume")
+    if not args.resume and (started or (directory / RESULTS_FILE).exists()):
+        raise ConfigError(f"{directory}: this experiment exists; pass --resume to continue it, or --name to "
+                          f"start another")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_sweep_file(sweep, spaces, directory)
+    prepare_inits(raw, spaces, sweep)
+
+    start_ray()
+    tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
+    tuner.fit()
+    return summarize(directory, args)
+
+
+def summarize(directory: Path, args) -> int:
+    import pandas as pd
+    results = pd.read_csv(directory / RESULTS_FILE, keep_default_na=False)
+    counts = results["status"].value_counts().to_dict()
+    print(f"\n{len(results)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print(f"results: {directory / RESULTS_FILE}\nhistory: {directory / HISTORY_FILE}")
+    unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED"))
+    failed = counts.get("ERROR", 0) + counts.get("DIVERGED", 0)
+    if unfinished:
+        print(f"interrupted with {unfinished} trials unfinished; continue with: python -m spo_ray.sweep "
+              f"{args.config} --resume" + (f" --name {args.name}" if args.name else "")
+              + (f" --storage-path {args.storage_path}" if args.storage_path else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if failed:
+        for row in results[results["status"].isin(["ERROR", "DIVERGED"])].to_dict("records"):
+            print(f"  {row['trial_id']} {row['status']}: {row['error']}", file=sys.stderr)
+        print(f"{failed} of {len(results)} trials failed", file=sys.stderr)
+        return EXIT_TRIALS_FAILED
+    return EXIT_OK
+
+
+__all__ = ["main", "param_space", "trial_table", "ResultTables"]
+
+if __name__ == "__main__":
+    # Import through the package so that pickled objects (Tune's experiment state) name `spo_ray.sweep`.
+    from spo_ray.sweep import main as package_main
+    sys.exit(package_main())

@@ -1,0 +1,75 @@
+"""Model creation and the cached built-in initializations (tiny configs, a few training steps)."""
+
+import os
+
+import pytest
+import torch
+
+import spo_ray.models as models
+from spo_ray.models import build_arithmetic_init, create_small_lm, init_dir, load_init
+from spo_ray.tasks.arithmetic import ArithmeticConfig, make_tokenizer
+
+TINY_TASK = ArithmeticConfig(min_digits=1, max_digits=1, pretrain_examples=200, sft_examples=100)
+TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
+
+
+def test_default_llama_has_the_calibrated_size_and_depends_only_on_seed():
+    vocab_size = len(make_tokenizer())
+    model = create_small_lm(vocab_size)
+    assert 0.85e6 < sum(p.numel() for p in model.parameters()) < 0.87e6  # MISSION §3: 0.86M
+    state = torch.random.get_rng_state()
+    again = create_small_lm(vocab_size)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    other = create_small_lm(vocab_size, seed=1)
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
+
+
+def test_gpt2_architecture_runs():
+    model = create_small_lm(25, arch="gpt2", **TINY_MODEL)
+    assert model.config.model_type == "gpt2"
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 25)
+    with pytest.raises(ValueError, match="arch"):
+        create_small_lm(25, arch="mamba")
+
+
+def test_second_build_reuses_the_cache_and_a_changed_config_gets_a_new_key(tmp_path):
+    first = build_arithmetic_init("scratch", TINY_TASK, TINY_MODEL, tmp_path, progress=False)
+    written = os.path.getmtime(first / "init.json")
+    assert build_arithmetic_init("scratch", TINY_TASK, TINY_MODEL, tmp_path, progress=False) == first
+    assert os.path.getmtime(first / "init.json") == written
+    assert init_dir("scratch", TINY_TASK, {**TINY_MODEL, "hidden_size": 64}, tmp_path) != first
+    assert init_dir("scratch", ArithmeticConfig(seed=1), TINY_MODEL, tmp_path) != init_dir(
+        "scratch", ArithmeticConfig(seed=0), TINY_MODEL, tmp_path)
+    # Spelling out a default does not change the key.
+    assert init_dir("scratch", TINY_TASK, {**TINY_MODEL, "arch": "llama"}, tmp_path) == first
+
+
+def test_tiny_base_and_sft_builds_are_loadable(tmp_path):
+    sft = build_arithmetic_init("sft_short", TINY_TASK, TINY_MODEL, tmp_path, steps=3, base_steps=5, progress=False)
+    base = init_dir("base", TINY_TASK, TINY_MODEL, tmp_path, steps=5)
+    assert (base / "init.json").exists()
+    model, tokenizer = load_init(sft)
+    assert not model.training
+    ids = tokenizer("Q: 1+2=?\nA:", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+    base_model, _ = load_init(base)
+    assert not torch.equal(model.lm_head.weight, base_model.lm_head.weight)  # SFT changed the base
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+
+def test_a_builder_that_loses_the_race_uses_the_winners_init(tmp_path, monkeypatch):
+    real_rename = os.rename
+
+    def rename_after_a_rival(staging, target):
+        real_rename(build_rival, target)  # the rival finishes first
+        real_rename(staging, target)  # raises: the target exists and is not empty
+
+    build_rival = tmp_path / "rival"
+    build_arithmetic_init("scratch", TINY_TASK, TINY_MODEL, build_rival.parent / "elsewhere", progress=False)
+    rival_built = next((tmp_path / "elsewhere").iterdir())
+    real_rename(rival_built, build_rival)
+    monkeypatch.setattr(models.os, "rename", rename_after_a_rival)
+    path = build_arithmetic_init("scratch", TINY_TASK, TINY_MODEL, tmp_path, progress=False)
+    assert (path / "init.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["elsewhere", path.name])

@@ -1,0 +1,228 @@
+"""The sweep CLI: dry runs and bad input without Ray (fast); end-to-end Ray Tune / Ray Train runs (slow).
+
+The slow tests each start a local Ray cluster (~15 s here) and train tiny models, so there are few of them:
+one sweep through Tune in-process trials, one 2-worker DDP trial through Ray Train checked against the
+in-process trainer, and one interrupted-then-resumed sweep.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import tiny_run
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_COLUMNS = ["trial_id", "status", "error", "loss", "beta", "spo_lambda", "init", "seed",
+                    "eval/accuracy", "eval/chosen_logp_delta", "train/loss", "step", "wall_time_s"]
+
+
+def run_cli(*args, cwd=ROOT, timeout=240, env=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "spo_ray.sweep", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_sweep(tmp_path, name="tiny", **sections) -> Path:
+    """A sweep YAML of tiny, from-scratch trials (seconds each) storing under tmp_path."""
+    raw = tiny_run(**sections)
+    raw.update(name=name, storage_path=str(tmp_path / "results"), wandb={"mode": "disabled"},
+               tune={"max_concurrent_trials": 2}, scaling={"num_workers": 1, "cpus_per_worker": 1})
+    for key in ("scaling", "tune"):
+        raw[key].update(sections.get(key, {}))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fast: no Ray
+
+def test_dry_run_lists_every_trial_of_the_demo_grid_without_ray(tmp_path):
+    result = run_cli("sweeps/beta.yaml", "--dry-run", "--storage-path", tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    header, rows, summary = lines[0].split(), [line.split() for line in lines[1:-1]], lines[-1]
+    assert header == ["trial", "loss.name", "loss.beta", "train.seed"]
+    assert len(rows) == 12 and summary.startswith("12 trials")
+    assert rows[0] == ["1", "dpo", "0.05", "0"] and rows[1] == ["2", "dpo", "0.05", "1"]
+    assert rows[-1] == ["12", "spo", "0.3", "1"]
+    assert {(r[1], r[2], r[3]) for r in rows} == {(l, b, s) for l in ("dpo", "spo")
+                                                  for b in ("0.05", "0.1", "0.3") for s in ("0", "1")}
+    assert not any(tmp_path.iterdir())  # nothing written, nothing started
+
+
+def test_dry_run_does_not_import_ray():
+    code = ("import sys; from spo_ray.sweep import main; rc = main(['sweeps/smoke.yaml', '--dry-run']); "
+            "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 + 2 + 1  # header, dpo and spo, summary
+
+
+def test_dry_run_repeats_the_grid_num_samples_times():
+    result = run_cli("sweeps/smoke.yaml", "--dry-run", "--set", "tune.num_samples=3",
+                     "loss.beta={loguniform: [0.01, 1]}")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()[1:-1]
+    assert len(rows) == 6 and all("loguniform(0.01, 1)" in row for row in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweeps/beta.yaml", "--set", "loss.bta=0.2"], "error: --set loss.bta: unknown key (did you mean 'loss.beta'?)"),
+    (["sweeps/beta.yaml", "--set", "loss.beta={grid: [0.1, -1]}"], "error: loss.beta:"),
+    (["sweeps/beta.yaml", "--set", "train.max_steps={grid: []}"], "error: train.max_steps: grid needs a non-empty"),
+    (["sweeps/missing.yaml"], "error: sweeps/missing.yaml: no such file"),
+])
+def test_bad_input_is_one_stderr_line_and_exit_2(args, message):
+    result = run_cli(*args, "--dry-run")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(message)
+
+
+def test_resume_without_a_previous_sweep_is_bad_input(tmp_path):
+    result = run_cli("sweeps/smoke.yaml", "--resume", "--storage-path", tmp_path)
+    assert result.returncode == 2 and "holds no sweep to resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class FakeTrial:
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config = trial_id, config
+
+
+def test_result_tables_keep_one_row_per_trial_and_replace_rerun_steps(tmp_path):
+    from spo_ray.sweep import ResultTables
+    tables = ResultTables(str(tmp_path), ["loss.name"])
+    trial = FakeTrial("t1", {"loss": {"name": "spo", "beta": 0.3}})
+    for step in (2, 4):
+        tables.result(trial, {"step": step, "train/loss": 1.0 / step, "training_iteration": step, "config": {}})
+    tables.result(trial, {"step": 4, "train/loss": 0.2, "eval/accuracy": 0.5})  # re-run from a checkpoint
+    diverged = FakeTrial("t2", {"loss": {"name": "dpo"}})
+    tables.result(diverged, {"step": 2, "train/loss": 0.7, "trial_status": "DIVERGED",
+                             "error": "loss is not finite at step 3"})
+    tables.complete(trial)
+    tables.complete(diverged)
+
+    results = pd.read_csv(tmp_path / "results.csv", keep_default_na=False)
+    assert list(results["trial_id"]) == ["t1", "t2"]
+    assert list(results["status"]) == ["TERMINATED", "DIVERGED"]
+    assert results.loc[1, "error"] == "loss is not finite at step 3"
+    assert list(results.columns[:8]) == ["trial_id", "status", "error", "loss", "beta", "spo_lambda", "init", "seed"]
+    assert results.loc[0, "beta"] == 0.3 and results.loc[0, "train/loss"] == 0.2
+    history = pd.read_parquet(tmp_path / "history.parquet")
+    assert list(zip(history["trial_id"], history["step"])) == [("t1", 2), ("t1", 4), ("t2", 2)]
+    assert "training_iteration" not in history and "config" not in history
+
+    reloaded = ResultTables(str(tmp_path), ["loss.name"])
+    reloaded.load()
+    assert reloaded.statuses() == {"TERMINATED": 1, "DIVERGED": 1}
+    assert [row["step"] for row in reloaded.history["t1"]] == [2, 4]
+
+
+def test_one_line_error_unwraps_to_the_innermost_message():
+    from spo_ray.distributed import one_line_error
+    try:
+        try:
+            raise ValueError("disk full\nsecond line")
+        except ValueError as inner:
+            raise RuntimeError("wrapper") from inner
+    except RuntimeError as outer:
+        assert one_line_error(outer) == "ValueError: disk full"
+    trace = RuntimeError("Traceback (most recent call last):\n  File 'x.py'\nOSError: no such init\n")
+    assert one_line_error(trace) == "OSError: no such init"
+    assert one_line_error(None) == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow: Ray Tune and Ray Train end to end
+
+@pytest.mark.slow
+def test_sweep_runs_through_tune_and_writes_both_tables(tmp_path):
+    config = tiny_sweep(tmp_path, loss={"name": {"grid": ["dpo", "spo"]}, "beta": 0.1})
+    result = run_cli(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    directory = tmp_path / "results" / "tiny"
+    results = pd.read_csv(directory / "results.csv", keep_default_na=False)
+    assert set(REQUIRED_COLUMNS) <= set(results.columns)
+    assert sorted(results["loss"]) == ["dpo", "spo"] and set(results["status"]) == {"TERMINATED"}
+    assert set(results["step"]) == {6}
+    history = pd.read_parquet(directory / "history.parquet")
+    assert {"trial_id", "step", "train/loss"} <= set(history.columns)
+    assert sorted(history.groupby("trial_id")["step"].apply(list).tolist()) == [[3, 6], [3, 6]]
+    swept = yaml.safe_load((directory / "sweep.yaml").read_text())
+    assert swept["swept"] == ["loss.name"] and swept["loss"]["name"] == {"grid": ["dpo", "spo"]}
+    assert any((directory / "reference_cache").iterdir())
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_follow_the_one_worker_loss_trajectory(tmp_path, init_cache):
+    """Ray Train with 2 DDP workers × 8 pairs = one in-process worker with the same global batch of 16."""
+    from spo_ray.config import validate_run
+    from spo_ray.trainer import train
+
+    config = tiny_sweep(tmp_path, name="ddp", scaling={"num_workers": 2, "cpus_per_worker": 1},
+                        train={"max_steps": 6, "log_every": 1, "eval_every": 3, "num_threads": 1})
+    result = run_cli(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    directory = tmp_path / "results" / "ddp"
+    results = pd.read_csv(directory / "results.csv", keep_default_na=False)
+    assert list(results["status"]) == ["TERMINATED"]
+    assert any((directory / "ray_train").iterdir())  # the TorchTrainer's own run folder with its checkpoint
+    distributed = pd.read_parquet(directory / "history.parquet").set_index("step")
+
+    rows = []
+    raw = yaml.safe_load(config.read_text())
+    train(validate_run(raw).run_config(), cache_dir=str(tmp_path / "results" / ".cache"),
+          reference_dir=str(tmp_path / "single_ref"), report=lambda metrics, state: rows.append(metrics))
+    single = pd.DataFrame(rows).set_index("step")
+
+    assert list(distributed.index) == list(single.index) == [1, 2, 3, 4, 5, 6]
+    for column in ("train/loss", "train/chosen_logp_delta", "train/grad_norm", "eval/loss"):
+        both = distributed[column].dropna(), single[column].dropna()
+        assert len(both[0]) == len(both[1]) > 0
+        assert both[0].to_numpy() == pytest.approx(both[1].to_numpy(), rel=1e-3, abs=1e-4), column
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    config = tiny_sweep(tmp_path, name="resume", loss={"name": {"grid": ["dpo", "spo"]}},
+                        train={"max_steps": 60, "log_every": 5, "eval_every": 30, "checkpoint_every": 10},
+                        tune={"max_concurrent_trials": 1})
+    directory = tmp_path / "results" / "resume"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    finished = None
+    while time.time() < deadline and process.poll() is None:
+        if (directory / "results.csv").exists():
+            results = pd.read_csv(directory / "results.csv", keep_default_na=False)
+            if (results["status"] == "TERMINATED").any():
+                finished = results[results["status"] == "TERMINATED"].iloc[0].to_dict()
+                break
+        time.sleep(0.2)
+    assert finished is not None, "no trial finished in time"
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    interrupted = pd.read_csv(directory / "results.csv", keep_default_na=False)
+    assert (interrupted["status"] != "TERMINATED").any(), "the sweep finished before the interruption"
+    assert process.returncode == 130, output[-3000:]
+
+    result = run_cli(config, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = pd.read_csv(directory / "results.csv", keep_default_na=False)
+    assert len(results) == 2 and results["trial_id"].is_unique
+    assert set(results["status"]) == {"TERMINATED"}
+    again = results.set_index("trial_id").loc[finished["trial_id"]]
+    assert float(again["wall_time_s"]) == float(finished["wall_time_s"])  # the finished trial was not re-run
+    history = pd.read_parquet(directory / "history.parquet")
+    assert not history.duplicated(["trial_id", "step"]).any()
+    assert sorted(history.groupby("trial_id")["step"].max()) == [60, 60]
