@@ -40,10 +40,11 @@ from transformers import (
 from spo_ray.tasks.arithmetic import ArithmeticConfig, make_tokenizer, pretraining_texts, sft_pairs
 
 # Bump when a change to this file or to the task's data builders changes what an init contains.
-INIT_CODE_VERSION = 1
+INIT_CODE_VERSION = 2
 INIT_NAMES = ("scratch", "base", "sft_short", "sft_long")
-# base: ~85% greedy accuracy with 40% noisy answers (MISSION §3 calibration); SFT: short vs long schedule.
-DEFAULT_INIT_STEPS = {"scratch": 0, "base": 1500, "sft_short": 150, "sft_long": 600}
+# base: trained on the noisy corpus (40% mistakes); sft_short: a partial correction (30 steps, still in
+# warm-up), sft_long: a near-complete one (600 steps) — the two ends of the lower-level (SFT) problem.
+DEFAULT_INIT_STEPS = {"scratch": 0, "base": 1500, "sft_short": 30, "sft_long": 600}
 LEARNING_RATE = 1e-3  # MISSION §3: ~1e-3 learns, 3e-3 does not
 BATCH_SIZE = 64
 WARMUP_STEPS = 50
@@ -155,6 +156,15 @@ def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed:
     return losses
 
 
+# How many preference pairs and evaluation problems a sweep uses does not change an init's weights, so those
+# fields stay out of its cache key: sweeps that differ only in them share one init.
+_NOT_IN_INIT_KEY = ("train_pairs", "eval_pairs", "eval_problems")
+
+
+def init_task_fields(task_cfg: ArithmeticConfig) -> dict:
+    return {k: v for k, v in asdict(task_cfg).items() if k not in _NOT_IN_INIT_KEY}
+
+
 def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, cache_dir: str | Path, *,
              steps: int | None = None, base_steps: int | None = None) -> Path:
     """Where `build_arithmetic_init` keeps (or will keep) this init: `cache_dir/<name>-<key>`."""
@@ -162,7 +172,7 @@ def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, c
         raise ValueError(f"init must be one of {INIT_NAMES}, got {name!r}")
     description = {
         "name": name,
-        "task": asdict(task_cfg),
+        "task": init_task_fields(task_cfg),
         "model": _resolved_model_kwargs(model_kwargs),
         "steps": DEFAULT_INIT_STEPS[name] if steps is None else steps,
         "code_version": INIT_CODE_VERSION,

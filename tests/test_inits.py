@@ -73,3 +73,14 @@ def test_a_builder_that_loses_the_race_uses_the_winners_init(tmp_path, monkeypat
     path = build_arithmetic_init("scratch", TINY_TASK, TINY_MODEL, tmp_path, progress=False)
     assert (path / "init.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["elsewhere", path.name])
+
+
+def test_pair_and_eval_counts_do_not_change_the_init_key_but_the_corpus_does(tmp_path):
+    from dataclasses import replace
+    key = init_dir("base", TINY_TASK, TINY_MODEL, tmp_path)
+    for field, value in (("train_pairs", 7), ("eval_pairs", 9), ("eval_problems", 11)):
+        assert init_dir("base", replace(TINY_TASK, **{field: value}), TINY_MODEL, tmp_path) == key
+    for field, value in (("mistake_rate", 0.1), ("pretrain_examples", 123), ("reverse_answer", False)):
+        assert init_dir("base", replace(TINY_TASK, **{field: value}), TINY_MODEL, tmp_path) != key
+    assert init_dir("sft_short", replace(TINY_TASK, sft_examples=321), TINY_MODEL, tmp_path) != init_dir(
+        "sft_short", TINY_TASK, TINY_MODEL, tmp_path)
