@@ -307,7 +307,19 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         config = model.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_one_line(error)) from None
+    if isinstance(config, SweepConfig):
+        check_batch_size(config.train, world_size=config.scaling.num_workers)
     return config
+
+
+def check_batch_size(train: TrainConfig, train_pairs: int | None = None, world_size: int = 1) -> None:
+    """The global batch must split evenly over workers × micro-batches and fit in the training pairs
+    (checked on the config, again by the sweep driver once it has the pairs, and by the trainer)."""
+    if train.batch_size % (world_size * train.grad_accum_steps):
+        raise ConfigError(f"train.batch_size: {train.batch_size} is not divisible by num_workers × "
+                          f"grad_accum_steps = {world_size * train.grad_accum_steps}")
+    if train_pairs is not None and train_pairs < train.batch_size:
+        raise ConfigError(f"train.batch_size: {train.batch_size} is larger than the {train_pairs} training pairs")
 
 
 def validate_sweep(raw: dict) -> tuple[SweepConfig, dict[str, dict]]:

@@ -5,14 +5,16 @@ Runs a sweep through Ray Tune, in this order:
   1. read the YAML, apply `--set`, validate every key and every value a search space can take — before
      Ray starts, so bad input is one `error:` line and exit code 2;
   2. `--dry-run`: print the trials and stop (Ray is not imported);
-  3. build the built-in initializations the grid needs, once, into the shared init cache;
+  3. load each grid point's task once: build the built-in initializations into the shared init cache,
+     read and validate pair data files (bad data is exit code 2 too, before Ray starts);
   4. start Ray (`ray.init()`: a local cluster, or the one `RAY_ADDRESS` names) and run the trials
      (`spo_ray.distributed.run_trial`) with a FIFO or ASHA scheduler;
   5. while results arrive, rewrite `results.csv` (one row per trial) and `history.parquet` (every
      reported row) in the experiment directory `<storage_path>/<name>/`.
 
 Exit codes: 0 every trial finished; 1 some trials ended ERROR or DIVERGED (results.csv lists them with their
-error); 2 bad input; 130 interrupted (continue with `--resume`: finished trials are not run again).
+error); 2 bad input; 130 interrupted by Ctrl+C or SIGTERM (continue with `--resume`: finished trials are not
+run again).
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ import copy
 import importlib.util
 import json
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
-from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, column_name, get_dotted, grid_points, load_yaml,
-                            set_dotted, to_plain, trial_columns, validate_run, validate_sweep)
+from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name, get_dotted,
+                            grid_points, load_yaml, set_dotted, to_plain, trial_columns, validate_run,
+                            validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
                                  one_line_error, uses_ray_train, worker_resources)
 
@@ -92,29 +97,33 @@ def print_trial_table(rows: list[dict], sweep: SweepConfig) -> None:
           f"experiment directory {experiment_dir(sweep)}")
 
 
-def prepare_inits(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> None:
-    """Build the built-in initializations every grid point needs, once, before trials start.
+def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> None:
+    """Load the task of every grid point once, before Ray starts: build the built-in initializations it
+    needs and read and validate its pair data.
 
     Two trials that found an init missing would both build it (minutes each, on the CPUs the other trials
-    need); building them here uses the whole machine for one copy. Points whose model or data sections
-    are sampled at random are left to their trials.
+    need); building them here uses the whole machine for one copy. A bad data file (a missing column, a
+    malformed row, nothing left after filtering) or a batch larger than the pairs is bad input: found here
+    it is one `error:` line and exit code 2, not a sweep of ERROR trials. Hub datasets are left to the
+    trials (each trial downloads them anyway), and so are points whose model or data sections are
+    sampled at random.
     """
     from spo_ray.tasks import load_task
 
     if any(k.startswith(("model.", "data.")) and "grid" not in s for k, s in spaces.items()):
         return
-    seen = set()
+    train_pairs: dict[str, int] = {}
     for point in grid_points(raw, spaces) or [{}]:
         concrete = copy.deepcopy(raw)
         for key, value in point.items():
             set_dotted(concrete, key, value)
         config = validate_run({k: v for k, v in concrete.items()}).run_config()
-        if config.data.source != "arithmetic":
+        if config.data.source == "hub":
             continue
         identity = json.dumps([to_plain(config.model), to_plain(config.data)], sort_keys=True)
-        if identity not in seen:
-            seen.add(identity)
-            load_task(config, cache_dir=sweep.cache_dir, progress=True)
+        if identity not in train_pairs:
+            train_pairs[identity] = len(load_task(config, cache_dir=sweep.cache_dir, progress=True).train_pairs)
+        check_batch_size(config.train, train_pairs[identity], sweep.scaling.num_workers)
 
 
 def write_sweep_file(sweep: SweepConfig, spaces: dict[str, dict], directory: Path) -> None:
@@ -240,6 +249,18 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+def trial_error(trial):
+    """The error that ended a Tune trial. Tune writes it into the trial's local folder first and copies it
+    to the storage path (where `Trial.get_pickled_error` looks) only later, so read the local file."""
+    from ray import cloudpickle
+    if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+        with open(trial.pickled_error_file, "rb") as handle:
+            return cloudpickle.load(handle)
+    if trial.error_file and os.path.exists(trial.error_file):
+        return RuntimeError(Path(trial.error_file).read_text())  # a text trace; one_line_error takes its end
+    return trial.get_pickled_error() or trial.get_error()
+
+
 def tables_callback(directory: str, swept: list[str]):
     """The Tune callback around `ResultTables` (a factory, so that importing this module needs no Ray)."""
     from ray.tune import Callback
@@ -266,15 +287,14 @@ def tables_callback(directory: str, swept: list[str]):
             self.tables.complete(trial)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            error = trial.get_pickled_error() or trial.get_error()
-            self.tables.set_status(trial, "ERROR", one_line_error(error))
+            self.tables.set_status(trial, "ERROR", one_line_error(trial_error(trial)))
 
         def on_experiment_end(self, trials, **info):
-            # Tune marks trials it did not finish (interrupted) as not TERMINATED; keep them resumable.
-            for trial in trials:
-                row = self.tables.rows.get(trial.trial_id)
-                if row and row["status"] == "RUNNING" and trial.status != "RUNNING":
-                    row["status"] = trial.status
+            # A trial still RUNNING here was interrupted (Ctrl+C, SIGTERM): Tune saved it as unfinished but
+            # then stops it as TERMINATED, so do not copy Tune's status; PAUSED says `--resume` continues it.
+            for row in self.tables.rows.values():
+                if row["status"] == "RUNNING":
+                    row["status"] = "PAUSED"
             self.tables.write()
 
     return WriteResultTables()
@@ -306,6 +326,13 @@ def start_ray() -> None:
     ray.init(include_dashboard=False if local else None, logging_level=logging.WARNING,
              logging_config=ray.LoggingConfig(encoding="TEXT", log_level=worker_level),
              runtime_env={"env_vars": QUIET_ENV})
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the sweep the way Ctrl+C does: Tune stops the trials,
+    saves its state and the tables, and the sweep exits 130, ready for `--resume`. (Ray's own driver
+    handler would exit at once, mid-write of Tune's state.)"""
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
 
 
 def default_concurrency(sweep: SweepConfig) -> int | None:
@@ -375,11 +402,12 @@ def main(argv=None) -> int:
     if not args.resume and (started or (directory / RESULTS_FILE).exists()):
         raise ConfigError(f"{directory}: this experiment exists; pass --resume to continue it, or --name to "
                           f"start another")
+    prepare_tasks(raw, spaces, sweep)
     directory.mkdir(parents=True, exist_ok=True)
     write_sweep_file(sweep, spaces, directory)
-    prepare_inits(raw, spaces, sweep)
 
     start_ray()
+    stop_on_sigterm()
     tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
     tuner.fit()
     return summarize(directory, args)
@@ -394,9 +422,12 @@ def summarize(directory: Path, args) -> int:
     unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED"))
     failed = counts.get("ERROR", 0) + counts.get("DIVERGED", 0)
     if unfinished:
+        # The same overrides, or the resumed trials would run another config.
+        again = ([args.config, "--resume"] + (["--name", args.name] if args.name else [])
+                 + (["--storage-path", args.storage_path] if args.storage_path else [])
+                 + (["--set", *args.overrides] if args.overrides else []))
         print(f"interrupted with {unfinished} trials unfinished; continue with: python -m spo_ray.sweep "
-              f"{args.config} --resume" + (f" --name {args.name}" if args.name else "")
-              + (f" --storage-path {args.storage_path}" if args.storage_path else ""), file=sys.stderr)
+              f"{shlex.join(map(str, again))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if failed:
         for row in results[results["status"].isin(["ERROR", "DIVERGED"])].to_dict("records"):

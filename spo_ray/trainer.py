@@ -15,17 +15,21 @@ Ray Train (spo_ray.distributed) calls the same function on every worker with a `
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.func import functional_call
 
-from spo_ray.config import ConfigError, LossConfig, RunConfig
+from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
@@ -188,6 +192,62 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Fault injection: FOR TESTS ONLY (tests/test_reliability.py); inert unless SPO_RAY_FAULT is set
+
+FAULT_ENV = "SPO_RAY_FAULT"
+FAULT_ACTIONS = ("diverge_at", "raise_at", "crash_worker_at")
+
+
+def injected_faults(config: RunConfig, marker_dir: str) -> Callable[[int], bool] | None:
+    """The failures `SPO_RAY_FAULT` asks this run to suffer, as `fault(step) -> poison this step's loss?`;
+    None (no check at all in the loop) when the variable is unset.
+
+    `SPO_RAY_FAULT="diverge_at=3@loss.name=spo; raise_at=2@loss.name=ipo; crash_worker_at=4:once"`:
+    at step K (1-based), `diverge_at` multiplies the loss by NaN, `raise_at` raises RuntimeError and
+    `crash_worker_at` kills the process (`os._exit(1)`, a dead worker); `@KEY=VALUE` limits a fault to
+    runs whose config has that value; `:once` fires only on the first attempt (a marker file in
+    `marker_dir`, named after the run's config), so a restarted run gets past it.
+    """
+    spec = os.environ.get(FAULT_ENV, "").strip()
+    if not spec:
+        return None
+    plain = to_plain(config)
+    run_key = hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
+    faults = []
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        fault, _, condition = item.partition("@")
+        action, _, at = fault.partition("=")
+        at, _, once = at.partition(":")
+        if action.strip() not in FAULT_ACTIONS or not at.strip().isdigit() or once not in ("", "once"):
+            raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (expected ACTION=STEP[:once][@KEY=VALUE], "
+                             f"ACTION one of {', '.join(FAULT_ACTIONS)})")
+        if condition:
+            key, _, value = condition.partition("=")
+            if str(get_dotted(plain, key.strip())) != value.strip():
+                continue
+        faults.append((action.strip(), int(at), once == "once"))
+
+    def fault(step: int) -> bool:
+        poison = False
+        for action, at, once in faults:
+            if step != at:
+                continue
+            if once:
+                marker = Path(marker_dir) / f".fault-{action}-{at}-{run_key}"
+                if marker.exists():
+                    continue
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            if action == "raise_at":
+                raise RuntimeError(f"injected fault at step {step}")
+            if action == "crash_worker_at":
+                os._exit(1)
+            poison = True
+        return poison
+    return fault if faults else None
+
+
+# ---------------------------------------------------------------------------------------------------
 # The run
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -241,11 +301,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     train_pairs, _ = tokenize_pairs(task.train_pairs, tokenizer, config.data.max_length)
     eval_pairs, _ = tokenize_pairs(task.eval_pairs, tokenizer, config.data.max_length)
     train_data, eval_data = PairDataset(train_pairs), PairDataset(eval_pairs)
-    if context.world_size > 1 and cfg.batch_size % (context.world_size * cfg.grad_accum_steps):
-        raise ConfigError(f"train.batch_size: {cfg.batch_size} is not divisible by num_workers × "
-                          f"grad_accum_steps = {context.world_size * cfg.grad_accum_steps}")
-    if len(train_data) < cfg.batch_size:
-        raise ConfigError(f"train.batch_size: {cfg.batch_size} is larger than the {len(train_data)} training pairs")
+    check_batch_size(cfg, len(train_data), context.world_size)
 
     # 2. Policy and reference.
     policy = load_causal_lm(task.policy_path, config.model, device=device)
@@ -314,7 +370,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     final: dict[str, float] = {}
     tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     batches = global_batches(step)
+    fault = injected_faults(config, reference_dir or cache_dir)  # None unless a test sets SPO_RAY_FAULT
     while step < cfg.max_steps:
+        poison = fault is not None and fault(step + 1)
         indices = next(batches)[context.rank * local_size:(context.rank + 1) * local_size]
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, list[float]] = {}
@@ -328,6 +386,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 with autocast():
                     policy_out = concatenated_forward(model, batch)
                 loss, metrics = batch_loss(config.loss, policy_out, train_reference(batch), step, model, batch)
+                if poison:
+                    loss = metrics["loss"] = loss * float("nan")
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in metrics.items():
                 step_metrics.setdefault(k, []).append(float(v))

@@ -1,0 +1,99 @@
+"""Peak memory of one training trial with the shared reference cache against the same trial without it.
+
+    .venv/bin/python benchmarks/trial_memory.py [--steps 4] [--rounds 2] [setup options of vs_trl.py]
+
+Same model, pairs and settings as `benchmarks/vs_trl.py`. Each variant runs `spo_ray.trainer.train` in a fresh
+Python process and reports that process's peak resident set size (`ru_maxrss`), so nothing one variant
+allocated can lower or raise another's figure:
+
+  imports        the process after importing Ray Tune and Train (as a trial's actor has), torch, transformers
+                 and the trainer: the floor every trial pays;
+  cache-build    the first trial of a sweep: it loads the reference model, computes the tables, frees the model;
+  cached         every later trial (`reference.cache: true`, tables on disk): the policy only;
+  no-cache       `reference.cache: false`: the trial keeps a frozen reference model and runs it on every batch.
+
+Variants run in rounds (cached and no-cache interleaved); the smallest peak of each is reported. Last line:
+`peak_ratio_cached_vs_no_cache=<cached / no-cache> saved_mib=<no-cache − cached>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import vs_trl  # noqa: E402  (the shared set-up: tokenizer, pairs, model folders, run config)
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child(args) -> None:
+    """One variant in this (fresh) process; prints its peak RSS as JSON."""
+    import ray.train  # noqa: F401  what a Tune trial's actor has loaded (Ray brings pandas and pyarrow)
+    import ray.tune  # noqa: F401
+    import torch
+    from spo_ray.trainer import train
+
+    torch.set_num_threads(args.threads)
+    if args.variant != "imports":
+        paths = json.loads(Path(args.setup).read_text())
+        config = vs_trl.run_config(paths, args, cache=args.variant != "no-cache", steps=args.steps)
+        train(config, cache_dir=paths["cache_dir"], report=lambda metrics, state: None)
+    print(json.dumps({"variant": args.variant, "peak_mib": peak_mib()}))
+
+
+def measure(variant: str, setup: Path, argv: list[str]) -> float:
+    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--setup", str(setup), *argv],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    vs_trl.add_setup_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+
+    work = Path(tempfile.mkdtemp(prefix="trial_memory_"))
+    paths = vs_trl.build_setup(work, args)
+    setup = work / "setup.json"
+    setup.write_text(json.dumps({**{k: str(v) for k, v in paths.items()}, "cache_dir": str(work / "cache")}))
+    # The setup arguments again, for the children (the run config is built from them).
+    argv = [a for a in sys.argv[1:]]
+    peaks = {"imports": [], "cache-build": [], "cached": [], "no-cache": []}
+    peaks["imports"].append(measure("imports", setup, argv))
+    peaks["cache-build"].append(measure("cache-build", setup, argv))  # the cache is cold only here
+    for _ in range(args.rounds):
+        for variant in ("cached", "no-cache"):
+            peaks[variant].append(measure(variant, setup, argv))
+
+    low = {k: min(v) for k, v in peaks.items()}
+    print(f"model: Llama {args.layers} layers × hidden {args.hidden}, vocab {args.vocab}, "
+          f"{int(paths['parameters']) / 1e6:.1f}M parameters (float32 weights {int(paths['parameters']) * 4 / 2**20:.0f} MiB); "
+          f"batch {args.batch_size} pairs of up to {args.max_tokens} tokens, {args.steps} steps, AdamW")
+    print("peak RSS per fresh process (MiB; every round: " +
+          "; ".join(f"{k} {', '.join(f'{x:.0f}' for x in v)}" for k, v in peaks.items()) + ")")
+    for name, value in low.items():
+        extra = "" if name == "imports" else f"   ({value - low['imports']:.0f} MiB above the imports)"
+        print(f"  {name:12s} {value:7.0f}{extra}")
+    print(f"peak_ratio_cached_vs_no_cache={low['cached'] / low['no-cache']:.3f} "
+          f"saved_mib={low['no-cache'] - low['cached']:.0f}")
+
+
+if __name__ == "__main__":
+    main()

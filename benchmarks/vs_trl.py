@@ -1,0 +1,330 @@
+"""Training throughput of spo-ray's trainer against TRL's DPOTrainer: same model, pairs, batch, steps and β.
+
+    .venv/bin/python benchmarks/vs_trl.py [--steps 12] [--rounds 2] [--batch-size 8] [--pairs 96]
+
+Three variants, interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads:
+
+  (a) spo-ray   `spo_ray.trainer.train` itself, reading the pairs from a JSONL file: reference log-probs from the
+                shared cache (built once, before round 1, and timed on its own), length-grouped batches;
+  (b) TRL       `trl.DPOTrainer` with its defaults: the reference model runs forward on every batch;
+  (c) TRL-pre   the same with `precompute_ref_log_probs=True`: one reference pass over the train set when the
+                trainer is built (timed on its own), then policy-only steps.
+
+Model: a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
+step's loss is not log 2 and the loss check means something; initializer range 0.05 so the two differ by a few
+nats per response); both frameworks load the same folders.
+Pairs: synthetic word-level text with a realistic spread of lengths (long, varied prompts; chosen and rejected
+share a prefix), so padding and length grouping matter as they do on real data.
+
+Throughput is pairs per second over steps 2 … S−1 of each run (step 1 is warm-up; in spo-ray the last step also
+runs the end-of-run evaluation). The best of the rounds is reported. The reference passes are reported
+separately, and once more per trial: spo-ray's cache time divided by `--sweep-trials` (the trials of a sweep
+that share it), TRL-precompute's pass in full (every trial repeats it). A check first computes TRL's loss on
+spo-ray's first batch (`DPOTrainer.compute_loss`, before training) and compares it with the loss spo-ray logged
+for its first step. Last line: `speedup_vs_trl=… speedup_vs_trl_precompute=… loss_diff=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared set-up: tokenizer, pairs, model folders, run config (trial_memory.py uses these too)
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over `vocab_size − 4` synthetic words `w0 w1 …`, BOS before every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def synthetic_pairs(count: int, vocab_size: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """Prompt/chosen/rejected texts whose lengths spread like chat data: prompts log-normal around a quarter of
+    `max_tokens` (a long tail up to three quarters), responses 8–64 words; chosen and rejected share a prefix."""
+    rng = random.Random(seed)
+    words = lambda n: " ".join(f"w{rng.randrange(vocab_size - len(SPECIALS))}" for _ in range(n))
+    pairs = []
+    for _ in range(count):
+        prompt_len = int(min(0.75 * max_tokens, max(16, rng.lognormvariate(0, 0.6) * max_tokens / 4)))
+        room = max_tokens - prompt_len - 2  # BOS and EOS
+        chosen_len, rejected_len = (min(room, rng.randint(8, 64)) for _ in range(2))
+        shared = rng.randint(0, min(chosen_len, rejected_len) - 1)
+        prefix = words(shared)
+        pairs.append({"prompt": words(prompt_len),
+                      "chosen": " " + " ".join(filter(None, [prefix, words(chosen_len - shared)])),
+                      "rejected": " " + " ".join(filter(None, [prefix, words(rejected_len - shared)]))})
+    return pairs
+
+
+def llama(vocab_size: int, hidden: int, layers: int, seed: int, max_tokens: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=max_tokens,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         initializer_range=0.05)  # wide enough that two seeds' log-probs differ by nats
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def build_setup(folder: Path, args) -> dict:
+    """Write the policy and reference folders (weights + tokenizer) and the pairs file; return their paths."""
+    tokenizer = word_tokenizer(args.vocab)
+    paths = {"policy": folder / "policy", "reference": folder / "reference", "pairs": folder / "pairs.jsonl"}
+    for name, seed in (("policy", 0), ("reference", 1)):
+        model = llama(args.vocab, args.hidden, args.layers, seed, args.max_tokens)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    paths["parameters"] = sum(p.numel() for p in model.parameters())
+    # Enough pairs that the train split (90%, by prompt) covers every step of a run once.
+    count = int(args.pairs / 0.9) + 8
+    with paths["pairs"].open("w") as handle:
+        for pair in synthetic_pairs(count, args.vocab, args.max_tokens):
+            handle.write(json.dumps(pair) + "\n")
+    return paths
+
+
+def run_config(paths: dict, args, *, cache: bool = True, steps: int | None = None):
+    """spo-ray's config for one trial on the set-up: plain DPO, linear decay, no warm-up, as TRL defaults."""
+    from spo_ray.config import RunConfig
+
+    steps = steps or args.steps
+    return RunConfig(**{
+        "loss": {"name": "dpo", "beta": args.beta},
+        "model": {"init": str(paths["policy"]), "reference": str(paths["reference"])},
+        "data": {"source": "files", "path": str(paths["pairs"]), "max_length": args.max_tokens + 8,
+                 "max_train_pairs": args.pairs},
+        "train": {"learning_rate": args.lr, "lr_schedule": "linear", "warmup_steps": 0, "max_steps": steps,
+                  "batch_size": args.batch_size, "log_every": 1, "eval_every": steps, "probe_every": steps,
+                  "eval_batch_size": args.batch_size, "num_threads": args.threads},
+        "reference": {"cache": cache, "batch_size": args.batch_size},
+        "wandb": {"mode": "disabled"},
+    })
+
+
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=256, help="longest prompt+response")
+    parser.add_argument("--pairs", type=int, default=96, help="train pairs (default: one epoch of the run)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=5e-6)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three variants
+
+def steady_rate(stamps: list[float], batch_size: int) -> float:
+    """Pairs per second between the end of step 1 and the end of step S−1."""
+    return (len(stamps) - 2) * batch_size / (stamps[-2] - stamps[0])
+
+
+def run_ours(config, cache_dir: str) -> dict:
+    from spo_ray.trainer import train
+
+    stamps, losses = [], []
+
+    def report(metrics: dict, state) -> None:
+        stamps.append(time.perf_counter())
+        losses.append(metrics["train/loss"])
+
+    start = time.perf_counter()
+    train(config, cache_dir=cache_dir, report=report)
+    return {"stamps": stamps, "first_loss": losses[0], "total_s": time.perf_counter() - start}
+
+
+def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool):
+    import datasets
+    import trl
+    from transformers import AutoModelForCausalLM
+
+    datasets.disable_caching()  # TRL would otherwise reuse its precompute from the previous round's temp file
+    config = trl.DPOConfig(
+        output_dir=out_dir, report_to=[], use_cpu=True, bf16=False,  # bf16 off: float32 on a CPU, as ours
+        beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps, precompute_ref_log_probs=precompute, save_strategy="no",
+        dataset_num_proc=None, seed=0)
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    reference = AutoModelForCausalLM.from_pretrained(paths["reference"])
+    return trl.DPOTrainer(model=policy, ref_model=reference, args=config,
+                          train_dataset=datasets.Dataset.from_list(task.train_pairs), processing_class=task.tokenizer)
+
+
+def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch: list[int] | None = None) -> dict:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    stamps = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            stamps.append(time.perf_counter())
+
+    start = time.perf_counter()
+    trainer = trl_trainer(task, paths, args, out_dir, precompute)
+    built = time.perf_counter()
+    trainer.remove_callback(PrinterCallback)  # console output only
+    trainer.remove_callback(ProgressCallback)
+    result = {"build_s": built - start}
+    if check_batch is not None:
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in check_batch])
+        with torch.no_grad():
+            result["first_loss"] = trainer.compute_loss(trainer.model, batch).item()
+        result["token_ids_match"] = token_ids_match(task, trainer)
+    trainer.add_callback(StepClock())
+    trainer.train()
+    result.update(stamps=stamps, total_s=time.perf_counter() - start)
+    del trainer
+    gc.collect()
+    return result
+
+
+def token_ids_match(task, trainer) -> bool:
+    """Whether TRL's tokenized rows are exactly spo-ray's `tokenize_pairs` ids (else the comparison is moot)."""
+    from spo_ray.data import tokenize_pairs
+
+    ours, _ = tokenize_pairs(task.train_pairs, task.tokenizer)
+    theirs = trainer.train_dataset
+    return all((p.prompt_ids, p.chosen_ids, p.rejected_ids)
+               == (theirs[i]["prompt_ids"], theirs[i]["chosen_ids"], theirs[i]["rejected_ids"])
+               for i, p in enumerate(ours))
+
+
+def padding_share(lengths: list[int], batches: list[list[int]]) -> float:
+    """Share of a padded batch's token slots that are padding, over the given batches (one row per pair)."""
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - sum(lengths[i] for b in batches for i in b) / padded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_setup_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sweep-trials", type=int, default=8, help="trials that share one reference cache")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+    import trl
+    import spo_ray.trainer as trainer_module
+    from spo_ray.data import LengthGroupedSampler, tokenize_pairs
+    from spo_ray.tasks import load_task
+
+    datasets.disable_progress_bars()
+    work = Path(tempfile.mkdtemp(prefix="vs_trl_"))
+    paths = build_setup(work, args)
+    config = run_config(paths, args)
+    task = load_task(config, cache_dir=str(work))
+    train_pairs, _ = tokenize_pairs(task.train_pairs, task.tokenizer, config.data.max_length)
+    lengths = [p.length for p in train_pairs]
+    ours_batches = LengthGroupedSampler(lengths, args.batch_size, seed=0).batches()[:args.steps]
+    shuffled = list(range(len(lengths)))
+    random.Random(0).shuffle(shuffled)
+    random_batches = [shuffled[i:i + args.batch_size] for i in range(0, args.steps * args.batch_size,
+                                                                      args.batch_size)]
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs")
+    print(f"model: Llama {args.layers} layers × hidden {args.hidden}, vocab {args.vocab}, untied, "
+          f"{paths['parameters'] / 1e6:.1f}M parameters, float32")
+    print(f"pairs: {len(train_pairs)} train, {len(task.eval_pairs)} eval; tokens per pair (longer side) "
+          f"min {min(lengths)} / mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)}; batch {args.batch_size} "
+          f"pairs, {args.steps} steps, β={args.beta}, lr={args.lr}")
+    print(f"padding share of the padded batches: length-grouped {padding_share(lengths, ours_batches):.0%}, "
+          f"random order {padding_share(lengths, random_batches):.0%}")
+
+    # The reference cache: built once per sweep (here by the first spo-ray trial), then read by every trial.
+    cache_seconds = []
+    compute = trainer_module.compute_reference_logps
+
+    def timed_compute(*a, **k):
+        start = time.perf_counter()
+        out = compute(*a, **k)
+        cache_seconds.append(time.perf_counter() - start)
+        return out
+
+    trainer_module.compute_reference_logps = timed_compute
+    cache_dir = str(work / "spo_cache")
+    start = time.perf_counter()
+    run_ours(run_config(paths, args, steps=2), cache_dir)  # cold: builds the train and eval tables
+    print(f"reference cache (train + eval pairs): {sum(cache_seconds):.1f} s of reference forward; "
+          f"a 2-step trial that built it: {time.perf_counter() - start:.1f} s")
+    trainer_module.compute_reference_logps = compute
+
+    rates = {"spo-ray": [], "TRL": [], "TRL-precompute": []}
+    builds = {"TRL": [], "TRL-precompute": []}
+    loss_diff = None
+    for r in range(args.rounds):
+        ours = run_ours(config, cache_dir)
+        rates["spo-ray"].append(steady_rate(ours["stamps"], args.batch_size))
+        check = ours_batches[0] if r == 0 else None
+        for name, precompute in (("TRL", False), ("TRL-precompute", True)):
+            theirs = run_trl(task, paths, args, str(work / "trl"), precompute, check_batch=check if not precompute else None)
+            rates[name].append(steady_rate(theirs["stamps"], args.batch_size))
+            builds[name].append(theirs["build_s"])
+            if "first_loss" in theirs:
+                loss_diff = abs(ours["first_loss"] - theirs["first_loss"])
+                print(f"first-step loss: spo-ray {ours['first_loss']:.6f}, TRL on the same batch "
+                      f"{theirs['first_loss']:.6f}, token ids identical: {theirs['token_ids_match']}")
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()) + " pairs/s")
+
+    best = {k: max(v) for k, v in rates.items()}
+    print("\nbest of rounds, pairs/s (steps 2…S−1):")
+    for name, rate in best.items():
+        print(f"  {name:15s} {rate:7.2f}" + (f"   (spo-ray ÷ {name}: {best['spo-ray'] / rate:.2f})"
+                                              if name != "spo-ray" else ""))
+    print(f"TRL trainer construction (tokenize, accelerate; TRL-precompute includes its reference pass): "
+          f"TRL {min(builds['TRL']):.1f} s, TRL-precompute {min(builds['TRL-precompute']):.1f} s")
+    # Per trial, training plus its share of reference computation: spo-ray's cache is built once per sweep
+    # and shared by its trials; TRL-precompute repeats its pass in every trial (each trial is a new process).
+    cache_s = sum(cache_seconds)
+    precompute_s = min(builds["TRL-precompute"]) - min(builds["TRL"])
+    pairs_per_trial = args.steps * args.batch_size
+    per_trial = {"spo-ray": pairs_per_trial / best["spo-ray"] + cache_s / args.sweep_trials,
+                 "TRL": pairs_per_trial / best["TRL"],
+                 "TRL-precompute": pairs_per_trial / best["TRL-precompute"] + precompute_s}
+    print(f"per trial of {args.steps} steps, with reference costs (spo-ray: cache {cache_s:.1f} s / "
+          f"{args.sweep_trials} trials; TRL-precompute: its pass, ≈{precompute_s:.1f} s, every trial): " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in per_trial.items()) +
+          f"; end-to-end speed-up {per_trial['TRL'] / per_trial['spo-ray']:.2f}× vs TRL, "
+          f"{per_trial['TRL-precompute'] / per_trial['spo-ray']:.2f}× vs TRL-precompute")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
+    print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} "
+          f"speedup_vs_trl_precompute={best['spo-ray'] / best['TRL-precompute']:.2f} loss_diff={loss_diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
