@@ -8,6 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SWEEP ?= sweeps/beta.yaml
+RESULTS ?= results
+NAME ?= $(basename $(notdir $(SWEEP)))
 
 .PHONY: venv demo test test-fast clean
 
@@ -20,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The default sweep, then its report. Run again, it resumes the experiment (finished trials are kept).
 demo: venv
-	$(PY) -m spo_ray.sweep $(SWEEP)
+	$(PY) -m spo_ray.sweep $(SWEEP) --storage-path $(RESULTS) --name $(NAME) \
+		$(if $(wildcard $(RESULTS)/$(NAME)/tuner.pkl),--resume)
+	$(PY) -m analysis.report $(RESULTS)/$(NAME)
 
 test: venv
 	$(PY) -m pytest -q -ra

@@ -1,9 +1,11 @@
 """Build (or reuse) the built-in initializations and measure each: greedy accuracy and answer-mass split.
 
-    python benchmarks/inits.py [--cache-dir results/.cache] [--threads 2]
+    python benchmarks/inits.py [--cache-dir results/.cache] [--threads 2] [--eval-problems 200]
 
 Uses the same init cache as the sweeps (results/.cache by default), so a build here is reused by them; the
-build time printed is 0 for an init already cached. Evaluation: the task's 200 held-out problems.
+build time printed is 0 for an init already cached. Evaluation: the task's 200 held-out problems by
+default; `--eval-problems 100` evaluates the 100 the sweeps in sweeps/ use (data.arithmetic.eval_problems),
+i.e. every trial's starting point on its own evaluation set.
 """
 
 import argparse
@@ -23,9 +25,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache-dir", default="results/.cache")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-problems", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = RunConfig()  # the defaults every sweep uses unless it changes the task or model
+    # The defaults every sweep uses unless it changes the task or model (eval_problems is not in the init key).
+    config = RunConfig(data={"arithmetic": {"eval_problems": args.eval_problems}})
     task_cfg, model_kwargs = arithmetic_config(config), builtin_model_kwargs(config)
     problems = eval_problems(task_cfg)
     print(f"| init | build (s) | greedy accuracy | mass correct | mass mistake | mass other | mass malformed |")

@@ -155,6 +155,7 @@ class TuneConfig(Section):
     reduction_factor: float = Field(2, gt=1)
     max_failures: int = Field(1, ge=0)           # retries of a trial whose worker died
     keep_checkpoints: int = Field(1, gt=0)
+    reuse_actors: bool = True                    # run the next trial in a finished trial's process (no re-import)
 
 
 class WandbConfig(Section):

@@ -7,9 +7,14 @@ one backward however many terms the loss has.
 
 Only response tokens count: `response_mask` marks them, prompt and padding are masked out. Position ids
 are derived from the attention mask, so a left-padded row scores exactly like the same row right-padded.
+Only the positions that score response tokens go through the LM head (transformers' `logits_to_keep`,
+where the model takes it): the (N, T, V) logits over the prompt would otherwise be the largest activation
+of a step whenever prompts are long or the vocabulary is large.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +46,39 @@ def response_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> 
     return (per_token * mask).sum(-1), mask.sum(-1)
 
 
+def first_scoring_position(response_mask: Tensor) -> int:
+    """The first position whose logits score a response token of some row: the one before the earliest
+    response token in the batch (the columns before it score prompt and padding only)."""
+    columns = response_mask.any(0).nonzero()
+    return max(int(columns[0]) - 1, 0) if columns.numel() else 0
+
+
+_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether `model`'s forward accepts `logits_to_keep` (transformers' causal LMs do), looking through
+    DDP and peft wrappers. False for anything else, e.g. a plain function: it gets full logits."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if hasattr(model, "get_base_model"):  # a peft model forwards its keyword arguments to the base model
+        model = model.get_base_model()
+    kind = type(model)
+    if kind not in _TAKES_LOGITS_TO_KEEP:
+        _TAKES_LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _TAKES_LOGITS_TO_KEEP[kind]
+
+
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts)."""
+    start = first_scoring_position(response_mask)
+    keep = {"logits_to_keep": input_ids.size(1) - start} if start and takes_logits_to_keep(model) else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return response_logps(out.logits, input_ids, response_mask)
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
+    offset = input_ids.size(1) - out.logits.size(1)  # the positions left out of the logits (0 or start)
+    return response_logps(out.logits, input_ids[:, offset:], response_mask[:, offset:])
 
 
 def concatenated_forward(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -373,7 +373,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
         param_space=space,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
                                     max_concurrent_trials=default_concurrency(sweep), scheduler=scheduler,
-                                    reuse_actors=False),
+                                    reuse_actors=cfg.reuse_actors),
         run_config=tune.RunConfig(
             storage_path=sweep.storage_path, name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),

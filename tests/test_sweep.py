@@ -145,21 +145,38 @@ def test_one_line_error_unwraps_to_the_innermost_message():
 # Slow: Ray Tune and Ray Train end to end
 
 @pytest.mark.slow
-def test_sweep_runs_through_tune_and_writes_both_tables(tmp_path):
-    config = tiny_sweep(tmp_path, loss={"name": {"grid": ["dpo", "spo"]}, "beta": 0.1})
-    result = run_cli(config)
+def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_path):
+    """sweeps/smoke.yaml as shipped (its inits built into tmp_path), then `python -m analysis.report` on it:
+    the report's tables carry the trials' own final metrics."""
+    result = run_cli(ROOT / "sweeps" / "smoke.yaml", "--storage-path", tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    directory = tmp_path / "results" / "tiny"
+    directory = tmp_path / "smoke"
     results = pd.read_csv(directory / "results.csv", keep_default_na=False)
     assert set(REQUIRED_COLUMNS) <= set(results.columns)
     assert sorted(results["loss"]) == ["dpo", "spo"] and set(results["status"]) == {"TERMINATED"}
     assert set(results["step"]) == {6}
     history = pd.read_parquet(directory / "history.parquet")
     assert {"trial_id", "step", "train/loss"} <= set(history.columns)
-    assert sorted(history.groupby("trial_id")["step"].apply(list).tolist()) == [[3, 6], [3, 6]]
+    assert sorted(history.groupby("trial_id")["step"].apply(list).tolist()) == [[2, 3, 4, 6], [2, 3, 4, 6]]
     swept = yaml.safe_load((directory / "sweep.yaml").read_text())
     assert swept["swept"] == ["loss.name"] and swept["loss"]["name"] == {"grid": ["dpo", "spo"]}
     assert any((directory / "reference_cache").iterdir())
+
+    report = subprocess.run([sys.executable, "-m", "analysis.report", str(directory)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    summary = pd.read_csv(directory / "tables" / "summary.csv").set_index("loss")
+    final = results.set_index("loss")
+    for loss in ("dpo", "spo"):  # one seed each: the mean is the trial's value, n is 1
+        assert summary.loc[loss, "n"] == 1
+        for metric in ("eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta"):
+            assert summary.loc[loss, f"{metric} mean"] == pytest.approx(float(final.loc[loss, metric]))
+    text = (directory / "report.md").read_text()
+    for loss in ("dpo", "spo"):
+        assert f"| {loss} | 1 | {float(final.loc[loss, 'eval/accuracy']):.3f} |" in text
+    plot = directory / "plots" / "logp_evolution.png"
+    assert "(plots/logp_evolution.png)" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
 
 @pytest.mark.slow
