@@ -12,7 +12,7 @@ mkdir -p "$STORE"
 run() {
     local name=$1; shift
     local resume=()
-    [ -f "$STORE/$name/results.csv" ] && resume=(--resume)
+    [ -f "$STORE/$name/tuner.pkl" ] && resume=(--resume)
     local start; start=$(date +%s)
     "$PY" -m spo_ray.sweep "$@" --storage-path "$STORE" --name "$name" "${resume[@]}"
     local code=$?
