@@ -1,6 +1,6 @@
 """Peak memory of one training trial with the shared reference cache against the same trial without it.
 
-    .venv/bin/python benchmarks/trial_memory.py [--steps 4] [--rounds 2] [setup options of vs_trl.py]
+    .venv/bin/python benchmarks/trial_memory.py [--steps 3] [--rounds 2] [setup options of vs_trl.py]
 
 Same model, pairs and settings as `benchmarks/vs_trl.py`. Each variant runs `spo_ray.trainer.train` in a fresh
 Python process and reports that process's peak resident set size (`ru_maxrss`), so nothing one variant
@@ -12,8 +12,18 @@ allocated can lower or raise another's figure:
   cached         every later trial (`reference.cache: true`, tables on disk): the policy only;
   no-cache       `reference.cache: false`: the trial keeps a frozen reference model and runs it on every batch.
 
+Every variant runs under two allocator settings:
+
+  live           `MALLOC_MMAP_THRESHOLD_=131072`: glibc serves every block over 128 KiB (every tensor that
+                 matters here) with its own mapping and unmaps it at free, so the peak RSS is the peak of the
+                 memory actually in use, the same to the MiB in every round;
+  glibc-default  the allocator as a trial has it: glibc raises its mmap threshold as large blocks are freed
+                 and keeps freed memory in its arenas for reuse, so the peak RSS also holds memory freed
+                 earlier, and varies from process to process by ±100 MiB here.
+
 Variants run in rounds (cached and no-cache interleaved); the smallest peak of each is reported. Last line:
-`peak_ratio_cached_vs_no_cache=<cached / no-cache> saved_mib=<no-cache − cached>`.
+`peak_ratio_cached_vs_no_cache=<cached / no-cache, live> saved_mib=<no-cache − cached, live>
+glibc_default_ratio=<the same ratio under glibc's defaults>`.
 """
 
 from __future__ import annotations
@@ -53,15 +63,22 @@ def child(args) -> None:
     print(json.dumps({"variant": args.variant, "peak_mib": peak_mib()}))
 
 
-def measure(variant: str, setup: Path, argv: list[str]) -> float:
+ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc-default": {}}
+VARIANTS = ("imports", "cache-build", "cached", "no-cache")
+
+
+def measure(variant: str, setup: Path, argv: list[str], allocator: str) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(ALLOCATORS[allocator])
     out = subprocess.run([sys.executable, __file__, "--variant", variant, "--setup", str(setup), *argv],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     vs_trl.add_setup_arguments(parser)
+    parser.set_defaults(steps=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
@@ -71,28 +88,31 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="trial_memory_"))
     paths = vs_trl.build_setup(work, args)
-    setup = work / "setup.json"
-    setup.write_text(json.dumps({**{k: str(v) for k, v in paths.items()}, "cache_dir": str(work / "cache")}))
-    # The setup arguments again, for the children (the run config is built from them).
-    argv = [a for a in sys.argv[1:]]
-    peaks = {"imports": [], "cache-build": [], "cached": [], "no-cache": []}
-    peaks["imports"].append(measure("imports", setup, argv))
-    peaks["cache-build"].append(measure("cache-build", setup, argv))  # the cache is cold only here
-    for _ in range(args.rounds):
-        for variant in ("cached", "no-cache"):
-            peaks[variant].append(measure(variant, setup, argv))
-
-    low = {k: min(v) for k, v in peaks.items()}
+    argv = sys.argv[1:]  # the setup arguments again, for the children (the run config is built from them)
+    low = {}
     print(f"model: Llama {args.layers} layers × hidden {args.hidden}, vocab {args.vocab}, "
           f"{int(paths['parameters']) / 1e6:.1f}M parameters (float32 weights {int(paths['parameters']) * 4 / 2**20:.0f} MiB); "
           f"batch {args.batch_size} pairs of up to {args.max_tokens} tokens, {args.steps} steps, AdamW")
-    print("peak RSS per fresh process (MiB; every round: " +
-          "; ".join(f"{k} {', '.join(f'{x:.0f}' for x in v)}" for k, v in peaks.items()) + ")")
-    for name, value in low.items():
-        extra = "" if name == "imports" else f"   ({value - low['imports']:.0f} MiB above the imports)"
-        print(f"  {name:12s} {value:7.0f}{extra}")
-    print(f"peak_ratio_cached_vs_no_cache={low['cached'] / low['no-cache']:.3f} "
-          f"saved_mib={low['no-cache'] - low['cached']:.0f}")
+    for allocator in ALLOCATORS:
+        setup = work / f"setup-{allocator}.json"  # each allocator builds its own cache once
+        setup.write_text(json.dumps({**{k: str(v) for k, v in paths.items()},
+                                     "cache_dir": str(work / f"cache-{allocator}")}))
+        peaks = {variant: [] for variant in VARIANTS}
+        peaks["imports"].append(measure("imports", setup, argv, allocator))
+        peaks["cache-build"].append(measure("cache-build", setup, argv, allocator))  # the only cold cache
+        for _ in range(args.rounds):
+            for variant in ("cached", "no-cache"):
+                peaks[variant].append(measure(variant, setup, argv, allocator))
+        low[allocator] = {k: min(v) for k, v in peaks.items()}
+        print(f"{allocator}: peak RSS per fresh process (MiB; every round: " +
+              "; ".join(f"{k} {', '.join(f'{x:.0f}' for x in v)}" for k, v in peaks.items()) + ")")
+        for name, value in low[allocator].items():
+            extra = "" if name == "imports" else f"   ({value - low[allocator]['imports']:.0f} MiB above the imports)"
+            print(f"  {name:12s} {value:7.0f}{extra}")
+    live, default = low["live"], low["glibc-default"]
+    print(f"peak_ratio_cached_vs_no_cache={live['cached'] / live['no-cache']:.3f} "
+          f"saved_mib={live['no-cache'] - live['cached']:.0f} "
+          f"glibc_default_ratio={default['cached'] / default['no-cache']:.3f}")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,13 @@ class PairDataset(Dataset):
         return i, self.pairs[i]
 
 
+def length_sorted_batches(dataset: PairDataset, batch_size: int) -> list[list[int]]:
+    """Index batches of a pass that needs every pair once (reference log-probs, evaluation), shortest pairs
+    first, so each batch pads to a length close to its own pairs'. Results are keyed by index, not order."""
+    order = sorted(range(len(dataset)), key=lambda i: dataset.pairs[i].length)
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def collate_pairs(items: list[tuple[int, TokenizedPair]], pad_token_id: int, padding_side: str = "right") -> dict:
     """Stack prompt+chosen rows over prompt+rejected rows, padded to the batch's longest row.
 

@@ -22,9 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader
 
-from spo_ray.data import PairDataset, collate_pairs
+from spo_ray.data import PairDataset, collate_pairs, length_sorted_batches
 from spo_ray.logprobs import concatenated_forward
 
 COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
@@ -56,21 +55,23 @@ def dataset_fingerprint(dataset: PairDataset) -> str:
 @torch.no_grad()
 def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batch_size: int = 128,
                             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
-    """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS."""
+    """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS.
+
+    Batches run shortest pairs first (`length_sorted_batches`), so little of each is padding."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda items: collate_pairs(items, pad_token_id))
+    batches = length_sorted_batches(dataset, batch_size)
     if progress:
         from tqdm.auto import tqdm
-        loader = tqdm(loader, desc="reference log-probs", leave=False)
-    parts = {name: [] for name in COLUMNS}
-    for batch in loader:
+        batches = tqdm(batches, desc="reference log-probs", leave=False)
+    table = {name: torch.zeros(len(dataset), dtype=torch.float32) for name in COLUMNS}
+    for indices in batches:
+        batch = collate_pairs([dataset[i] for i in indices], pad_token_id)
         out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
         for name in COLUMNS:
-            parts[name].append(out[name].float().cpu())
+            table[name][batch["index"]] = out[name].float().cpu()
     model.train(was_training)
-    return {name: torch.cat(chunks) if chunks else torch.empty(0) for name, chunks in parts.items()}
+    return table
 
 
 @contextmanager

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.func import functional_call
 
 from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
-from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
+from spo_ray.data import (LengthGroupedSampler, PairDataset, collate_pairs, length_sorted_batches,
+                          tokenize_pairs)
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
@@ -157,17 +158,34 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
 
     When chosen and rejected responses are similar these gradients align (cosine near 1), so pushing
     ℓ(y_l) down drags ℓ(y_w) down too: the mechanism behind DPO's likelihood displacement.
+
+    A diagnostic must not set the trial's peak memory: each side gets its own forward and backward (half
+    the rows, no retained graph), and the norms and the dot product are summed tensor by tensor instead of
+    over flattened copies of the gradients. The cost is the same one forward over the probe's rows.
     """
     inner = unwrap(model)
     params = [p for p in inner.parameters() if p.requires_grad]
-    out = concatenated_forward(inner, probe_batch)
-    grad_chosen = torch.autograd.grad(out["chosen_logps"].mean(), params, retain_graph=True, allow_unused=True)
-    grad_rejected = torch.autograd.grad(out["rejected_logps"].mean(), params, allow_unused=True)
-    flat = lambda grads: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                                    for g, p in zip(grads, params)])
-    chosen, rejected = flat(grad_chosen), flat(grad_rejected)
-    return {"probe/chosen_grad_norm": chosen.norm().item(), "probe/rejected_grad_norm": rejected.norm().item(),
-            "probe/grad_cosine": torch.nn.functional.cosine_similarity(chosen, rejected, dim=0).item()}
+    half = probe_batch["input_ids"].size(0) // 2
+
+    def side_gradient(rows: slice) -> list[torch.Tensor]:
+        used = probe_batch["attention_mask"][rows].any(0)  # drop the columns that are padding in every row
+        input_ids, attention_mask, response_mask = (probe_batch[k][rows][:, used] for k in
+                                                    ("input_ids", "attention_mask", "response_mask"))
+        sums, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
+        grads = torch.autograd.grad(sums.mean(), params, allow_unused=True)
+        return [g.float() if g is not None else torch.zeros_like(p, dtype=torch.float32)
+                for g, p in zip(grads, params)]
+
+    grad_chosen = side_gradient(slice(0, half))
+    sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # ⟨c, r⟩, ‖c‖², ‖r‖²
+    for g_chosen, g_rejected in zip(grad_chosen, side_gradient(slice(half, None))):
+        c, r = g_chosen.flatten(), g_rejected.flatten()
+        sums += torch.stack([c @ r, c @ c, r @ r]).double()
+    dot, chosen_sq, rejected_sq = sums.tolist()
+    chosen_norm, rejected_norm = math.sqrt(chosen_sq), math.sqrt(rejected_sq)
+    cosine = dot / max(chosen_norm * rejected_norm, 1e-12)
+    return {"probe/chosen_grad_norm": chosen_norm, "probe/rejected_grad_norm": rejected_norm,
+            "probe/grad_cosine": cosine}
 
 
 @torch.no_grad()
@@ -177,9 +195,8 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
     was_training = model.training
     model.eval()
     policy_parts, reference_parts = [], []
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = {k: v.to(device) for k, v in collate_pairs(items, pad_id).items()}
+    for indices in length_sorted_batches(dataset, batch_size):  # metrics are over all pairs: order is free
+        batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices], pad_id).items()}
         with autocast():
             policy_parts.append(concatenated_forward(unwrap(model), batch))
         reference_parts.append(reference(batch))

@@ -9,7 +9,7 @@ from conftest import tiny_run
 from spo_ray.config import validate_run
 from spo_ray.data import TokenizedPair, collate_pairs
 from spo_ray.logprobs import concatenated_forward
-from spo_ray.trainer import batch_loss, one_step_penalty, spo_lambda_at, train
+from spo_ray.trainer import batch_loss, gradient_terms, one_step_penalty, spo_lambda_at, train
 
 # MISSION §2 "What every run measures".
 REQUIRED_METRICS = [
@@ -91,6 +91,38 @@ def test_one_step_penalty_equals_a_manual_inner_step():
     (grad_penalty,) = torch.autograd.grad(penalty, [model.lm_head.weight], retain_graph=True)
     (grad_g,) = torch.autograd.grad(g, [model.lm_head.weight])
     assert torch.allclose(grad_penalty, grad_g, atol=1e-6)
+
+
+def test_gradient_terms_equal_flattened_gradients_of_each_side():
+    """The probe's norms and cosine against autograd on each side's summed log-probs, computed by hand."""
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, intermediate_size=32))
+    model.model.embed_tokens.weight.requires_grad_(False)  # frozen parameters are left out of both
+    items = [(0, TokenizedPair([1, 2, 3], [4, 5, 2], [6, 2])), (1, TokenizedPair([1, 7], [8, 9, 9, 2], [3, 2]))]
+    batch = collate_pairs(items, 0)
+
+    def side_logps(side):  # full logits, log-softmax, gather, masked sum: no spo_ray.logprobs
+        rows = [p.prompt_ids + (p.chosen_ids if side == "chosen" else p.rejected_ids) for _, p in items]
+        total = 0.0
+        for (_, pair), row in zip(items, rows):
+            logp = torch.log_softmax(model(torch.tensor([row])).logits[0, :-1], -1)
+            targets = torch.tensor(row[1:])
+            picked = logp.gather(1, targets[:, None])[:, 0]
+            total = total + picked[len(pair.prompt_ids) - 1:].sum()
+        return total / len(items)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = {side: torch.cat([g.flatten() for g in torch.autograd.grad(side_logps(side), params)]).double()
+            for side in ("chosen", "rejected")}
+    expected_cos = (flat["chosen"] @ flat["rejected"] / (flat["chosen"].norm() * flat["rejected"].norm())).item()
+
+    terms = gradient_terms(model, batch)
+    assert terms["probe/chosen_grad_norm"] == pytest.approx(flat["chosen"].norm().item(), rel=1e-5)
+    assert terms["probe/rejected_grad_norm"] == pytest.approx(flat["rejected"].norm().item(), rel=1e-5)
+    assert terms["probe/grad_cosine"] == pytest.approx(expected_cos, abs=1e-5)
+    assert all(p.grad is None for p in model.parameters())  # a diagnostic leaves no gradients behind
 
 
 def test_one_step_spo_trains_and_reports_its_penalty(init_cache):
