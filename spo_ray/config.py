@@ -143,6 +143,7 @@ class ScalingConfig(Section):
     gpus_per_worker: float = Field(1, ge=0)      # fractions let several small trials share a GPU
     resources_per_worker: dict[str, float] = {}  # extra custom resources
     force_ray_train: bool = False                # run 1-worker trials through TorchTrainer too
+    strategy: Literal["ddp", "fsdp"] = "ddp"     # fsdp: shard weights, gradients and optimizer state over workers
 
 
 class TuneConfig(Section):
@@ -310,6 +311,9 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         raise ConfigError(_one_line(error)) from None
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
+        if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
+            raise ConfigError("loss.spo_estimator: one_step cannot run with scaling.strategy: fsdp (its inner step "
+                              "evaluates a functional copy of the full weights); use reference or ddp")
     return config
 
 

@@ -8,7 +8,8 @@ Tune's sampled values in place of the search spaces. It takes one of two paths t
       `tune.get_checkpoint()`, and Tune's `FailureConfig(max_failures)` retries a crashed trial;
   (b) Ray Train (`scaling.num_workers > 1` or `scaling.force_ray_train`): the trial is a thin driver that
       launches a `TorchTrainer` (Train V2); every worker runs the trainer under DDP (`prepare_model`; gloo on
-      CPUs), rows and rank 0's checkpoints go to `ray.train.report`, `TuneReportCallback` forwards them to
+      CPUs) or, with `scaling.strategy: fsdp`, on its shard of the weights (`spo_ray.sharding`); rows
+      and rank 0's checkpoints go to `ray.train.report`, `TuneReportCallback` forwards them to
       Tune, and Train's `FailureConfig(max_failures)` restarts failed workers from `ray.train.get_checkpoint()`.
 
 Path (a) exists because it is measurably cheaper for the small trials this project mostly runs: it skips
@@ -251,13 +252,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_context = ray.train.get_context()
     rank, world_size = train_context.get_world_rank(), train_context.get_world_size()
     context = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device(),
-                            cpus=max(1, int(sweep.scaling.cpus_per_worker)))
+                            cpus=max(1, int(sweep.scaling.cpus_per_worker)), strategy=sweep.scaling.strategy)
     tracker = (start_tracking(sweep, loop_config["trial_name"], rank, str(experiment_dir(sweep)))
                if rank == 0 else None)
-    # Every rank calls ray.train.report (it synchronises the workers); only rank 0 uploads checkpoints,
-    # since the DDP replicas hold the same weights.
+    # Every rank calls ray.train.report (it synchronises the workers); only rank 0 uploads checkpoints:
+    # the DDP replicas hold the same weights, and under FSDP rank 0 gathers the full state.
     _train_and_report(sweep, ray.train.report, ray.train.Checkpoint, tracker, write_checkpoints=rank == 0,
-                      context=context, wrap_model=ray.train.torch.prepare_model,
+                      context=context, wrap_model=None if context.sharded else ray.train.torch.prepare_model,
                       resume=load_state(ray.train.get_checkpoint()))
 
 

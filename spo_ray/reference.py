@@ -108,9 +108,13 @@ def write_table(path: Path, logps: dict[str, torch.Tensor]) -> None:
     os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
 
 
+def table_path(cache_dir: str | Path, key: str) -> Path:
+    return Path(cache_dir) / f"reflogps-{key}.parquet"
+
+
 def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset, compute) -> tuple[dict, bool]:
     """Load the table for `key`, or build it with `compute()` under a lock. Returns (logps, was_hit)."""
-    path = Path(cache_dir) / f"reflogps-{key}.parquet"
+    path = table_path(cache_dir, key)
     logps = read_table(path, len(dataset))
     if logps is not None:
         return logps, True
@@ -121,6 +125,28 @@ def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset
         logps = compute()
         write_table(path, logps)
         return logps, False
+
+
+def cached_reference_logps_together(cache_dir: str | Path, key: str, dataset: PairDataset, compute, *,
+                                    rank: int, device: torch.device) -> tuple[dict, bool]:
+    """`cached_reference_logps` for a reference sharded over the workers (FSDP), whose forward needs all of
+    them: every worker reads the table; if any worker lacks it, all compute it together and rank 0 writes it.
+    No lock (a lock held by one worker would stall the others' collectives); the write is atomic, so a trial
+    computing the same table concurrently costs time, never a torn file."""
+    import torch.distributed as dist
+
+    path = table_path(cache_dir, key)
+    logps = read_table(path, len(dataset))
+    missing = torch.tensor([0 if logps is not None else 1], device=device)
+    dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+    if not missing.item():
+        return logps, True
+    logps = compute()
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_table(path, logps)
+    dist.barrier()
+    return logps, False
 
 
 class PrecomputedReference:

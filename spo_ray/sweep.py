@@ -52,7 +52,7 @@ def parse_args(argv):
                         help="continue an interrupted sweep in the same experiment directory")
     parser.add_argument("--storage-path", help="where experiment directories go (overrides storage_path)")
     parser.add_argument("--name", help="the experiment's name (overrides name)")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override keys, e.g. --set loss.beta=0.3 'train.seed={grid: [0, 1]}'")
     return parser.parse_args(argv)
 

@@ -22,7 +22,7 @@ from spo_ray.results import write_json, write_parquet, write_yaml
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m spo_ray.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a sweep YAML (search spaces take their first value)")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--output", help="run directory (default: <storage_path>/runs/<name>-<time>)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)

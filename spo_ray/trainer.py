@@ -35,7 +35,9 @@ from spo_ray.data import (LengthGroupedSampler, PairDataset, collate_pairs, leng
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
-                               compute_reference_logps, dataset_fingerprint, fingerprint, model_identity)
+                               cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
+                               fingerprint, model_identity)
+from spo_ray.sharding import full_state, is_sharded, load_full_state, local, shard_model
 
 Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
 
@@ -47,6 +49,11 @@ class WorkerContext:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cpus: int = 1
+    strategy: str = "ddp"  # "fsdp": shard the policy and reference over the workers (spo_ray.sharding)
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy == "fsdp" and self.world_size > 1
 
 
 class Diverged(RuntimeError):
@@ -162,8 +169,13 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
     A diagnostic must not set the trial's peak memory: each side gets its own forward and backward (half
     the rows, no retained graph), and the norms and the dot product are summed tensor by tensor instead of
     over flattened copies of the gradients. The cost is the same one forward over the probe's rows.
+
+    Under FSDP (`spo_ray.sharding`) the gradients come from `backward()` into each worker's shard of `.grad`
+    (every worker runs the same probe, so the averaged gradient is the probe's), and the workers' partial
+    sums are added up.
     """
     inner = unwrap(model)
+    sharded = is_sharded(inner)
     params = [p for p in inner.parameters() if p.requires_grad]
     half = probe_batch["input_ids"].size(0) // 2
 
@@ -172,8 +184,16 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
         input_ids, attention_mask, response_mask = (probe_batch[k][rows][:, used] for k in
                                                     ("input_ids", "attention_mask", "response_mask"))
         sums, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
-        grads = torch.autograd.grad(sums.mean(), params, allow_unused=True)
-        return [g.float() if g is not None else torch.zeros_like(p, dtype=torch.float32)
+        if sharded:
+            for p in params:
+                p.grad = None
+            sums.mean().backward()
+            grads = [local(p.grad) if p.grad is not None else None for p in params]
+            for p in params:
+                p.grad = None
+        else:
+            grads = torch.autograd.grad(sums.mean(), params, allow_unused=True)
+        return [g.float() if g is not None else torch.zeros_like(local(p), dtype=torch.float32)
                 for g, p in zip(grads, params)]
 
     grad_chosen = side_gradient(slice(0, half))
@@ -181,6 +201,8 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
     for g_chosen, g_rejected in zip(grad_chosen, side_gradient(slice(half, None))):
         c, r = g_chosen.flatten(), g_rejected.flatten()
         sums += torch.stack([c @ r, c @ c, r @ r]).double()
+    if sharded:
+        dist.all_reduce(sums)  # each worker summed over its shards
     dot, chosen_sq, rejected_sq = sums.tolist()
     chosen_norm, rejected_norm = math.sqrt(chosen_sq), math.sqrt(rejected_sq)
     cosine = dot / max(chosen_norm * rejected_norm, 1e-12)
@@ -323,12 +345,16 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     # 2. Policy and reference.
     policy = load_causal_lm(task.policy_path, config.model, device=device)
     policy.train()
-    model = wrap_model(policy) if wrap_model else policy
+    if context.sharded:
+        model = shard_model(policy, device)
+    else:
+        model = wrap_model(policy) if wrap_model else policy
     autocast = _autocast_factory(device, getattr(cfg, "mixed_precision", "auto"))
     reference_path = task.reference_path  # the task resolves built-in names and model.reference
 
     def reference_model():
-        return load_causal_lm(reference_path, config.model.model_copy(update={"lora": None}), device=device)
+        ref = load_causal_lm(reference_path, config.model.model_copy(update={"lora": None}), device=device)
+        return shard_model(ref, device) if context.sharded else ref
 
     if config.reference.cache:
         tables = {}
@@ -338,8 +364,12 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 ref = reference_model()
                 with autocast():
                     return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, device,
-                                                   progress=progress)
-            tables[split], _ = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
+                                                   progress=progress and context.rank == 0)
+            if context.sharded:  # every worker takes part in a sharded reference's forward
+                tables[split], _ = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
+                                                                   compute, rank=context.rank, device=device)
+            else:
+                tables[split], _ = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
         train_reference = PrecomputedReference(tables["train"])
         eval_reference = PrecomputedReference(tables["eval"])
     else:
@@ -354,8 +384,11 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                                    group_factor=8 if cfg.length_grouping else 1)
     step = 0
     if resume:
-        unwrap(model).load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
+        if context.sharded:
+            load_full_state(model, optimizer, resume["model"], resume["optimizer"])
+        else:
+            unwrap(model).load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         step = resume["step"]
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
@@ -374,8 +407,12 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             epoch, position = epoch + 1, 0
 
     def checkpoint_state() -> dict:
-        return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step}
+        if context.sharded:  # a collective: every rank gathers, rank 0 gets the full state
+            model_state, optimizer_state = full_state(model, optimizer)
+        else:
+            model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
+        return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                "step": step}
 
     # 4. The loop.
     bar = None
@@ -408,10 +445,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in metrics.items():
                 step_metrics.setdefault(k, []).append(float(v))
-        if cfg.max_grad_norm:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # With max_grad_norm 0 this only measures the norm (an infinite bound scales the gradients by 1).
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -440,9 +476,11 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         row["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         row = _mean_over_workers(row, context)
         window, tokens = {}, 0
-        if do_probe and context.rank == 0:
+        # A sharded model's forward needs every worker: then all run the diagnostics, rank 0 reports them.
+        diagnose = context.rank == 0 or context.sharded
+        if do_probe and diagnose:
             row.update(gradient_terms(model, probe_batch))
-        if do_eval and context.rank == 0:
+        if do_eval and diagnose:
             row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
                                       cfg.eval_batch_size, device, autocast))
             if task.evaluate is not None:

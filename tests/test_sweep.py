@@ -67,8 +67,9 @@ def test_dry_run_does_not_import_ray():
 
 
 def test_dry_run_repeats_the_grid_num_samples_times():
+    # Repeated --set flags add up (as one --set with several values does).
     result = run_cli("sweeps/smoke.yaml", "--dry-run", "--set", "tune.num_samples=3",
-                     "loss.beta={loguniform: [0.01, 1]}")
+                     "--set", "loss.beta={loguniform: [0.01, 1]}")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.strip().splitlines()[1:-1]
     assert len(rows) == 6 and all("loguniform(0.01, 1)" in row for row in rows)
@@ -180,16 +181,19 @@ def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_
 
 
 @pytest.mark.slow
-def test_two_gloo_workers_follow_the_one_worker_loss_trajectory(tmp_path, init_cache):
-    """Ray Train with 2 DDP workers × 8 pairs = one in-process worker with the same global batch of 16."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_workers_follow_the_one_worker_loss_trajectory(tmp_path, init_cache, strategy):
+    """Ray Train with 2 workers × 8 pairs (DDP replicas, or FSDP shards) = one in-process worker with the
+    same global batch of 16."""
     from spo_ray.config import validate_run
     from spo_ray.trainer import train
 
-    config = tiny_sweep(tmp_path, name="ddp", scaling={"num_workers": 2, "cpus_per_worker": 1},
+    config = tiny_sweep(tmp_path, name=strategy,
+                        scaling={"num_workers": 2, "cpus_per_worker": 1, "strategy": strategy},
                         train={"max_steps": 6, "log_every": 1, "eval_every": 3, "num_threads": 1})
     result = run_cli(config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    directory = tmp_path / "results" / "ddp"
+    directory = tmp_path / "results" / strategy
     results = pd.read_csv(directory / "results.csv", keep_default_na=False)
     assert list(results["status"]) == ["TERMINATED"]
     assert any((directory / "ray_train").iterdir())  # the TorchTrainer's own run folder with its checkpoint

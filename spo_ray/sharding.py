@@ -1,0 +1,78 @@
+"""FSDP for models that do not fit one device: PyTorch's `fully_shard` (FSDP2), no Ray in here.
+
+`scaling.strategy: fsdp` shards the policy (and the reference model, where one is loaded) over the trial's
+workers: each transformer block (a model's `_no_split_modules`, e.g. `LlamaDecoderLayer`) becomes one FSDP
+unit and the root module holds the rest, so a worker keeps 1/N of the weights, gradients and AdamW state and
+gathers one block's weights at a time for the forward and backward. Gradients are reduce-scattered (averaged)
+over workers, as DDP all-reduces them, so a sharded run follows the same trajectory as a replicated one.
+
+What changes for the trainer when a model is sharded (`is_sharded`):
+- every forward involves every worker, so the evaluation, the gradient probe and the reference pass run on
+  all workers (rank 0 reports);
+- the probe's gradients come from `backward()` into the sharded `.grad`s (autograd.grad does not reach the
+  sharded parameters), and each worker's shard contributes its part of the norms and dot product;
+- checkpoints hold full (unsharded) state dicts, gathered to rank 0's CPU, so a checkpoint loads the same way
+  with any worker count or strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_sharded(model) -> bool:
+    """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_model(model, device: torch.device):
+    """Apply FSDP2 to `model` in place over the default process group: each transformer block is one unit,
+    the root holds the embeddings, the final norm and the LM head. Returns the same module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    block_types = set(getattr(_base(model), "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _base(model):
+    """The transformers model inside a peft wrapper (it names the transformer blocks)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This worker's shard of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts of a sharded model (a collective: every rank calls it; rank 0
+    gets the tensors on its CPU, the other ranks empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load full state dicts (as `full_state` returns them, or from an unsharded run) into a sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = [name for name, p in model.named_parameters() if p.requires_grad]  # the optimizer's order
+    set_state_dict(model, optimizer, model_state_dict=model_state,
+                   optim_state_dict=by_parameter_name(optimizer_state, names),
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def by_parameter_name(optimizer_state: dict, names: list[str]) -> dict:
+    """An optimizer state dict keyed by parameter names, as the sharded loader wants it. A plain
+    `optimizer.state_dict()` numbers the parameters 0, 1, … in the order they were given to the optimizer."""
+    groups = optimizer_state["param_groups"]
+    if all(isinstance(key, str) for group in groups for key in group["params"]):
+        return optimizer_state
+    return {"state": {names[key]: value for key, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [names[key] for key in group["params"]]} for group in groups]}
