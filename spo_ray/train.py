@@ -8,6 +8,7 @@ step) and `metrics.json` (the final metrics) into DIR.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from spo_ray.cli import user_errors_exit_2
-from spo_ray.config import apply_overrides, first_point, load_yaml, to_plain, validate_sweep
+from spo_ray.config import ConfigError, apply_overrides, first_point, load_yaml, to_plain, validate_sweep
 from spo_ray.results import write_json, write_parquet, write_yaml
 
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
         print(f"note: single run uses the first value of {', '.join(spaces)}", file=sys.stderr)
     config = sweep.run_config()
     output = Path(args.output or Path(sweep.storage_path) / "runs" / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     write_yaml(to_plain(config), output / "config.yaml")
 
@@ -48,8 +50,13 @@ def main(argv=None) -> int:
         history.append(metrics)
         write_parquet(pd.DataFrame(history), output / "history.parquet")
 
-    final = train(config, cache_dir=sweep.cache_dir or str(Path(sweep.storage_path) / ".cache"),
-                  reference_dir=str(output), report=report, progress=not args.no_progress)
+    try:
+        final = train(config, cache_dir=sweep.cache_dir or str(Path(sweep.storage_path) / ".cache"),
+                      reference_dir=str(output), report=report, progress=not args.no_progress)
+    except ConfigError:  # bad input (e.g. a malformed data row) before any step: leave no empty run behind
+        if created and not history:
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     write_json(final, output / "metrics.json")
     shown = {k: round(v, 4) for k, v in final.items()
              if k in ("eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "train/loss",
