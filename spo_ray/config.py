@@ -121,6 +121,7 @@ class TrainConfig(Section):
     grad_accum_steps: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(50, gt=0)
+    eval_on_start: bool = False                  # also evaluate and probe the initial weights, as step 0 (TRL's name)
     eval_batch_size: int = Field(128, gt=0)
     probe_every: int = Field(50, gt=0)           # gradient-term diagnostics (∇ℓ(y_w), ∇ℓ(y_l))
     probe_pairs: int = Field(8, gt=0)

@@ -414,7 +414,23 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "step": step}
 
-    # 4. The loop.
+    def diagnostics(do_probe: bool, do_eval: bool) -> dict[str, float]:
+        """The gradient probe and the evaluation, on rank 0 — or on every rank of a sharded model, whose
+        forward needs every worker (rank 0 reports them)."""
+        row = {}
+        if context.rank != 0 and not context.sharded:
+            return row
+        if do_probe:
+            row.update(gradient_terms(model, probe_batch))
+        if do_eval:
+            row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
+                                      cfg.eval_batch_size, device, autocast))
+            if task.evaluate is not None:
+                with autocast():
+                    row.update({f"eval/{k}": v for k, v in task.evaluate(unwrap(model)).items()})
+        return row
+
+    # 4. The loop (after step 0's evaluation, when asked: the "before training" row of every curve).
     bar = None
     if progress and context.rank == 0:
         from tqdm.auto import tqdm
@@ -423,6 +439,13 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     last_finite: dict[str, float] = {}
     final: dict[str, float] = {}
     tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
+    if cfg.eval_on_start and step == 0:
+        row = {**diagnostics(True, True), "step": 0, "wall_time_s": time.perf_counter() - run_start}
+        last_finite = {**row}
+        final.update(row)
+        if report:
+            report(row, None)
+        window_start = time.perf_counter()
     batches = global_batches(step)
     fault = injected_faults(config, reference_dir or cache_dir)  # None unless a test sets SPO_RAY_FAULT
     while step < cfg.max_steps:
@@ -476,16 +499,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         row["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         row = _mean_over_workers(row, context)
         window, tokens = {}, 0
-        # A sharded model's forward needs every worker: then all run the diagnostics, rank 0 reports them.
-        diagnose = context.rank == 0 or context.sharded
-        if do_probe and diagnose:
-            row.update(gradient_terms(model, probe_batch))
-        if do_eval and diagnose:
-            row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
-                                      cfg.eval_batch_size, device, autocast))
-            if task.evaluate is not None:
-                with autocast():
-                    row.update({f"eval/{k}": v for k, v in task.evaluate(unwrap(model)).items()})
+        row.update(diagnostics(do_probe, do_eval))
         row["step"] = step
         row["wall_time_s"] = time.perf_counter() - run_start
         last_finite = {**last_finite, **row}

@@ -48,6 +48,21 @@ def test_same_seed_gives_identical_metrics_twice(init_cache):
     assert strip(other_seed) != strip(first)
 
 
+def test_eval_on_start_reports_the_initial_weights_as_step_0_and_leaves_training_alone(init_cache):
+    _, plain = run(tiny_run(), init_cache)
+    _, rows = run(tiny_run(train={"eval_on_start": True}), init_cache)
+    start = rows[0]
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    assert not any(k.startswith("train/") for k in start)  # nothing has trained yet
+    # Before training the policy is the reference: log-ratios 0, so the DPO loss is log 2 and no margin.
+    assert start["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert start["eval/chosen_logp_delta"] == pytest.approx(0.0, abs=1e-4)
+    assert start["eval/rejected_logp_delta"] == pytest.approx(0.0, abs=1e-4)
+    assert {"eval/accuracy", "eval/mass_correct", "probe/grad_cosine"} <= set(start)
+    strip = lambda row: {k: v for k, v in row.items() if k not in ("train/tokens_per_s", "wall_time_s")}
+    assert [strip(r) for r in rows[1:]] == [strip(r) for r in plain]  # the same training, step for step
+
+
 def test_trainer_lowers_the_dpo_loss_on_a_fixed_batch(init_cache):
     # 16 training pairs and a batch of 16: every step sees the same batch.
     raw = tiny_run(train={"max_steps": 30, "log_every": 1, "eval_every": 30, "probe_every": 30,
