@@ -27,6 +27,7 @@ import os
 import shlex
 import signal
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
@@ -104,9 +105,10 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> Non
     Two trials that found an init missing would both build it (minutes each, on the CPUs the other trials
     need); building them here uses the whole machine for one copy. A bad data file (a missing column, a
     malformed row, nothing left after filtering) or a batch larger than the pairs is bad input: found here
-    it is one `error:` line and exit code 2, not a sweep of ERROR trials. Hub datasets are left to the
-    trials (each trial downloads them anyway), and so are points whose model or data sections are
-    sampled at random.
+    it is one `error:` line and exit code 2, not a sweep of ERROR trials. Hub datasets too: a wrong id,
+    split or column fails here once instead of in every trial, and the download lands in the Hugging Face
+    cache that trials on this machine then read. Points whose model or data sections are sampled at random
+    are left to the trials.
     """
     from spo_ray.tasks import load_task
 
@@ -118,12 +120,28 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> Non
         for key, value in point.items():
             set_dotted(concrete, key, value)
         config = validate_run({k: v for k, v in concrete.items()}).run_config()
-        if config.data.source == "hub":
-            continue
         identity = json.dumps([to_plain(config.model), to_plain(config.data)], sort_keys=True)
         if identity not in train_pairs:
-            train_pairs[identity] = len(load_task(config, cache_dir=sweep.cache_dir, progress=True).train_pairs)
+            hub = config.data.source == "hub"
+            if hub:
+                print(f"reading hub dataset {config.data.path} (a download, unless cached)")
+            with quiet_datasets() if hub else nullcontext():  # no per-split bars before an error line
+                train_pairs[identity] = len(load_task(config, cache_dir=sweep.cache_dir, progress=True).train_pairs)
         check_batch_size(config.train, train_pairs[identity], sweep.scaling.num_workers)
+
+
+@contextmanager
+def quiet_datasets():
+    """`datasets` without its progress bars, restored afterwards."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
 
 
 def write_sweep_file(sweep: SweepConfig, spaces: dict[str, dict], directory: Path) -> None:

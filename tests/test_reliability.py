@@ -146,6 +146,10 @@ SWEEP_CASES = {
     "built-in init with a pair file": Case(on_files("pairs.jsonl", "model.init=sft_short"),
                                            "model.init: 'sft_short' is a built-in init",
                                            files={"pairs.jsonl": jsonl(text_pairs())}),
+    "hub dataset missing a column": Case([SMOKE, "--set", "data.source=hub", "data.path={tmp}/dataset",
+                                          "model.init={tokenizer}"], "missing column(s) 'rejected'",
+                                         files={"dataset/train.jsonl": jsonl({"prompt": p["prompt"], "chosen": p["chosen"]}
+                                                                             for p in text_pairs())}),
     "model without a tokenizer": Case(on_files("pairs.jsonl", "model.init={tmp}/no_model"),
                                       "model.init: cannot load a tokenizer", files={"pairs.jsonl": jsonl(text_pairs())}),
 }
