@@ -267,7 +267,9 @@ def load_causal_lm(path: str | Path, model_cfg, device: str | torch.device = "cp
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"model.init: cannot load a causal LM from {str(path)!r} ({first_line})") from None
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers ≥ 5.2x names it activation checkpointing (the old name warns); older ones lack it.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     if model_cfg.lora is not None:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model

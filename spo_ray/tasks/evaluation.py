@@ -53,7 +53,9 @@ class _Decoder:
         position_ids = (self.attention_mask.cumsum(1) - 1).clamp(min=0)
         self.last_position = position_ids[:, -1]
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older versions work too.
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # A peft wrapper passes keyword arguments on to its base model, whose signature is the one that counts.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.cache = None
         self.next_logprobs = self._forward(input_ids, position_ids)
 
