@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/trial_memory.py [--steps 3] [--rounds 2] [setup options of vs_trl.py]
 
 Same model, pairs and settings as `benchmarks/vs_trl.py`. Each variant runs `spo_ray.trainer.train` in a fresh
-Python process and reports that process's peak resident set size (`ru_maxrss`), so nothing one variant
+Python process and reports that process's peak resident set size (`VmHWM`), so nothing one variant
 allocated can lower or raise another's figure:
 
   imports        the process after importing Ray Tune and Train (as a trial's actor has), torch, transformers
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,8 +43,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import vs_trl  # noqa: E402  (the shared set-up: tokenizer, pairs, model folders, run config)
 
 
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def child(args) -> None:
@@ -60,7 +57,7 @@ def child(args) -> None:
         paths = json.loads(Path(args.setup).read_text())
         config = vs_trl.run_config(paths, args, cache=args.variant != "no-cache", steps=args.steps)
         train(config, cache_dir=paths["cache_dir"], report=lambda metrics, state: None)
-    print(json.dumps({"variant": args.variant, "peak_mib": peak_mib()}))
+    print(json.dumps({"variant": args.variant, "peak_mib": vs_trl.vm_hwm_mib()}))
 
 
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc-default": {}}

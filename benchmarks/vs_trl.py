@@ -66,6 +66,15 @@ def word_tokenizer(vocab_size: int):
                                    unk_token="<unk>")
 
 
+def vm_hwm_mib() -> float:
+    """This process's peak RSS since it started its program: `VmHWM`. Not `ru_maxrss`, which Linux carries
+    over from the parent through fork and exec, so a spawned worker would report at least its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def synthetic_pairs(count: int, vocab_size: int, max_tokens: int, seed: int = 0) -> list[dict]:
     """Prompt/chosen/rejected texts whose lengths spread like chat data: prompts log-normal around a quarter of
     `max_tokens` (a long tail up to three quarters), responses 8–64 words; chosen and rejected share a prefix."""
