@@ -25,6 +25,7 @@ import torch
 
 from spo_ray.data import PairDataset, collate_pairs, length_sorted_batches
 from spo_ray.logprobs import concatenated_forward
+from spo_ray.sharding import is_sharded, share_of, sum_over_workers
 
 COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
 CACHE_FORMAT = 1
@@ -60,18 +61,20 @@ def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batc
     Batches run shortest pairs first (`length_sorted_batches`), so little of each is padding."""
     was_training = model.training
     model.eval()
-    batches = length_sorted_batches(dataset, batch_size)
+    sharded = is_sharded(model)
+    batches = share_of(length_sorted_batches(dataset, batch_size), sharded)  # a sharded model's workers split them
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc="reference log-probs", leave=False)
-    table = {name: torch.zeros(len(dataset), dtype=torch.float32) for name in COLUMNS}
-    for indices in batches:
+    table = {name: torch.zeros(len(dataset), dtype=torch.float32, device=device) for name in COLUMNS}
+    for indices, keep in batches:
         batch = collate_pairs([dataset[i] for i in indices], pad_token_id)
         out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
-        for name in COLUMNS:
-            table[name][batch["index"]] = out[name].float().cpu()
+        if keep:
+            for name in COLUMNS:
+                table[name][batch["index"].to(device)] = out[name].float()
     model.train(was_training)
-    return table
+    return {name: values.cpu() for name, values in sum_over_workers(table, sharded).items()}
 
 
 @contextmanager

@@ -7,8 +7,9 @@ gathers one block's weights at a time for the forward and backward. Gradients ar
 over workers, as DDP all-reduces them, so a sharded run follows the same trajectory as a replicated one.
 
 What changes for the trainer when a model is sharded (`is_sharded`):
-- every forward involves every worker, so the evaluation, the gradient probe and the reference pass run on
-  all workers (rank 0 reports);
+- every forward involves every worker, so the evaluation and the reference pass are split over the workers
+  by batch (`share_of`, `sum_over_workers`), and the gradient probe and the task's own evaluation (generation)
+  run on all of them (rank 0 reports);
 - the probe's gradients come from `backward()` into the sharded `.grad`s (autograd.grad does not reach the
   sharded parameters), and each worker's shard contributes its part of the norms and dot product;
 - checkpoints hold full (unsharded) state dicts, gathered to rank 0's CPU, so a checkpoint loads the same way
@@ -24,7 +25,7 @@ import torch.distributed as dist
 def is_sharded(model) -> bool:
     """Whether `model`'s parameters are FSDP2 shards (DTensors)."""
     from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(model, torch.nn.Module) and any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def shard_model(model, device: torch.device):
@@ -45,6 +46,28 @@ def shard_model(model, device: torch.device):
 def _base(model):
     """The transformers model inside a peft wrapper (it names the transformer blocks)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def share_of(batches: list, sharded: bool) -> list[tuple[object, bool]]:
+    """This worker's part of a pass over `batches` (reference log-probs, evaluation) as (batch, keep) pairs.
+
+    Unsharded: every batch, kept. Sharded: every world_size-th batch from this rank on, so the workers split
+    the pass; a sharded forward is a collective, so each worker runs the same number of them, and a worker
+    left one short repeats the first batch and drops (keep=False) its result."""
+    if not sharded:
+        return [(batch, True) for batch in batches]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    return [(batch, True) for batch in mine] + [(batches[0], False)] * (rounds - len(mine))
+
+
+def sum_over_workers(tables: dict[str, torch.Tensor], sharded: bool) -> dict[str, torch.Tensor]:
+    """Per-pair tables in which each worker filled only its own pairs (zeros elsewhere): the full tables."""
+    if sharded:
+        for table in tables.values():
+            dist.all_reduce(table)
+    return tables
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity)
-from spo_ray.sharding import full_state, is_sharded, load_full_state, local, shard_model
+from spo_ray.sharding import full_state, is_sharded, load_full_state, local, shard_model, share_of, sum_over_workers
 
 Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
 
@@ -213,18 +213,24 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
 @torch.no_grad()
 def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig, pad_id: int,
                    batch_size: int, device, autocast) -> dict[str, float]:
-    """Preference metrics over the whole evaluation set (one loss over all pairs, not a mean of batches)."""
+    """Preference metrics over the whole evaluation set (one loss over all pairs, not a mean of batches).
+    A sharded model's workers split the batches and add up their per-pair tables."""
     was_training = model.training
     model.eval()
-    policy_parts, reference_parts = [], []
-    for indices in length_sorted_batches(dataset, batch_size):  # metrics are over all pairs: order is free
+    sharded = is_sharded(unwrap(model))
+    policy, ref = {}, {}
+    for indices, keep in share_of(length_sorted_batches(dataset, batch_size), sharded):
         batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices], pad_id).items()}
         with autocast():
-            policy_parts.append(concatenated_forward(unwrap(model), batch))
-        reference_parts.append(reference(batch))
+            policy_out = concatenated_forward(unwrap(model), batch)
+        reference_out = reference(batch)
+        for table, out in ((policy, policy_out), (ref, reference_out)):
+            for name, values in out.items():  # every worker makes every table, also from a dropped batch
+                column = table.setdefault(name, torch.zeros(len(dataset), device=device))
+                if keep:
+                    column[batch["index"]] = values.float()
     model.train(was_training)
-    cat = lambda parts: {k: torch.cat([p[k].float() for p in parts]) for k in parts[0]}
-    policy, ref = cat(policy_parts), cat(reference_parts)
+    policy, ref = sum_over_workers(policy, sharded), sum_over_workers(ref, sharded)
     loss_cfg = loss_cfg.model_copy(update={"spo_estimator": "reference"})  # one_step needs gradients
     _, metrics = batch_loss(loss_cfg, policy, ref, step=10**9)
     return {f"eval/{k}": float(v) for k, v in metrics.items() if k != "spo_lambda"}

@@ -20,9 +20,12 @@ COMPARED = ("train/loss", "train/chosen_logp_delta", "train/rejected_logp_delta"
 
 
 def run_raw(**overrides):
+    # Small pass batches, so the sharded workers split them (32 eval pairs: 3 batches of 12; 128 train pairs:
+    # 3 reference batches of 48): one worker gets two, the other one and a dropped repeat.
     train_cfg = {"max_steps": STEPS, "log_every": 1, "eval_every": CHECKPOINT_AT, "probe_every": CHECKPOINT_AT,
-                 "checkpoint_every": CHECKPOINT_AT, "max_grad_norm": 1.0}
-    return tiny_run(train=train_cfg, **overrides)
+                 "checkpoint_every": CHECKPOINT_AT, "max_grad_norm": 1.0, "eval_batch_size": 12}
+    reference = {"batch_size": 48, **overrides.pop("reference", {})}
+    return tiny_run(train=train_cfg, reference=reference, **overrides)
 
 
 def free_port() -> int:
