@@ -290,8 +290,8 @@ def test_failed_trials_are_recorded_while_the_rest_run_on_and_sigterm_then_resum
 
 
 def reported_rows(directory: Path) -> list[dict]:
-    """Every row the one trial reported to Tune, in order (its result.json; when Tune restarts a trial's
-    process from a checkpoint it keeps the rows up to that checkpoint and drops the later ones)."""
+    """Every row the one trial reported to Tune, in order (its result.json: after a restart from a checkpoint
+    it may also hold rows the failed attempt reported past that checkpoint)."""
     [result_file] = directory.glob("*/result.json")
     return [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
 
@@ -309,11 +309,12 @@ def test_a_worker_killed_mid_trial_restarts_from_its_checkpoint_and_finishes(tmp
     directory = tmp_path / "crash"
     assert list(directory.glob("reference_cache/.fault-crash_worker_at-7-*")), "the worker was never killed"
     rows = reported_rows(directory)
-    steps = [row["step"] for row in rows]  # Ray Train: 1-4, maybe 5-6 (rows in flight may be lost), 5-8
+    steps = [row["step"] for row in rows]  # 1-4, maybe 5-6 (rows in flight may be lost), then 5-8
     assert [steps.count(step) for step in (1, 2, 3, 4)] == [1, 1, 1, 1]  # not restarted from the start...
     assert steps[-4:] == [5, 6, 7, 8]                                      # ...but from the step-4 checkpoint
-    if not ray_train:  # Tune restarted the trial's process (a Ray Train trial's own process lives on)
-        assert rows[3]["pid"] != rows[4]["pid"]
+    if not ray_train:  # Tune restarted the trial's process (a Ray Train trial's own process lives on);
+        # the first process's rows of steps 5-6 may or may not have reached Tune before it died.
+        assert rows[3]["pid"] != rows[-1]["pid"]
     results = pd.read_csv(directory / "results.csv", keep_default_na=False)
     assert list(results["status"]) == ["TERMINATED"] and list(results["step"]) == [8]
     history = pd.read_parquet(directory / "history.parquet")
