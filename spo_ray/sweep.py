@@ -428,16 +428,22 @@ def main(argv=None) -> int:
     stop_on_sigterm()
     tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
     tuner.fit()
-    return summarize(directory, args)
+    return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))
 
 
-def summarize(directory: Path, args) -> int:
+def summarize(directory: Path, args, expected: int) -> int:
+    """Print the trial counts and choose the exit code. Tune creates a trial only when it can start one (with
+    `max_concurrent_trials`, after another ends), so an interrupted sweep may have grid points without a row:
+    they count as unfinished, like the PENDING and PAUSED rows."""
     import pandas as pd
     results = pd.read_csv(directory / RESULTS_FILE, keep_default_na=False)
     counts = results["status"].value_counts().to_dict()
-    print(f"\n{len(results)} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    not_started = max(0, expected - len(results))
+    if not_started:
+        counts["not started"] = not_started
+    print(f"\n{len(results) + not_started} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     print(f"results: {directory / RESULTS_FILE}\nhistory: {directory / HISTORY_FILE}")
-    unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED"))
+    unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED", "not started"))
     failed = counts.get("ERROR", 0) + counts.get("DIVERGED", 0)
     if unfinished:
         # The same overrides, or the resumed trials would run another config.
