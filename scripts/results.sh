@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: the sweeps that ask the paper's questions, then a report for each.
-#   bash scripts/results.sh            # ~45 minutes on a 2-CPU laptop; writes results/<name>/ and
+#   bash scripts/results.sh            # ~32 minutes on a 2-CPU laptop; writes results/<name>/ and
 #                                      # results/wall_times.txt (one line per sweep)
 # An experiment that already exists is resumed (finished trials are kept), so the script can be re-run.
 set -uo pipefail
