@@ -23,7 +23,8 @@ Every variant runs under two allocator settings:
 
 Variants run in rounds (cached and no-cache interleaved); the smallest peak of each is reported. Last line:
 `peak_ratio_cached_vs_no_cache=<cached / no-cache, live> saved_mib=<no-cache − cached, live>
-glibc_default_ratio=<the same ratio under glibc's defaults>`.
+glibc_default_ratio=<the same ratio under glibc's defaults> live_speed_vs_glibc_default=<training tokens/s
+of a cached trial, live / glibc defaults>` (the best round of each; what the live setting would cost a trial).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,23 +56,29 @@ def child(args) -> None:
     from spo_ray.trainer import train
 
     torch.set_num_threads(args.threads)
+    seconds, step_rates = 0.0, []
     if args.variant != "imports":
         paths = json.loads(Path(args.setup).read_text())
         config = vs_trl.run_config(paths, args, cache=args.variant != "no-cache", steps=args.steps)
-        train(config, cache_dir=paths["cache_dir"], report=lambda metrics, state: None)
-    print(json.dumps({"variant": args.variant, "peak_mib": vs_trl.vm_hwm_mib()}))
+        start = time.perf_counter()
+        train(config, cache_dir=paths["cache_dir"],
+              report=lambda metrics, state: step_rates.append(metrics["train/tokens_per_s"]))
+        seconds = time.perf_counter() - start
+    print(json.dumps({"variant": args.variant, "peak_mib": vs_trl.vm_hwm_mib(), "seconds": seconds,
+                      "tokens_per_s": statistics.median(step_rates[1:] or step_rates or [0.0])}))
 
 
 ALLOCATORS = {"live": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "glibc-default": {}}
 VARIANTS = ("imports", "cache-build", "cached", "no-cache")
 
 
-def measure(variant: str, setup: Path, argv: list[str], allocator: str) -> float:
+def measure(variant: str, setup: Path, argv: list[str], allocator: str) -> dict:
+    """{"peak_mib", "seconds" (the whole `train` call), "tokens_per_s" (median training step after the first)}."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(ALLOCATORS[allocator])
     out = subprocess.run([sys.executable, __file__, "--variant", variant, "--setup", str(setup), *argv],
                          check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -90,27 +99,34 @@ def main() -> None:
     print(f"model: Llama {args.layers} layers × hidden {args.hidden}, vocab {args.vocab}, "
           f"{int(paths['parameters']) / 1e6:.1f}M parameters (float32 weights {int(paths['parameters']) * 4 / 2**20:.0f} MiB); "
           f"batch {args.batch_size} pairs of up to {args.max_tokens} tokens, {args.steps} steps, AdamW")
+    setups, runs = {}, {a: {v: [] for v in VARIANTS} for a in ALLOCATORS}
     for allocator in ALLOCATORS:
-        setup = work / f"setup-{allocator}.json"  # each allocator builds its own cache once
-        setup.write_text(json.dumps({**{k: str(v) for k, v in paths.items()},
-                                     "cache_dir": str(work / f"cache-{allocator}")}))
-        peaks = {variant: [] for variant in VARIANTS}
-        peaks["imports"].append(measure("imports", setup, argv, allocator))
-        peaks["cache-build"].append(measure("cache-build", setup, argv, allocator))  # the only cold cache
-        for _ in range(args.rounds):
-            for variant in ("cached", "no-cache"):
-                peaks[variant].append(measure(variant, setup, argv, allocator))
-        low[allocator] = {k: min(v) for k, v in peaks.items()}
+        setups[allocator] = work / f"setup-{allocator}.json"  # each allocator builds its own cache once
+        setups[allocator].write_text(json.dumps({**{k: str(v) for k, v in paths.items()},
+                                                 "cache_dir": str(work / f"cache-{allocator}")}))
+        for variant in ("imports", "cache-build"):  # cache-build: the only cold cache
+            runs[allocator][variant].append(measure(variant, setups[allocator], argv, allocator))
+    for _ in range(args.rounds):  # interleaved, so that the times compare too
+        for variant in ("cached", "no-cache"):
+            for allocator in ALLOCATORS:
+                runs[allocator][variant].append(measure(variant, setups[allocator], argv, allocator))
+    low, fastest = {}, {}
+    for allocator, by_variant in runs.items():
+        low[allocator] = {k: min(r["peak_mib"] for r in v) for k, v in by_variant.items()}
+        fastest[allocator] = {k: max(r["tokens_per_s"] for r in v) for k, v in by_variant.items()}
         print(f"{allocator}: peak RSS per fresh process (MiB; every round: " +
-              "; ".join(f"{k} {', '.join(f'{x:.0f}' for x in v)}" for k, v in peaks.items()) + ")")
+              "; ".join(k + " " + ", ".join(f"{r['peak_mib']:.0f}" for r in v) for k, v in by_variant.items()) + ")")
         for name, value in low[allocator].items():
-            extra = "" if name == "imports" else f"   ({value - low[allocator]['imports']:.0f} MiB above the imports)"
+            extra = "" if name == "imports" else (
+                f"   ({value - low[allocator]['imports']:.0f} MiB above the imports; training "
+                f"{fastest[allocator][name]:.0f} tokens/s; train() "
+                + ", ".join(f"{r['seconds']:.1f}" for r in by_variant[name]) + " s)")
             print(f"  {name:12s} {value:7.0f}{extra}")
     live, default = low["live"], low["glibc-default"]
     print(f"peak_ratio_cached_vs_no_cache={live['cached'] / live['no-cache']:.3f} "
           f"saved_mib={live['no-cache'] - live['cached']:.0f} "
-          f"glibc_default_ratio={default['cached'] / default['no-cache']:.3f}")
-
+          f"glibc_default_ratio={default['cached'] / default['no-cache']:.3f} "
+          f"live_speed_vs_glibc_default={fastest['live']['cached'] / fastest['glibc-default']['cached']:.3f}")
 
 if __name__ == "__main__":
     main()
