@@ -56,6 +56,12 @@ def first_scoring_position(response_mask: Tensor) -> int:
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
+def peft_base(model):
+    """The transformers model inside a peft wrapper (the model itself otherwise). A peft model passes its
+    keyword arguments on to it, so its forward signature is the one that counts; it also names the blocks."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def takes_logits_to_keep(model) -> bool:
     """Whether `model`'s forward accepts `logits_to_keep` (transformers' causal LMs do), looking through
     DDP and peft wrappers. False for anything else, e.g. a plain function: it gets full logits."""
@@ -63,8 +69,7 @@ def takes_logits_to_keep(model) -> bool:
         return False
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    if hasattr(model, "get_base_model"):  # a peft model forwards its keyword arguments to the base model
-        model = model.get_base_model()
+    model = peft_base(model)
     kind = type(model)
     if kind not in _TAKES_LOGITS_TO_KEEP:
         _TAKES_LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters

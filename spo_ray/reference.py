@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from spo_ray.data import PairDataset, collate_pairs, length_sorted_batches
+from spo_ray.data import PairDataset
 from spo_ray.logprobs import concatenated_forward
-from spo_ray.sharding import is_sharded, share_of, sum_over_workers
+from spo_ray.sharding import is_sharded, per_pair_tables
 
 COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
 CACHE_FORMAT = 1
@@ -56,25 +56,19 @@ def dataset_fingerprint(dataset: PairDataset) -> str:
 @torch.no_grad()
 def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batch_size: int = 128,
                             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, torch.Tensor]:
-    """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS.
-
-    Batches run shortest pairs first (`length_sorted_batches`), so little of each is padding."""
+    """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS
+    (`per_pair_tables`: length-sorted batches, split over the workers of a sharded model)."""
     was_training = model.training
     model.eval()
-    sharded = is_sharded(model)
-    batches = share_of(length_sorted_batches(dataset, batch_size), sharded)  # a sharded model's workers split them
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="reference log-probs", leave=False)
-    table = {name: torch.zeros(len(dataset), dtype=torch.float32, device=device) for name in COLUMNS}
-    for indices, keep in batches:
-        batch = collate_pairs([dataset[i] for i in indices], pad_token_id)
-        out = concatenated_forward(model, {k: v.to(device) for k, v in batch.items()})
-        if keep:
-            for name in COLUMNS:
-                table[name][batch["index"].to(device)] = out[name].float()
+
+    def forward(batch):
+        out = concatenated_forward(model, batch)
+        return {name: out[name] for name in COLUMNS}
+
+    tables = per_pair_tables(dataset, batch_size, pad_token_id, device, forward, sharded=is_sharded(model),
+                             progress="reference log-probs" if progress else None)
     model.train(was_training)
-    return {name: values.cpu() for name, values in sum_over_workers(table, sharded).items()}
+    return {name: tables.get(name, torch.zeros(len(dataset))).cpu() for name in COLUMNS}
 
 
 @contextmanager

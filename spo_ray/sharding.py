@@ -8,7 +8,7 @@ over workers, as DDP all-reduces them, so a sharded run follows the same traject
 
 What changes for the trainer when a model is sharded (`is_sharded`):
 - every forward involves every worker, so the evaluation and the reference pass are split over the workers
-  by batch (`share_of`, `sum_over_workers`), and the gradient probe and the task's own evaluation (generation)
+  by batch (`per_pair_tables`), and the gradient probe and the task's own evaluation (generation)
   run on all of them (rank 0 reports);
 - the probe's gradients come from `backward()` into the sharded `.grad`s (autograd.grad does not reach the
   sharded parameters), and each worker's shard contributes its part of the norms and dot product;
@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from spo_ray.data import PairDataset, collate_pairs, length_sorted_batches
+from spo_ray.logprobs import peft_base
 
 
 def is_sharded(model) -> bool:
@@ -35,17 +38,12 @@ def shard_model(model, device: torch.device):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    block_types = set(getattr(_base(model), "_no_split_modules", None) or ())
+    block_types = set(getattr(peft_base(model), "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in block_types:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def _base(model):
-    """The transformers model inside a peft wrapper (it names the transformer blocks)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def share_of(batches: list, sharded: bool) -> list[tuple[object, bool]]:
@@ -60,6 +58,26 @@ def share_of(batches: list, sharded: bool) -> list[tuple[object, bool]]:
     mine = batches[rank::world]
     rounds = -(-len(batches) // world)
     return [(batch, True) for batch in mine] + [(batches[0], False)] * (rounds - len(mine))
+
+
+def per_pair_tables(dataset: PairDataset, batch_size: int, pad_id: int, device, forward, *, sharded: bool,
+                    progress: str | None = None) -> dict:
+    """One pass over every pair of `dataset` (reference log-probs, evaluation): `forward(batch)` returns (B,)
+    values per name, and each name becomes an (N,) float32 table on `device`, indexed by pair. Batches run
+    shortest pairs first (`length_sorted_batches`), so little of each is padding; a sharded model's workers
+    split them (`share_of`) and add up their tables. `progress`: a progress bar's label."""
+    batches = share_of(length_sorted_batches(dataset, batch_size), sharded)
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=progress, leave=False)
+    tables = {}
+    for indices, keep in batches:
+        batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices], pad_id).items()}
+        for name, values in forward(batch).items():  # every worker makes every table, also from a dropped batch
+            column = tables.setdefault(name, torch.zeros(len(dataset), dtype=torch.float32, device=device))
+            if keep:
+                column[batch["index"]] = values.float()
+    return sum_over_workers(tables, sharded)
 
 
 def sum_over_workers(tables: dict[str, torch.Tensor], sharded: bool) -> dict[str, torch.Tensor]:

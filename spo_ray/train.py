@@ -17,6 +17,7 @@ import pandas as pd
 
 from spo_ray.cli import user_errors_exit_2
 from spo_ray.config import ConfigError, apply_overrides, first_point, load_yaml, to_plain, validate_sweep
+from spo_ray.distributed import init_cache_dir
 from spo_ray.results import write_json, write_parquet, write_yaml
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
         write_parquet(pd.DataFrame(history), output / "history.parquet")
 
     try:
-        final = train(config, cache_dir=sweep.cache_dir or str(Path(sweep.storage_path) / ".cache"),
+        final = train(config, cache_dir=init_cache_dir(sweep),
                       reference_dir=str(output), report=report, progress=not args.no_progress)
     except ConfigError:  # bad input (e.g. a malformed data row) before any step: leave no empty run behind
         if created and not history:

@@ -30,14 +30,13 @@ import torch.distributed as dist
 from torch.func import functional_call
 
 from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
-from spo_ray.data import (LengthGroupedSampler, PairDataset, collate_pairs, length_sorted_batches,
-                          tokenize_pairs)
+from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity)
-from spo_ray.sharding import full_state, is_sharded, load_full_state, local, shard_model, share_of, sum_over_workers
+from spo_ray.sharding import full_state, is_sharded, load_full_state, local, per_pair_tables, shard_model
 
 Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
 
@@ -217,20 +216,17 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
     A sharded model's workers split the batches and add up their per-pair tables."""
     was_training = model.training
     model.eval()
-    sharded = is_sharded(unwrap(model))
-    policy, ref = {}, {}
-    for indices, keep in share_of(length_sorted_batches(dataset, batch_size), sharded):
-        batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices], pad_id).items()}
+
+    def forward(batch):
         with autocast():
             policy_out = concatenated_forward(unwrap(model), batch)
-        reference_out = reference(batch)
-        for table, out in ((policy, policy_out), (ref, reference_out)):
-            for name, values in out.items():  # every worker makes every table, also from a dropped batch
-                column = table.setdefault(name, torch.zeros(len(dataset), device=device))
-                if keep:
-                    column[batch["index"]] = values.float()
+        return {**{("policy", k): v for k, v in policy_out.items()},
+                **{("reference", k): v for k, v in reference(batch).items()}}
+
+    tables = per_pair_tables(dataset, batch_size, pad_id, device, forward, sharded=is_sharded(unwrap(model)))
     model.train(was_training)
-    policy, ref = sum_over_workers(policy, sharded), sum_over_workers(ref, sharded)
+    policy, ref = ({name: table for (side, name), table in tables.items() if side == wanted}
+                   for wanted in ("policy", "reference"))
     loss_cfg = loss_cfg.model_copy(update={"spo_estimator": "reference"})  # one_step needs gradients
     _, metrics = batch_loss(loss_cfg, policy, ref, step=10**9)
     return {f"eval/{k}": float(v) for k, v in metrics.items() if k != "spo_lambda"}

@@ -17,6 +17,7 @@ import inspect
 
 import torch
 
+from spo_ray.logprobs import peft_base
 from spo_ray.tasks.arithmetic import ArithmeticConfig, format_answer, max_answer_digits, parse_answer
 
 MASS_KEYS = ("mass_correct", "mass_mistake", "mass_other", "mass_malformed")
@@ -53,9 +54,8 @@ class _Decoder:
         position_ids = (self.attention_mask.cumsum(1) - 1).clamp(min=0)
         self.last_position = position_ids[:, -1]
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older versions work too.
-        # A peft wrapper passes keyword arguments on to its base model, whose signature is the one that counts.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        forward = peft_base(model).forward  # a peft wrapper's keyword arguments go to its base model
+        self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.cache = None
         self.next_logprobs = self._forward(input_ids, position_ids)
 

@@ -142,14 +142,14 @@ def gsm8k_accuracy(model, tokenizer, questions: list[str], answers: list, *, max
     response (what a model that never learnt the `A:` format still gets right). Decoding stops at EOS or
     after `max_new_tokens` (default `MAX_NEW_TOKENS`).
     """
+    from spo_ray.logprobs import peft_base
     from spo_ray.tasks.evaluation import greedy_decode
 
     if not questions:
         return {"accuracy": float("nan"), "accuracy_flexible": float("nan")}
     # A peft model wraps the transformers model whose layers carry the adapters; decode with that one,
     # whose forward signature (the key/value cache argument) the decoder knows.
-    decoder_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    responses = greedy_decode(decoder_model, tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size)
+    responses = greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     strict = sum(extract_answer(t) == a for t, a in zip(texts, answers))
     flexible = sum(last_number(t) == a for t, a in zip(texts, answers))
