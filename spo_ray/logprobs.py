@@ -7,19 +7,39 @@ one backward however many terms the loss has.
 
 Only response tokens count: `response_mask` marks them, prompt and padding are masked out. Position ids
 are derived from the attention mask, so a left-padded row scores exactly like the same row right-padded.
-Only the positions that score response tokens go through the LM head (transformers' `logits_to_keep`,
-where the model takes it): the (N, T, V) logits over the prompt would otherwise be the largest activation
-of a step whenever prompts are long or the vocabulary is large.
+
+Real models have 50k–150k-token vocabularies, and the (rows × positions × vocabulary) logits of a batch
+would be its largest tensor by far (256 rows × 300 positions × 49,152 × 4 bytes is 15 GiB). So the LM head
+never sees a whole batch: the model runs with its own head swapped, for the length of one forward, for a
+function that takes the last hidden states of exactly the positions that score a response token (position
+t scores token t+1) and applies the head + log-softmax + gather to `chunk` positions at a time
+(`chunked_token_logps`). In a training step each chunk is checkpointed, so its logits are recomputed in the
+backward instead of stored: no tensor of positions × vocabulary larger than one chunk ever exists (the
+technique of Liger-Kernel's fused linear cross-entropy and torchtune's chunked output, in plain PyTorch so
+it runs the same on CPU and GPU). The swap happens inside the model's own forward, so DDP's and FSDP's
+hooks see an ordinary forward and peft's LoRA layers apply as usual.
+
+Models whose head output is post-processed (Gemma 2's logit soft-capping, Cohere's logit scale) and plain
+callables get the full logits of the response positions instead (`full_logits_sequence_logps`), the path
+the fused one is tested against.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 Tensor = torch.Tensor
+
+# float32 logits of one chunk of positions: 256 MiB here, so ~1,300 positions of a 49k vocabulary and ~440 of
+# a 152k one; a small model's whole batch is one chunk.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+# Head outputs that are rescaled after the LM head: their log-probs need the model's own post-processing.
+_POST_PROCESSED_LOGITS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -53,6 +73,34 @@ def first_scoring_position(response_mask: Tensor) -> int:
     return max(int(columns[0]) - 1, 0) if columns.numel() else 0
 
 
+def chunk_positions(vocab_size: int) -> int:
+    """How many positions one chunk of float32 logits holds within `LOGITS_CHUNK_BYTES`."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_logps(head, hidden: Tensor, labels: Tensor) -> Tensor:
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
+def chunked_token_logps(head, hidden: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    """log-softmax(head(hidden))[label] for (M, H) hidden states and (M,) labels, `chunk` rows at a time.
+
+    With gradients on, each chunk is checkpointed (non-reentrant): the backward recomputes the chunk's
+    logits from its hidden states, so at most one chunk of logits (and their gradient) is alive at once.
+    """
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, hidden.size(0), chunk):
+        piece, targets = hidden[start:start + chunk], labels[start:start + chunk]
+        if checkpointed:
+            parts.append(checkpoint(_chunk_logps, head, piece, targets, use_reentrant=False))
+        else:
+            parts.append(_chunk_logps(head, piece, targets))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
 
 
@@ -62,28 +110,99 @@ def peft_base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def takes_logits_to_keep(model) -> bool:
-    """Whether `model`'s forward accepts `logits_to_keep` (transformers' causal LMs do), looking through
-    DDP and peft wrappers. False for anything else, e.g. a plain function: it gets full logits."""
+def transformers_model(model):
+    """The transformers model inside DDP and peft wrappers, or None for anything that is not a module."""
     if not isinstance(model, torch.nn.Module):
-        return False
+        return None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    model = peft_base(model)
+    return peft_base(model)
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether `model`'s forward accepts `logits_to_keep` (transformers' causal LMs do), looking through
+    DDP and peft wrappers. False for anything else, e.g. a plain function."""
+    model = transformers_model(model)
+    if model is None:
+        return False
     kind = type(model)
     if kind not in _TAKES_LOGITS_TO_KEEP:
         _TAKES_LOGITS_TO_KEEP[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
     return _TAKES_LOGITS_TO_KEEP[kind]
 
 
-def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts)."""
+def fused_head(model):
+    """The LM head module the chunked path swaps, or None where it cannot (see the module docstring)."""
+    inner = transformers_model(model)
+    if inner is None or not hasattr(inner, "get_output_embeddings"):
+        return None
+    head = inner.get_output_embeddings()
+    config = getattr(inner, "config", None)
+    if not isinstance(head, torch.nn.Module) or any(getattr(config, name, None) for name in _POST_PROCESSED_LOGITS):
+        return None
+    return head
+
+
+@contextmanager
+def _head_replaced(head: torch.nn.Module, replacement):
+    """`head`'s forward is `replacement(original_forward, hidden)` inside the block (an instance attribute
+    shadows the class's forward; deleting it restores the module)."""
+    original = head.forward
+    head.forward = lambda hidden: replacement(original, hidden)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                   parameters: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts).
+
+    `parameters`: weights to run the model with instead of its own (`torch.func.functional_call`), e.g.
+    the one_step estimator's stepped copy.
+    """
+    head = fused_head(model)
+    if head is None:
+        return full_logits_sequence_logps(model, input_ids, attention_mask, response_mask, parameters)
+    scores = response_mask[:, 1:].bool()  # position t scores token t+1
+    rows, columns = scores.nonzero(as_tuple=True)
+    labels = input_ids[rows, columns + 1]
+    kwargs = {}
+    if takes_logits_to_keep(model):  # the model hands the head only the columns some row needs
+        kept = torch.unique(columns)
+        kwargs["logits_to_keep"] = kept
+        columns = torch.searchsorted(kept, columns)
+    vocab = getattr(transformers_model(model).config, "vocab_size", None) or head.weight.size(0)
+
+    def response_head(original, hidden):  # hidden: (N, kept columns, H) → (1, 1, M) token log-probs
+        return chunked_token_logps(original, hidden[rows, columns], labels, chunk_positions(vocab))[None, None]
+
+    with _head_replaced(head, response_head):
+        out = _call(model, parameters, input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+    per_token = out.logits.reshape(-1)
+    sums = torch.zeros(input_ids.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    return sums, scores.sum(-1).to(torch.float32)
+
+
+def full_logits_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                               parameters: dict | None = None) -> tuple[Tensor, Tensor]:
+    """`sequence_logps` through the model's full logits from the batch's first response-scoring column on
+    (transformers' `logits_to_keep` where the model takes it): (N, T', V) logits at once."""
     start = first_scoring_position(response_mask)
     keep = {"logits_to_keep": input_ids.size(1) - start} if start and takes_logits_to_keep(model) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
+    out = _call(model, parameters, input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
     offset = input_ids.size(1) - out.logits.size(1)  # the positions left out of the logits (0 or start)
     return response_logps(out.logits, input_ids[:, offset:], response_mask[:, offset:])
+
+
+def _call(model, parameters: dict | None, **kwargs):
+    if parameters is None:
+        return model(**kwargs)
+    from torch.func import functional_call
+    return functional_call(model, parameters, args=(), kwargs=kwargs)
 
 
 def concatenated_forward(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:

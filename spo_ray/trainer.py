@@ -27,7 +27,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch.func import functional_call
 
 from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
@@ -96,9 +95,8 @@ def one_step_penalty(model, batch: dict, chosen_avg_logps: torch.Tensor, inner_l
     with torch.no_grad():
         stepped = {n: p - inner_lr * gr if gr is not None else p for n, p, gr in zip(names, params, grads)}
         chosen_rows = {k: batch[k][:half] for k in ("input_ids", "attention_mask", "response_mask")}
-        sums, counts = sequence_logps(lambda **kw: functional_call(inner, stepped, args=(), kwargs=kw),
-                                      chosen_rows["input_ids"], chosen_rows["attention_mask"],
-                                      chosen_rows["response_mask"])
+        sums, counts = sequence_logps(inner, chosen_rows["input_ids"], chosen_rows["attention_mask"],
+                                      chosen_rows["response_mask"], parameters=stepped)
         g_after = -(sums / counts.clamp(min=1)).mean()
     return torch.relu(g - g_after - epsilon)
 

@@ -67,7 +67,7 @@ def test_concatenated_forward_matches_the_models_own_cross_entropy(make_model, p
     assert out["rejected_lengths"].tolist() == [len(p.rejected_ids) for p in PAIRS]
 
 
-# Long prompts (the shortest has 6 tokens): the LM head only needs the positions from the earliest response on.
+# Long prompts (the shortest has 6 tokens) and responses of different lengths: most columns score no response.
 LONG_PROMPT_PAIRS = [
     TokenizedPair(prompt_ids=[5, 6, 7, 8, 9, 10, 11], chosen_ids=[12, 13, 2], rejected_ids=[14, 2]),
     TokenizedPair(prompt_ids=[15, 16, 17, 18, 19, 20], chosen_ids=[21, 2], rejected_ids=[22, 23, 24, 25, 2]),
@@ -76,25 +76,29 @@ LONG_PROMPT_PAIRS = [
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_only_response_scoring_positions_go_through_the_lm_head(make_model, padding_side):
+def test_only_response_scoring_positions_go_through_the_lm_head(make_model, padding_side, monkeypatch):
+    import spo_ray.logprobs as logprobs
+
     model = make_model()
     batch = collate_pairs(list(PairDataset(LONG_PROMPT_PAIRS)), pad_token_id=PAD, padding_side=padding_side)
-    width = batch["input_ids"].size(1)
-    first_response = int(batch["response_mask"].any(0).nonzero()[0])
-    head_rows = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_rows.append(out.shape[1]))
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * 3)  # chunks of 3 positions
+    head_inputs = []
+    real_chunk = logprobs._chunk_logps
+    monkeypatch.setattr(logprobs, "_chunk_logps",
+                        lambda head, hidden, labels: head_inputs.append(tuple(hidden.shape)) or real_chunk(head, hidden, labels))
     with torch.no_grad():
         out = concatenated_forward(model, batch)
-    hook.remove()
-    assert head_rows == [width - (first_response - 1)] and head_rows[0] < width
+    # 3 + 2 + 2 + 5 response tokens, each scored by exactly one position, 3 at a time.
+    assert head_inputs == [(3, 32), (3, 32), (3, 32), (3, 32)]
     expected = [hf_response_logp(model, p.prompt_ids, p.chosen_ids) for p in LONG_PROMPT_PAIRS]
     expected += [hf_response_logp(model, p.prompt_ids, p.rejected_ids) for p in LONG_PROMPT_PAIRS]
     got = torch.cat([out["chosen_logps"], out["rejected_logps"]]).double()
     assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
-    # A callable that is not a module (the trainer's functional_call for one_step) gets full logits.
+    # A callable that is not a module (no head to swap) gets full logits, with the same values.
     with torch.no_grad():
         plain = concatenated_forward(lambda **kw: model(**kw), batch)
     assert torch.allclose(plain["chosen_logps"], out["chosen_logps"], atol=1e-5)
+    assert model.get_output_embeddings().forward.__self__ is model.get_output_embeddings()  # the head is restored
 
 
 def test_left_and_right_padding_give_the_same_logps():

@@ -1,0 +1,210 @@
+"""The chunked LM head (spo_ray.logprobs): log-probs, losses and gradients equal the full-logits computation.
+
+The reference in every test is computed independently of `spo_ray.logprobs`: the model's full logits over
+every position, log-softmax in float64, gathered at the response tokens. "Equal" is relative 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import spo_ray.logprobs as logprobs
+from spo_ray.config import LossConfig
+from spo_ray.data import PairDataset, TokenizedPair, collate_pairs
+from spo_ray.logprobs import concatenated_forward, position_ids_from_mask
+from spo_ray.losses import LOSSES
+from spo_ray.trainer import batch_loss
+
+VOCAB_SIZE = 300
+PAD = 0
+
+
+def llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, pad_token_id=PAD, tie_word_embeddings=True))
+
+
+def gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=PAD))
+
+
+def pairs(count: int = 4, seed: int = 0) -> list[TokenizedPair]:
+    """Pairs with prompts of 1–12 tokens and responses of 1–9 (chosen and rejected of different lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist()
+    length = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    return [TokenizedPair(draw(length(1, 12)), draw(length(1, 9)), draw(length(1, 9))) for _ in range(count)]
+
+
+def full_logits_logps(model, batch) -> torch.Tensor:
+    """Summed response log-probs per row from the model's logits at every position (no logits_to_keep)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    return (logp * batch["response_mask"][:, 1:]).sum(-1)
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_close_gradients(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys() and got
+    for name in expected:
+        scale = expected[name].abs().max().clamp(min=1e-8)
+        assert torch.allclose(got[name], expected[name].to(got[name].dtype), rtol=1e-5, atol=1e-6 * scale), name
+
+
+@pytest.mark.parametrize("chunk", [1, 5, None], ids=["chunk1", "chunk5", "one-chunk"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("make_model", [llama, gpt2], ids=["llama", "gpt2"])
+def test_chunked_logps_and_gradients_equal_the_full_logits(make_model, padding_side, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * chunk)
+    model = make_model()
+    batch = collate_pairs(list(PairDataset(pairs())), PAD, padding_side)
+    weights = torch.linspace(0.5, 1.5, batch["input_ids"].size(0))  # every row's gradient counts differently
+
+    expected = full_logits_logps(model, batch)
+    (expected * weights).sum().backward()
+    expected_grads = gradients(model)
+    model.zero_grad(set_to_none=True)
+
+    out = concatenated_forward(model, batch)
+    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    (got * weights).sum().backward()
+    assert torch.allclose(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert_close_gradients(gradients(model), expected_grads)
+
+
+def test_the_backward_keeps_no_vocabulary_wide_tensor(monkeypatch):
+    """Training-step memory: what autograd saves for the backward holds no (positions × vocabulary) logits."""
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * 4)
+    model = llama()
+    batch = collate_pairs(list(PairDataset(pairs(count=6))), PAD)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = concatenated_forward(model, batch)
+    (out["chosen_logps"].sum() - out["rejected_logps"].sum()).backward()
+    def vocabulary_wide(shape):  # logits (or their softmax) of more than one position
+        return len(shape) >= 2 and shape[-1] == VOCAB_SIZE and torch.Size(shape[:-1]).numel() > 1
+
+    assert saved and not [shape for shape in saved if vocabulary_wide(shape)]
+    # The full-logits path does keep them: the check above would see it.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logprobs.full_logits_sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    assert [shape for shape in saved if vocabulary_wide(shape)]
+
+
+def _loss_config(name: str) -> LossConfig:
+    if name == "spo_one_step":
+        return LossConfig(name="spo", spo_estimator="one_step", spo_inner_lr=0.5, beta=0.5)
+    return LossConfig(name=name, beta=0.5, nll_weight=0.3 if name == "dpo" else 0.0)
+
+
+@pytest.mark.parametrize("loss", [*LOSSES, "spo_one_step"])
+def test_every_loss_and_its_gradients_equal_the_full_logits_path(loss, monkeypatch):
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * 3)
+    batch = collate_pairs(list(PairDataset(pairs(count=4, seed=1))), PAD, "left")
+    reference_model = llama(seed=1)
+    with torch.no_grad():
+        reference = concatenated_forward(reference_model, batch)
+    cfg = _loss_config(loss)
+
+    def loss_and_grads():
+        model = llama()
+        value, _ = batch_loss(cfg, concatenated_forward(model, batch), reference, step=5, model=model, batch=batch)
+        value.backward()
+        return value.detach(), gradients(model)
+
+    chunked, chunked_grads = loss_and_grads()
+    monkeypatch.setattr(logprobs, "fused_head", lambda model: None)  # every pass through the full logits
+    full, full_grads = loss_and_grads()
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
+    assert_close_gradients(chunked_grads, full_grads)
+
+
+def test_lora_logps_and_adapter_gradients_equal_the_full_logits(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * 2)
+    model = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    batch = collate_pairs(list(PairDataset(pairs())), PAD)
+    expected = full_logits_logps(model, batch)
+    expected.sum().backward()
+    expected_grads = gradients(model)
+    assert expected_grads and all("lora" in name for name in expected_grads)
+    model.zero_grad(set_to_none=True)
+    out = concatenated_forward(model, batch)
+    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    got.sum().backward()
+    assert torch.allclose(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    assert_close_gradients(gradients(model), expected_grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DDP and FSDP: two gloo workers on this CPU, each with the whole batch, against the full logits in one process
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world_size, port, strategy, out_path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        logprobs.LOGITS_CHUNK_BYTES = 4 * VOCAB_SIZE * 3
+        torch.set_num_threads(1)
+        batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
+        model = llama()
+        if strategy == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from spo_ray.sharding import shard_model
+            wrapped = shard_model(model, torch.device("cpu"))
+        out = concatenated_forward(wrapped, batch)
+        logps = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+        (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                 for n, p in model.named_parameters() if p.grad is not None}
+        if rank == 0:
+            torch.save({"logps": logps.detach(), "grads": grads}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ddp_and_fsdp_workers_get_the_full_logits_values_and_gradients(strategy, tmp_path):
+    out_path = tmp_path / "rank0.pt"
+    mp.spawn(_distributed_worker, args=(2, _free_port(), strategy, str(out_path)), nprocs=2, join=True)
+    result = torch.load(out_path, weights_only=True)
+
+    model = llama()
+    batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
+    expected = full_logits_logps(model, batch)
+    (expected * torch.linspace(0.5, 1.5, expected.numel())).sum().backward()
+    assert torch.allclose(result["logps"].double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    # Both workers saw the same batch, so the averaged gradient is the one-process gradient.
+    expected_grads = gradients(model)
+    assert_close_gradients({n.replace("_fsdp_wrapped_module.", ""): g for n, g in result["grads"].items()},
+                           expected_grads)
