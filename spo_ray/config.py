@@ -122,7 +122,8 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(50, gt=0)
     eval_on_start: bool = False                  # also evaluate and probe the initial weights, as step 0 (TRL's name)
-    eval_batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(128, gt=0)      # evaluation batches: at most this many pairs …
+    eval_batch_tokens: int = Field(16384, gt=0)  # … and this many tokens (chosen + rejected rows, padding included)
     probe_every: int = Field(50, gt=0)           # gradient-term diagnostics (∇ℓ(y_w), ∇ℓ(y_l))
     probe_pairs: int = Field(8, gt=0)
     log_every: int = Field(10, gt=0)
@@ -134,7 +135,8 @@ class TrainConfig(Section):
 
 class ReferenceConfig(Section):
     cache: bool = True                           # compute reference log-probs once per sweep and share them
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0)           # reference-pass batches: at most this many pairs …
+    batch_tokens: int = Field(16384, gt=0)       # … and this many tokens (chosen + rejected rows, padding included)
 
 
 class ScalingConfig(Section):

@@ -79,11 +79,28 @@ class PairDataset(Dataset):
         return i, self.pairs[i]
 
 
-def length_sorted_batches(dataset: PairDataset, batch_size: int) -> list[list[int]]:
+def padded_tokens(pairs: int, length: int) -> int:
+    """Tokens of a collated batch of `pairs` pairs padded to `length`: chosen and rejected rows, padding included."""
+    return 2 * pairs * length
+
+
+def length_sorted_batches(dataset: PairDataset, batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
     """Index batches of a pass that needs every pair once (reference log-probs, evaluation), shortest pairs
-    first, so each batch pads to a length close to its own pairs'. Results are keyed by index, not order."""
+    first, so each batch pads to a length close to its own pairs'. Results are keyed by index, not order.
+
+    A batch holds at most `batch_size` pairs and, with `max_tokens`, at most that many padded tokens
+    (`padded_tokens`): what a no-grad forward's memory grows with. A pair longer than the budget alone
+    still makes a batch of one."""
     order = sorted(range(len(dataset)), key=lambda i: dataset.pairs[i].length)
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:  # ascending lengths: the pair joining a batch sets its padded width
+        last = batches[-1] if batches else None
+        if (last is None or len(last) == batch_size
+                or (max_tokens is not None and padded_tokens(len(last) + 1, dataset.pairs[i].length) > max_tokens)):
+            batches.append([i])
+        else:
+            last.append(i)
+    return batches
 
 
 def collate_pairs(items: list[tuple[int, TokenizedPair]], pad_token_id: int, padding_side: str = "right") -> dict:

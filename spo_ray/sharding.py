@@ -61,12 +61,13 @@ def share_of(batches: list, sharded: bool) -> list[tuple[object, bool]]:
 
 
 def per_pair_tables(dataset: PairDataset, batch_size: int, pad_id: int, device, forward, *, sharded: bool,
-                    progress: str | None = None) -> dict:
+                    max_tokens: int | None = None, progress: str | None = None) -> dict:
     """One pass over every pair of `dataset` (reference log-probs, evaluation): `forward(batch)` returns (B,)
     values per name, and each name becomes an (N,) float32 table on `device`, indexed by pair. Batches run
-    shortest pairs first (`length_sorted_batches`), so little of each is padding; a sharded model's workers
-    split them (`share_of`) and add up their tables. `progress`: a progress bar's label."""
-    batches = share_of(length_sorted_batches(dataset, batch_size), sharded)
+    shortest pairs first (`length_sorted_batches`: at most `batch_size` pairs and `max_tokens` tokens each), so
+    little of each is padding; a sharded model's workers split them (`share_of`) and add up their tables.
+    `progress`: a progress bar's label."""
+    batches = share_of(length_sorted_batches(dataset, batch_size, max_tokens), sharded)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc=progress, leave=False)

@@ -3,11 +3,15 @@
 Reads the same YAML as the sweep CLI. Search spaces are resolved to their first value (and said so),
 so a sweep file doubles as a single-run config. Writes `config.yaml`, `history.parquet` (every reported
 step) and `metrics.json` (the final metrics) into DIR.
+
+A single run has the machine to itself: torch uses `train.num_threads`, else `scaling.cpus_per_worker`
+where the YAML sets it, else every CPU this process may run on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -30,9 +34,16 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def single_run_cpus(sweep) -> int:
+    """The CPUs a single run uses (see the module docstring)."""
+    if "cpus_per_worker" in sweep.scaling.model_fields_set:
+        return max(1, int(sweep.scaling.cpus_per_worker))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 @user_errors_exit_2
 def main(argv=None) -> int:
-    from spo_ray.trainer import train
+    from spo_ray.trainer import WorkerContext, train
 
     args = parse_args(argv)
     raw = apply_overrides(load_yaml(args.config), args.overrides)
@@ -52,8 +63,8 @@ def main(argv=None) -> int:
         write_parquet(pd.DataFrame(history), output / "history.parquet")
 
     try:
-        final = train(config, cache_dir=init_cache_dir(sweep),
-                      reference_dir=str(output), report=report, progress=not args.no_progress)
+        final = train(config, cache_dir=init_cache_dir(sweep), reference_dir=str(output), report=report,
+                      context=WorkerContext(cpus=single_run_cpus(sweep)), progress=not args.no_progress)
     except ConfigError:  # bad input (e.g. a malformed data row) before any step: leave no empty run behind
         if created and not history:
             shutil.rmtree(output, ignore_errors=True)

@@ -32,6 +32,7 @@ from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, 
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
+from spo_ray.memory import check_run_fits
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity)
@@ -157,7 +158,7 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
 # ---------------------------------------------------------------------------------------------------
 # Diagnostics
 
-def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
+def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> dict[str, float]:
     """Norms and cosine of ∇ℓ_θ(y_w) and ∇ℓ_θ(y_l) on a fixed probe set (the paper's "gradient terms").
 
     When chosen and rejected responses are similar these gradients align (cosine near 1), so pushing
@@ -165,7 +166,8 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
 
     A diagnostic must not set the trial's peak memory: each side gets its own forward and backward (half
     the rows, no retained graph), and the norms and the dot product are summed tensor by tensor instead of
-    over flattened copies of the gradients. The cost is the same one forward over the probe's rows.
+    over flattened copies of the gradients. The cost is the same one forward over the probe's rows. With
+    `max_tokens`, a side's rows go through in groups of at most that many tokens and their gradients add up.
 
     Under FSDP (`spo_ray.sharding`) the gradients come from `backward()` into each worker's shard of `.grad`
     (every worker runs the same probe, so the averaged gradient is the probe's), and the workers' partial
@@ -177,21 +179,31 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
     half = probe_batch["input_ids"].size(0) // 2
 
     def side_gradient(rows: slice) -> list[torch.Tensor]:
-        used = probe_batch["attention_mask"][rows].any(0)  # drop the columns that are padding in every row
-        input_ids, attention_mask, response_mask = (probe_batch[k][rows][:, used] for k in
-                                                    ("input_ids", "attention_mask", "response_mask"))
-        sums, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
-        if sharded:
-            for p in params:
-                p.grad = None
-            sums.mean().backward()
-            grads = [local(p.grad) if p.grad is not None else None for p in params]
-            for p in params:
-                p.grad = None
-        else:
-            grads = torch.autograd.grad(sums.mean(), params, allow_unused=True)
-        return [g.float() if g is not None else torch.zeros_like(local(p), dtype=torch.float32)
-                for g, p in zip(grads, params)]
+        """∇ of the mean summed log-prob of `rows`, over groups of rows that fit `max_tokens`."""
+        width = probe_batch["input_ids"].size(1)
+        indices = list(range(*rows.indices(probe_batch["input_ids"].size(0))))
+        per_group = max(1, (max_tokens or len(indices) * width) // width)
+        total = [torch.zeros_like(local(p), dtype=torch.float32) for p in params]
+        for start in range(0, len(indices), per_group):
+            group = indices[start:start + per_group]
+            used = probe_batch["attention_mask"][group].any(0)  # drop the columns that are padding in every row
+            input_ids, attention_mask, response_mask = (probe_batch[k][group][:, used] for k in
+                                                        ("input_ids", "attention_mask", "response_mask"))
+            sums, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
+            share = sums.sum() / len(indices)
+            if sharded:
+                for p in params:
+                    p.grad = None
+                share.backward()
+                grads = [local(p.grad) if p.grad is not None else None for p in params]
+                for p in params:
+                    p.grad = None
+            else:
+                grads = torch.autograd.grad(share, params, allow_unused=True)
+            for accumulated, g in zip(total, grads):
+                if g is not None:
+                    accumulated += g.float()
+        return total
 
     grad_chosen = side_gradient(slice(0, half))
     sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # ⟨c, r⟩, ‖c‖², ‖r‖²
@@ -209,7 +221,7 @@ def gradient_terms(model, probe_batch: dict) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig, pad_id: int,
-                   batch_size: int, device, autocast) -> dict[str, float]:
+                   batch_size: int, device, autocast, max_tokens: int | None = None) -> dict[str, float]:
     """Preference metrics over the whole evaluation set (one loss over all pairs, not a mean of batches).
     A sharded model's workers split the batches and add up their per-pair tables."""
     was_training = model.training
@@ -221,7 +233,8 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
         return {**{("policy", k): v for k, v in policy_out.items()},
                 **{("reference", k): v for k, v in reference(batch).items()}}
 
-    tables = per_pair_tables(dataset, batch_size, pad_id, device, forward, sharded=is_sharded(unwrap(model)))
+    tables = per_pair_tables(dataset, batch_size, pad_id, device, forward, sharded=is_sharded(unwrap(model)),
+                             max_tokens=max_tokens)
     model.train(was_training)
     policy, ref = ({name: table for (side, name), table in tables.items() if side == wanted}
                    for wanted in ("policy", "reference"))
@@ -341,10 +354,19 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     eval_pairs, _ = tokenize_pairs(task.eval_pairs, tokenizer, config.data.max_length)
     train_data, eval_data = PairDataset(train_pairs), PairDataset(eval_pairs)
     check_batch_size(cfg, len(train_data), context.world_size)
+    sampler = LengthGroupedSampler([p.length for p in train_pairs], cfg.batch_size, seed=cfg.seed,
+                                   group_factor=8 if cfg.length_grouping else 1)
+    local_size = cfg.batch_size // context.world_size
+    micro_size = local_size // cfg.grad_accum_steps
 
     # 2. Policy and reference.
     policy = load_causal_lm(task.policy_path, config.model, device=device)
     policy.train()
+    # Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later.
+    own = (b[context.rank * local_size:(context.rank + 1) * local_size] for b in sampler.batches())
+    check_run_fits(config, policy, train_data, eval_data,
+                   [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], device,
+                   context.world_size if context.sharded else 1)
     if context.sharded:
         model = shard_model(policy, device)
     else:
@@ -364,7 +386,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 ref = reference_model()
                 with autocast():
                     return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, device,
-                                                   progress=progress and context.rank == 0)
+                                                   progress=progress and context.rank == 0,
+                                                   max_tokens=config.reference.batch_tokens)
             if context.sharded:  # every worker takes part in a sharded reference's forward
                 tables[split], _ = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
                                                                    compute, rank=context.rank, device=device)
@@ -380,8 +403,6 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                       cfg.max_steps))
-    sampler = LengthGroupedSampler([p.length for p in train_pairs], cfg.batch_size, seed=cfg.seed,
-                                   group_factor=8 if cfg.length_grouping else 1)
     step = 0
     if resume:
         if context.sharded:
@@ -393,8 +414,6 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         step = resume["step"]
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
     probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
-    local_size = cfg.batch_size // context.world_size
-    micro_size = local_size // cfg.grad_accum_steps
 
     def global_batches(from_step: int):
         """Deterministic batch order: step s always trains on the same pairs, also after a resume."""
@@ -421,10 +440,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         if context.rank != 0 and not context.sharded:
             return row
         if do_probe:
-            row.update(gradient_terms(model, probe_batch))
+            row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
         if do_eval:
             row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
-                                      cfg.eval_batch_size, device, autocast))
+                                      cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens))
             if task.evaluate is not None:
                 with autocast():
                     row.update({f"eval/{k}": v for k, v in task.evaluate(unwrap(model)).items()})

@@ -7,7 +7,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from spo_ray.data import LengthGroupedSampler, PairDataset, TokenizedPair, collate_pairs, tokenize_pairs
+from spo_ray.data import (LengthGroupedSampler, PairDataset, TokenizedPair, collate_pairs, length_sorted_batches,
+                          tokenize_pairs)
 from spo_ray.logprobs import concatenated_forward, position_ids_from_mask, response_logps
 
 VOCAB_SIZE = 40
@@ -268,3 +269,16 @@ def test_length_grouped_sampler_drop_last_keeps_only_full_batches():
     batches = list(sampler)
     assert len(batches) == 5 and all(len(b) == 4 for b in batches)
     assert len({i for b in batches for i in b}) == 20
+
+
+def test_length_sorted_batches_respect_the_pair_cap_and_the_token_budget():
+    # Pair lengths (prompt + longer response): 4, 9, 5, 10, 3, 7 → sorted 3, 4, 5, 7, 9, 10 (indices 4, 0, 2, 5, 1, 3).
+    lengths = [(2, 2), (5, 4), (3, 2), (6, 4), (1, 2), (4, 3)]
+    dataset = PairDataset([TokenizedPair([7] * p, [8] * r, [9]) for p, r in lengths])
+    assert length_sorted_batches(dataset, batch_size=4) == [[4, 0, 2, 5], [1, 3]]
+    # 2 rows per pair: [3, 4, 5] pads to 3 × 2 × 5 = 30 ≤ 30 tokens; adding the 7 would make 56, and each
+    # later pair with the one before it too much (2 × 2 × 9 = 36, 2 × 2 × 10 = 40).
+    assert length_sorted_batches(dataset, batch_size=4, max_tokens=30) == [[4, 0, 2], [5], [1], [3]]
+    assert length_sorted_batches(dataset, batch_size=4, max_tokens=40) == [[4, 0, 2], [5, 1], [3]]  # 2 × 2 × 9 = 36
+    # A pair longer than the budget alone still gets a batch; every pair is in exactly one batch.
+    assert length_sorted_batches(dataset, batch_size=8, max_tokens=10) == [[4], [0], [2], [5], [1], [3]]

@@ -108,8 +108,10 @@ def test_one_step_penalty_equals_a_manual_inner_step():
     assert torch.allclose(grad_penalty, grad_g, atol=1e-6)
 
 
-def test_gradient_terms_equal_flattened_gradients_of_each_side():
-    """The probe's norms and cosine against autograd on each side's summed log-probs, computed by hand."""
+@pytest.mark.parametrize("max_tokens", [None, 6], ids=["whole-side", "one-row-at-a-time"])
+def test_gradient_terms_equal_flattened_gradients_of_each_side(max_tokens):
+    """The probe's norms and cosine against autograd on each side's summed log-probs, computed by hand
+    (also when a token budget splits each side into single rows whose gradients add up)."""
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
@@ -133,7 +135,7 @@ def test_gradient_terms_equal_flattened_gradients_of_each_side():
             for side in ("chosen", "rejected")}
     expected_cos = (flat["chosen"] @ flat["rejected"] / (flat["chosen"].norm() * flat["rejected"].norm())).item()
 
-    terms = gradient_terms(model, batch)
+    terms = gradient_terms(model, batch, max_tokens)
     assert terms["probe/chosen_grad_norm"] == pytest.approx(flat["chosen"].norm().item(), rel=1e-5)
     assert terms["probe/rejected_grad_norm"] == pytest.approx(flat["rejected"].norm().item(), rel=1e-5)
     assert terms["probe/grad_cosine"] == pytest.approx(expected_cos, abs=1e-5)
@@ -164,3 +166,12 @@ def test_batch_loss_measures_summed_deltas_even_for_averaged_losses():
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(0.5))), abs=1e-6)
     assert metrics["chosen_logp_delta"].item() == pytest.approx(1.0)
     assert metrics["rejected_logp_delta"].item() == pytest.approx(-1.0)
+
+
+def test_a_single_run_uses_every_cpu_unless_the_config_names_a_number():
+    import os
+    from spo_ray.config import validate_sweep
+    from spo_ray.train import single_run_cpus
+
+    assert single_run_cpus(validate_sweep({"name": "one"})[0]) == len(os.sched_getaffinity(0))
+    assert single_run_cpus(validate_sweep({"name": "one", "scaling": {"cpus_per_worker": 3}})[0]) == 3

@@ -1,0 +1,104 @@
+"""Will a pass fit? Checked before the first step, so a batch that cannot fit is one error line naming the key
+to lower, instead of the kernel's OOM killer minutes into the run.
+
+The figures are floors, not forecasts: the least a pass of a decoder-only transformer must hold, from the
+model's config, so the check refuses only what surely cannot fit and never a run that would have.
+
+- A no-grad pass (reference log-probs, evaluation) frees each layer's activations before the next layer runs:
+  its floor is one layer's MLP activations over the batch's tokens (gate, up and their product, 3 × MLP
+  width, plus the residual stream) and one chunk of logits (`spo_ray.logprobs.LOGITS_CHUNK_BYTES`).
+- A training step keeps every layer's activations for the backward — at least the inputs of its linear layers
+  (4 × hidden + 3 × MLP width per token per layer), gradients of the trainable weights, and AdamW's two
+  moments (float32), plus a chunk of logits and its gradient.
+
+Measured against this floor (docs/benchmarks.md, `benchmarks/logprob_memory.py`): the real peaks sit above it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spo_ray.config import ConfigError
+from spo_ray.data import PairDataset, length_sorted_batches, padded_tokens
+from spo_ray.logprobs import LOGITS_CHUNK_BYTES, peft_base
+
+GIB = 2**30
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a pass can still take: free device memory on a GPU, `MemAvailable` on the CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _shape(config) -> tuple[int, int, int]:
+    """(hidden size, MLP width, layers) of a transformers config (Llama/Qwen names, GPT-2 names)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    return hidden, mlp, layers
+
+
+def forward_floor(config, tokens: int, bytes_per_value: int = 4) -> int:
+    """Bytes a no-grad forward over `tokens` tokens must hold at least, beyond the weights."""
+    hidden, mlp, _ = _shape(config)
+    return tokens * (3 * mlp + 2 * hidden) * bytes_per_value + LOGITS_CHUNK_BYTES
+
+
+def training_floor(config, tokens: int, trainable_parameters: int, bytes_per_value: int = 4,
+                   checkpointed: bool = False) -> int:
+    """Bytes a training step over `tokens` tokens must hold at least, beyond the weights. With activation
+    (gradient) checkpointing only each layer's input is kept, and one layer's activations are recomputed."""
+    hidden, mlp, layers = _shape(config)
+    per_layer = tokens * (4 * hidden + 3 * mlp) * bytes_per_value
+    activations = layers * tokens * hidden * bytes_per_value + per_layer if checkpointed else layers * per_layer
+    return activations + 3 * 4 * trainable_parameters + 2 * LOGITS_CHUNK_BYTES
+
+
+def check_fits(key: str, what: str, need: int, device: torch.device, remedy: str | None = None) -> None:
+    """ConfigError naming `key` when `need` bytes exceed the memory `device` has available now."""
+    available = available_bytes(device)
+    if available is not None and need > available:
+        raise ConfigError(f"{key}: {what} needs at least {need / GIB:.1f} GiB, but {available / GIB:.1f} GiB "
+                          f"are available on {device.type}; {remedy or 'lower it'}")
+
+
+def largest_batch_tokens(dataset: PairDataset, batches) -> int:
+    """The padded tokens (chosen and rejected rows) of the widest of `batches` (lists of pair indices)."""
+    return max((padded_tokens(len(b), max(dataset.pairs[i].length for i in b)) for b in batches if b), default=0)
+
+
+def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDataset, micro_batches,
+                   device: torch.device, world_size: int = 1) -> None:
+    """Refuse (ConfigError naming the key) a run whose reference pass, evaluation or training step cannot fit
+    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps."""
+    inner = peft_base(model)
+    model_config = getattr(inner, "config", None)
+    if model_config is None or not hasattr(model_config, "vocab_size"):
+        return
+    values = 2 if device.type == "cuda" and config.train.mixed_precision != "no" else next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) // world_size
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // world_size
+    ref, train_cfg = config.reference, config.train
+    if ref.cache:  # the reference model is loaded beside the policy for its pass
+        tokens = max(largest_batch_tokens(d, length_sorted_batches(d, ref.batch_size, ref.batch_tokens))
+                     for d in (train_data, eval_data))
+        check_fits("reference.batch_tokens", f"the reference pass (batches of {tokens:,} tokens, and the "
+                   f"reference's weights)", forward_floor(model_config, tokens, values) + weights, device)
+    tokens = largest_batch_tokens(eval_data, length_sorted_batches(eval_data, train_cfg.eval_batch_size,
+                                                                   train_cfg.eval_batch_tokens))
+    check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
+               forward_floor(model_config, tokens, values), device)
+    tokens = largest_batch_tokens(train_data, micro_batches)
+    need = training_floor(model_config, tokens, trainable, values, checkpointed=config.model.gradient_checkpointing)
+    check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens)", need, device,
+               "lower it, raise train.grad_accum_steps or turn on model.gradient_checkpointing")
