@@ -417,7 +417,7 @@ def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, c
 def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None,
                           cache_dir: str | Path, *, steps: int | None = None, base_steps: int | None = None,
                           progress: bool = True) -> Path:
-    """Build the init `name` (see the module docstring) unless cached; return its directory.
+    """Build the init `name` (see the section comment above) unless cached; return its directory.
 
     `steps` overrides the training steps of `name` (`DEFAULT_INIT_STEPS`), `base_steps` those of the base an
     SFT init starts from (built first through this same function, so cached too).
