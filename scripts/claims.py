@@ -41,21 +41,15 @@ def init_evaluation(root: Path, name: str, init: str) -> dict:
     import torch
 
     from spo_ray.config import first_point, validate_run
-    from spo_ray.models import load_causal_lm
-    from spo_ray.tasks import load_task
+    from spo_ray.tasks import evaluate_init
 
     raw = yaml.safe_load((root / name / "sweep.yaml").read_text())
     raw.pop("swept", None)
     point = first_point(raw)
     point["model"]["init"] = init
     sweep = validate_run(point)
-    config = sweep.run_config()
-    task = load_task(config, cache_dir=sweep.cache_dir)
     torch.set_num_threads(2)
-    model = load_causal_lm(task.policy_path, config.model, device=torch.device("cpu"))
-    model.eval()
-    with torch.no_grad():
-        metrics = task.evaluate(model)
+    _, metrics = evaluate_init(sweep.run_config(), cache_dir=sweep.cache_dir)
     return {"accuracy": metrics["accuracy"], **{m: metrics[m.split("/")[1]] for m in MASS}}
 
 

@@ -382,10 +382,10 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}:{where}: {problem}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read ({error.__class__.__name__})") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
+    if not isinstance(raw, (dict, type(None))):
         raise ConfigError(f"{path}: must hold a mapping of keys to values, got {type(raw).__name__}")
+    if not raw:  # it would run one trial with every default: almost always the wrong file
+        raise ConfigError(f"{path}: holds no keys (an empty sweep would run every default; is it the right file?)")
     return raw
 
 

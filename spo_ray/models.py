@@ -1,28 +1,18 @@
-"""Model creation and the built-in initializations of the arithmetic task.
+"""What every source of weights uses: a small causal LM from a config, any causal LM from a folder or hub id,
+plain training on response tokens, and the cache folder that built models are written into.
 
-The paper's second finding is that DPO's outcome depends on where the policy starts, so the initialization
-is a sweep axis (`init`). The built-in ones:
-
-- `scratch`: an untrained model (for tests and as a control);
-- `base`: trained from scratch on the noisy corpus (`pretraining_texts`), where `mistake_rate` of the answers
-  are error-model mistakes, so it is biased towards plausible wrong answers;
-- `sft_short` / `sft_long`: the base, fine-tuned on correct answers (`sft_pairs`) for a short and a long
-  schedule — the lower-level (SFT) problem of SPO solved partly and nearly fully.
-
-Each is built once into `cache_dir/<name>-<key>/` (model + tokenizer via `save_pretrained`) and reused by
-every trial; the key hashes everything that changes the weights.
+Sources that build their own starting weights (the arithmetic task's inits, GSM8K's local model; see
+`spo_ray/tasks/`) create them with `create_small_lm`, train them with `train_on_responses` and write them
+with `save_to_cache` into `cache_dir/<name>-<key>/`, the key hashing everything that changes the weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
 import shutil
-import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,14 +27,6 @@ from transformers import (
     PreTrainedModel,
 )
 
-from spo_ray.tasks.arithmetic import ArithmeticConfig, make_tokenizer, pretraining_texts, sft_pairs
-
-# Bump when a change to this file or to the task's data builders changes what an init contains.
-INIT_CODE_VERSION = 2
-INIT_NAMES = ("scratch", "base", "sft_short", "sft_long")
-# base: trained on the noisy corpus (40% mistakes); sft_short: a partial correction (30 steps, still in
-# warm-up), sft_long: a near-complete one (600 steps) — the two ends of the lower-level (SFT) problem.
-DEFAULT_INIT_STEPS = {"scratch": 0, "base": 1500, "sft_short": 30, "sft_long": 600}
 LEARNING_RATE = 1e-3  # MISSION §3: ~1e-3 learns, 3e-3 does not
 BATCH_SIZE = 64
 WARMUP_STEPS = 50
@@ -89,7 +71,13 @@ def create_small_lm(vocab_size: int, arch: str = "llama", hidden_size: int = 128
         return model_class(config)
 
 
-def _resolved_model_kwargs(model_kwargs: dict | None) -> dict:
+def small_lm_kwargs(model_cfg) -> dict:
+    """The `create_small_lm` settings of a run's `model` section (built-in models only)."""
+    return {"arch": model_cfg.arch, "hidden_size": model_cfg.hidden_size, "num_layers": model_cfg.num_layers,
+            "num_heads": model_cfg.num_heads}
+
+
+def resolved_model_kwargs(model_kwargs: dict | None) -> dict:
     """`create_small_lm`'s defaults overlaid with `model_kwargs`, so equal models get equal cache keys."""
     defaults = {
         name: parameter.default
@@ -156,75 +144,14 @@ def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed:
     return losses
 
 
-# How many preference pairs and evaluation problems a sweep uses does not change an init's weights, so those
-# fields stay out of its cache key: sweeps that differ only in them share one init.
-_NOT_IN_INIT_KEY = ("train_pairs", "eval_pairs", "eval_problems")
+def save_to_cache(model, tokenizer, info: dict, target: Path) -> Path:
+    """Write model, tokenizer and `info` (as init.json) into `target`, the folder `*_dir` functions name.
 
-
-def init_task_fields(task_cfg: ArithmeticConfig) -> dict:
-    return {k: v for k, v in asdict(task_cfg).items() if k not in _NOT_IN_INIT_KEY}
-
-
-def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, cache_dir: str | Path, *,
-             steps: int | None = None, base_steps: int | None = None) -> Path:
-    """Where `build_arithmetic_init` keeps (or will keep) this init: `cache_dir/<name>-<key>`."""
-    if name not in INIT_NAMES:
-        raise ValueError(f"init must be one of {INIT_NAMES}, got {name!r}")
-    description = {
-        "name": name,
-        "task": init_task_fields(task_cfg),
-        "model": _resolved_model_kwargs(model_kwargs),
-        "steps": DEFAULT_INIT_STEPS[name] if steps is None else steps,
-        "code_version": INIT_CODE_VERSION,
-    }
-    if name.startswith("sft"):
-        description["base"] = init_dir("base", task_cfg, model_kwargs, cache_dir, steps=base_steps).name
-    key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{name}-{key}"
-
-
-def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None,
-                          cache_dir: str | Path, *, steps: int | None = None, base_steps: int | None = None,
-                          progress: bool = True) -> Path:
-    """Build the init `name` (see the module docstring) unless cached; return its directory.
-
-    `steps` overrides the training steps of `name` (`DEFAULT_INIT_STEPS`), `base_steps` those of the base an
-    SFT init starts from (built first through this same function, so cached too). The directory is written
-    under a temporary name and renamed into place, so a concurrent builder never sees half an init; when two
-    race, the loser discards its copy and uses the winner's.
+    Written under a temporary name and renamed into place, so a concurrent builder (another trial) never
+    sees half a model; when two race, the loser discards its copy and uses the winner's (they are equal).
     """
-    target = init_dir(name, task_cfg, model_kwargs, cache_dir, steps=steps, base_steps=base_steps)
-    if (target / "init.json").exists():
-        return target
-    steps = DEFAULT_INIT_STEPS[name] if steps is None else steps
-    tokenizer = make_tokenizer()
-    started = time.perf_counter()
-    if name == "scratch" or name == "base":
-        special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
-        model = create_small_lm(len(tokenizer), **_resolved_model_kwargs(model_kwargs), **special_ids)
-        examples = pretraining_texts(task_cfg) if name == "base" else []
-        base_path = None
-    else:
-        base_path = build_arithmetic_init("base", task_cfg, model_kwargs, cache_dir, steps=base_steps,
-                                          progress=progress)
-        model, tokenizer = load_init(base_path)
-        examples = sft_pairs(task_cfg)
-    losses = []
-    if steps > 0:
-        losses = train_on_responses(model, tokenizer, examples, steps, seed=task_cfg.seed, progress=progress,
-                                    description=f"init {name}")
-    info = {
-        "name": name,
-        "task": asdict(task_cfg),
-        "model": _resolved_model_kwargs(model_kwargs),
-        "steps": steps,
-        "base": str(base_path) if base_path else None,
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "code_version": INIT_CODE_VERSION,
-    }
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(cache_dir) / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "init.json").write_text(json.dumps(info, indent=2, default=str))
@@ -233,12 +160,12 @@ def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: d
     except OSError:
         if not (target / "init.json").exists():
             raise
-        shutil.rmtree(staging, ignore_errors=True)  # another builder won the race; its init is identical
+        shutil.rmtree(staging, ignore_errors=True)  # another builder won the race; its model is identical
     return target
 
 
 def load_init(path: str | Path):
-    """(model, tokenizer) from an init directory, the model in eval mode."""
+    """(model, tokenizer) from a folder `save_to_cache` wrote, the model in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from spo_ray.models import create_small_lm
-from spo_ray.tasks.arithmetic import ArithmeticConfig, eval_problems, make_tokenizer, max_answer_digits, parse_answer
-from spo_ray.tasks.evaluation import MASS_KEYS, answer_mass_split, evaluate_task, greedy_accuracy, greedy_decode
+from spo_ray.decoding import greedy_decode
+from spo_ray.tasks.arithmetic import (MASS_KEYS, ArithmeticConfig, answer_mass_split, eval_problems, evaluate_task,
+                                      greedy_accuracy, make_tokenizer, max_answer_digits, parse_answer)
 
 TOKENIZER = make_tokenizer()
 

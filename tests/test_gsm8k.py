@@ -86,8 +86,8 @@ def gsm8k_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gsm8k_task(gsm8k_cache):
-    from spo_ray.pairs import load_pair_task
-    return load_pair_task(gsm8k_config(eval_fraction=0.2), gsm8k_cache)
+    from spo_ray.tasks import load_task
+    return load_task(gsm8k_config(eval_fraction=0.2), gsm8k_cache)
 
 
 @needs_gsm8k
@@ -130,7 +130,7 @@ def test_accuracy_evaluator_decodes_held_out_questions(gsm8k_task):
 
 
 def test_accuracy_is_exact_match_of_the_extracted_answer(monkeypatch):
-    import spo_ray.tasks.evaluation as evaluation
+    import spo_ray.decoding as evaluation
 
     texts = {"q1": " so\nA: 18", "q2": " it is 7", "q3": " A: 1,000"}
     monkeypatch.setattr(evaluation, "greedy_decode", lambda model, tokenizer, prompts, *args: [texts[p] for p in prompts])

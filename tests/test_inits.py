@@ -1,36 +1,15 @@
-"""Model creation and the cached built-in initializations (tiny configs, a few training steps)."""
+"""The arithmetic task's cached built-in initializations (tiny configs, a few training steps)."""
 
 import os
 
-import pytest
 import torch
 
 import spo_ray.models as models
-from spo_ray.models import build_arithmetic_init, create_small_lm, init_dir, load_init
-from spo_ray.tasks.arithmetic import ArithmeticConfig, make_tokenizer
+from spo_ray.models import load_init
+from spo_ray.tasks.arithmetic import ArithmeticConfig, build_arithmetic_init, init_dir
 
 TINY_TASK = ArithmeticConfig(min_digits=1, max_digits=1, pretrain_examples=200, sft_examples=100)
 TINY_MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2}
-
-
-def test_default_llama_has_the_calibrated_size_and_depends_only_on_seed():
-    vocab_size = len(make_tokenizer())
-    model = create_small_lm(vocab_size)
-    assert 0.85e6 < sum(p.numel() for p in model.parameters()) < 0.87e6  # MISSION §3: 0.86M
-    state = torch.random.get_rng_state()
-    again = create_small_lm(vocab_size)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
-    other = create_small_lm(vocab_size, seed=1)
-    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
-
-
-def test_gpt2_architecture_runs():
-    model = create_small_lm(25, arch="gpt2", **TINY_MODEL)
-    assert model.config.model_type == "gpt2"
-    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 25)
-    with pytest.raises(ValueError, match="arch"):
-        create_small_lm(25, arch="mamba")
 
 
 def test_second_build_reuses_the_cache_and_a_changed_config_gets_a_new_key(tmp_path):

@@ -1,4 +1,4 @@
-"""`load_causal_lm`: local folders, remote code off by default, one-line errors, dtype and LoRA."""
+"""`create_small_lm`; `load_causal_lm`: local folders, remote code off by default, one-line errors, dtype and LoRA."""
 
 import json
 
@@ -10,6 +10,7 @@ from spo_ray.data import TokenizedPair, collate_pairs
 from spo_ray.logprobs import concatenated_forward
 from spo_ray.losses import preference_loss
 from spo_ray.models import create_small_lm, load_causal_lm
+from spo_ray.tasks.arithmetic import make_tokenizer
 
 VOCAB = 40
 
@@ -26,6 +27,26 @@ def preference_batch(seed=0, pairs=4):
     ids = lambda n: torch.randint(3, VOCAB, (n,), generator=generator).tolist()
     items = [(i, TokenizedPair(ids(5), ids(3), ids(4))) for i in range(pairs)]
     return collate_pairs(items, pad_token_id=0)
+
+
+def test_default_llama_has_the_calibrated_size_and_depends_only_on_seed():
+    vocab_size = len(make_tokenizer())
+    model = create_small_lm(vocab_size)
+    assert 0.85e6 < sum(p.numel() for p in model.parameters()) < 0.87e6  # MISSION §3: 0.86M
+    state = torch.random.get_rng_state()
+    again = create_small_lm(vocab_size)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    other = create_small_lm(vocab_size, seed=1)
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
+
+
+def test_gpt2_architecture_runs():
+    model = create_small_lm(25, arch="gpt2", hidden_size=32, num_layers=1, num_heads=2)
+    assert model.config.model_type == "gpt2"
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 25)
+    with pytest.raises(ValueError, match="arch"):
+        create_small_lm(25, arch="mamba")
 
 
 def test_a_saved_config_created_model_loads_with_the_same_weights(saved_model):

@@ -8,7 +8,8 @@ import pytest
 from spo_ray.config import ConfigError, DataConfig, RunConfig, validate_run
 from spo_ray.data import tokenize_pairs
 from spo_ray.models import create_small_lm
-from spo_ray.pairs import load_pair_task, load_pairs, load_tokenizer, split_by_prompt
+from spo_ray.tasks import load_task
+from spo_ray.tasks.pairs import load_pairs, load_tokenizer, split_by_prompt
 from spo_ray.tasks.gsm8k import train_bpe_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
@@ -234,7 +235,7 @@ def test_load_pair_task_on_local_files_and_a_local_model(tmp_path, saved_model, 
     path = write_jsonl(tmp_path / "pairs.jsonl", many_pairs(20))
     config = validate_run({"model": {"init": str(saved_model)},
                            "data": {"source": "files", "path": str(path), "eval_fraction": 0.25}}, RunConfig)
-    task = load_pair_task(config, cache_dir=str(tmp_path / "cache"))
+    task = load_task(config, cache_dir=str(tmp_path / "cache"))
     assert (len(task.train_pairs), len(task.eval_pairs)) == (15, 5)
     assert task.policy_path == task.reference_path == str(saved_model)
     assert task.evaluate is None and task.name == "files"
@@ -244,7 +245,7 @@ def test_load_pair_task_on_local_files_and_a_local_model(tmp_path, saved_model, 
 
 def test_load_pair_task_names_bad_model_settings(tmp_path, saved_model):
     path = write_jsonl(tmp_path / "pairs.jsonl", many_pairs(20))
-    run = lambda model: load_pair_task(validate_run({"model": model, "data": {"source": "files", "path": str(path)}},
+    run = lambda model: load_task(validate_run({"model": model, "data": {"source": "files", "path": str(path)}},
                                                     RunConfig), cache_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="model.init: 'sft_short' is a built-in init of the arithmetic task"):
         run({})
@@ -259,3 +260,12 @@ def test_load_tokenizer_sets_pad_to_eos(saved_model):
     assert AutoTokenizer.from_pretrained(saved_model).pad_token is None
     tokenizer = load_tokenizer(str(saved_model), trust_remote_code=False, key="model.init")
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_every_data_source_has_one_task_module():
+    from typing import get_args
+
+    from spo_ray.config import DataConfig
+    from spo_ray.tasks import SOURCES
+    assert set(SOURCES) == set(get_args(DataConfig.model_fields["source"].annotation))
+    assert all(callable(module.load_task) for module in SOURCES.values())

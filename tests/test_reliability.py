@@ -92,6 +92,8 @@ SWEEP_CASES = {
     "unreadable sweep file": Case(["{tmp}/binary.yaml"], "binary.yaml: cannot read",
                                   files={"binary.yaml": b"loss: \xff\xfe\x00\n"}),
     "sweep file not a mapping": Case(["{tmp}/list.yaml"], "list.yaml: must hold a mapping", files={"list.yaml": "- a\n"}),
+    "empty sweep file": Case(["{tmp}/empty.yaml"], "empty.yaml: holds no keys", files={"empty.yaml": "# only a comment\n"}),
+    "sweep file of an empty mapping": Case(["{tmp}/braces.yaml"], "braces.yaml: holds no keys", files={"braces.yaml": "{}\n"}),
     # keys
     "unknown key with a suggestion": Case(["{tmp}/typo.yaml"], "loss.bta: unknown key (did you mean 'loss.beta'?)",
                                           files={"typo.yaml": "loss: {bta: 0.1}\n"}),
@@ -196,8 +198,8 @@ def check_through_the_command(module: str, cases: dict[str, Case], tmp_path: Pat
 
 
 def test_bad_input_through_the_sweep_command(tmp_path, tokenizer_dir):
-    names = ["invalid YAML names its line", "unknown key with a suggestion", "beta zero", "resume of nothing",
-             "missing column"]
+    names = ["invalid YAML names its line", "empty sweep file", "unknown key with a suggestion", "beta zero",
+             "resume of nothing", "missing column"]
     check_through_the_command("spo_ray.sweep", {name: SWEEP_CASES[name] for name in names}, tmp_path, tokenizer_dir)
 
 

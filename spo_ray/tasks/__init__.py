@@ -1,75 +1,63 @@
-"""What a run trains on: a tokenizer, text pairs, the weights to start from, and the task's evaluator.
+"""Where a run's pairs, tokenizer, starting weights and evaluator come from: one module per `data.source`.
 
-`load_task(config)` is the one place that turns the `data` and `model` sections of a run config into
-those pieces, whether the pairs come from the built-in arithmetic task or from files / the hub.
+    arithmetic.py   data.source arithmetic: the built-in task: generated pairs, character tokenizer,
+                    the built-in inits (scratch, base, sft_short, sft_long) and the exact evaluator
+    gsm8k.py        data.source gsm8k: GSM8K pairs and split, the `gsm8k-local-small` model, accuracy
+    pairs.py        data.source files | hub: TRL-style pair files or hub datasets, validated and split
+                    (GSM8K's pairs go through the same validation)
+    task.py         the `Task` every source returns
+
+Each source has `load_task(config, policy_path, reference_path) -> Task`. To add one, copy the closest
+module, add its name to `SOURCES` below and to `DataConfig.source` in `spo_ray/config.py`; a model that a
+source builds itself goes into `model_path`. Imports point down only: this registry → sources → `task`,
+`spo_ray.models`, `spo_ray.decoding`, `spo_ray.config` (gsm8k → pairs for the shared validation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
-
 from spo_ray.config import ConfigError, RunConfig
+from spo_ray.tasks import arithmetic, gsm8k, pairs
+from spo_ray.tasks.task import Task
+
+# data.source → the module whose `load_task` makes that source's Task.
+SOURCES = {"arithmetic": arithmetic, "gsm8k": gsm8k, "files": pairs, "hub": pairs}
 
 
-@dataclass
-class Task:
-    name: str
-    tokenizer: object
-    train_pairs: list[dict]           # {"prompt", "chosen", "rejected"} texts
-    eval_pairs: list[dict]
-    policy_path: str                  # local folder or hub id the policy starts from
-    reference_path: str               # the frozen reference (by default the same weights)
-    evaluate: Callable | None = None  # model -> {"accuracy": ..., ...}, logged as eval/*
-    notes: list[str] = field(default_factory=list)
-
-
-def arithmetic_config(config: RunConfig):
-    from spo_ray.tasks.arithmetic import ArithmeticConfig
-    return ArithmeticConfig(**{**config.data.arithmetic.model_dump(),
-                               "operations": tuple(config.data.arithmetic.operations)})
-
-
-def builtin_model_kwargs(config: RunConfig) -> dict:
-    m = config.model
-    return {"arch": m.arch, "hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads}
+def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress: bool = False) -> str:
+    """`model.init` / `model.reference` (`key`) → the folder or hub id of the weights: a model a source builds
+    by name (into `cache_dir`, once), else the name as given (a hub id, or a folder such as another run's
+    output)."""
+    source = config.data.source
+    if name in arithmetic.INIT_NAMES:
+        if source != "arithmetic":  # they speak the arithmetic task's character tokenizer only
+            raise ConfigError(f"{key}: {name!r} is a built-in init of the arithmetic task; with data.source "
+                              f"{source} give a hub id, a local model folder or {gsm8k.LOCAL_MODEL_NAME!r}")
+        return str(arithmetic.init_for(name, config, cache_dir, progress))
+    if name == gsm8k.LOCAL_MODEL_NAME and source != "arithmetic":
+        return str(gsm8k.local_model_for(config, cache_dir, progress))
+    return name
 
 
 def load_task(config: RunConfig, cache_dir: str, progress: bool = False) -> Task:
-    if config.data.source == "arithmetic":
-        return _arithmetic_task(config, cache_dir, progress)
-    from spo_ray.pairs import load_pair_task  # real datasets: files, the hub, GSM8K
-    return load_pair_task(config, cache_dir, progress)
+    """The `Task` of a run config: its starting weights (built into `cache_dir` where a source builds them)
+    and `data.source`'s pairs, tokenizer and evaluator."""
+    policy_path = model_path(config.model.init, "model.init", config, cache_dir, progress)
+    reference_path = (model_path(config.model.reference, "model.reference", config, cache_dir, progress)
+                      if config.model.reference else policy_path)
+    return SOURCES[config.data.source].load_task(config, policy_path, reference_path)
 
 
-def _arithmetic_task(config: RunConfig, cache_dir: str, progress: bool) -> Task:
-    from spo_ray.models import INIT_NAMES, build_arithmetic_init
-    from spo_ray.tasks import arithmetic
-    from spo_ray.tasks.evaluation import evaluate_task
+def evaluate_init(config: RunConfig, cache_dir: str) -> tuple[Task, dict[str, float]]:
+    """The task's evaluation of `model.init` before any training, as a trial evaluates: (task, metrics)."""
+    import torch
 
-    task_cfg = arithmetic_config(config)
-    tokenizer = arithmetic.make_tokenizer()
+    from spo_ray.models import load_causal_lm
 
-    def init_path(name: str) -> str:
-        if name in INIT_NAMES:
-            steps = config.model.init_steps
-            return str(build_arithmetic_init(name, task_cfg, builtin_model_kwargs(config), cache_dir,
-                                             steps=steps.get(name), base_steps=steps.get("base"),
-                                             progress=progress))
-        return name  # a folder saved earlier, e.g. another run's output
-
-    policy_path = init_path(config.model.init)
-    reference_path = init_path(config.model.reference) if config.model.reference else policy_path
-    problems = arithmetic.eval_problems(task_cfg)
-    return Task(
-        name="arithmetic",
-        tokenizer=tokenizer,
-        train_pairs=arithmetic.preference_pairs(task_cfg, "train"),
-        eval_pairs=arithmetic.preference_pairs(task_cfg, "eval"),
-        policy_path=policy_path,
-        reference_path=reference_path,
-        evaluate=lambda model: evaluate_task(model, tokenizer, problems, task_cfg),
-    )
+    task = load_task(config, cache_dir)
+    model = load_causal_lm(task.policy_path, config.model, device=torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        return task, task.evaluate(model)
 
 
-__all__ = ["Task", "load_task", "ConfigError"]
+__all__ = ["SOURCES", "Task", "load_task", "model_path", "evaluate_init", "ConfigError"]

@@ -1,4 +1,5 @@
-"""The built-in arithmetic-reasoning task: problems, an error model, a tokenizer and the data sets.
+"""The built-in arithmetic-reasoning task (`data.source: arithmetic`): problems, an error model, a tokenizer,
+the data sets, the built-in initializations, the evaluator and the `Task` they make.
 
 A prompt looks like ``"Q: 47+85=?\\nA:"`` and the response is the answer's digits and nothing else (no
 leading space); the data layer appends the EOS token when it tokenizes, so the response *text* never holds
@@ -22,10 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
+
+from spo_ray.config import RunConfig
+from spo_ray.decoding import Decoder, encode_prompts, evaluating, greedy_decode
+from spo_ray.models import (create_small_lm, load_init, resolved_model_kwargs, save_to_cache, small_lm_kwargs,
+                            train_on_responses)
+from spo_ray.tasks.task import Task
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -353,3 +363,237 @@ def eval_problems(cfg: ArithmeticConfig) -> list[dict]:
         {"prompt": format_prompt(a, b, op), "answer": solve(a, b, op), "mistakes": mistakes(a, b, op)}
         for a, b, op in chosen
     ]
+
+
+# ------------------------------------------------------------------------------------ initializations
+#
+# The paper's second finding is that DPO's outcome depends on where the policy starts, so the initialization
+# is a sweep axis (`model.init`). The built-in ones:
+#
+# - `scratch`: an untrained model (for tests and as a control);
+# - `base`: trained from scratch on the noisy corpus (`pretraining_texts`), where `mistake_rate` of the
+#   answers are error-model mistakes, so it is biased towards plausible wrong answers;
+# - `sft_short` / `sft_long`: the base, fine-tuned on correct answers (`sft_pairs`) for a short and a long
+#   schedule — the lower-level (SFT) problem of SPO solved partly and nearly fully.
+#
+# Each is built once into `cache_dir/<name>-<key>/` (`spo_ray.models.save_to_cache`) and reused by every
+# trial; the key hashes everything that changes the weights.
+
+# Bump when a change to the inits' code or to the task's data builders changes what an init contains.
+INIT_CODE_VERSION = 2
+INIT_NAMES = ("scratch", "base", "sft_short", "sft_long")
+# base: trained on the noisy corpus (40% mistakes); sft_short: a partial correction (30 steps, still in
+# warm-up), sft_long: a near-complete one (600 steps) — the two ends of the lower-level (SFT) problem.
+DEFAULT_INIT_STEPS = {"scratch": 0, "base": 1500, "sft_short": 30, "sft_long": 600}
+
+
+# How many preference pairs and evaluation problems a sweep uses does not change an init's weights, so those
+# fields stay out of its cache key: sweeps that differ only in them share one init.
+_NOT_IN_INIT_KEY = ("train_pairs", "eval_pairs", "eval_problems")
+
+
+def init_task_fields(task_cfg: ArithmeticConfig) -> dict:
+    return {k: v for k, v in asdict(task_cfg).items() if k not in _NOT_IN_INIT_KEY}
+
+
+def init_dir(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None, cache_dir: str | Path, *,
+             steps: int | None = None, base_steps: int | None = None) -> Path:
+    """Where `build_arithmetic_init` keeps (or will keep) this init: `cache_dir/<name>-<key>`."""
+    if name not in INIT_NAMES:
+        raise ValueError(f"init must be one of {INIT_NAMES}, got {name!r}")
+    description = {
+        "name": name,
+        "task": init_task_fields(task_cfg),
+        "model": resolved_model_kwargs(model_kwargs),
+        "steps": DEFAULT_INIT_STEPS[name] if steps is None else steps,
+        "code_version": INIT_CODE_VERSION,
+    }
+    if name.startswith("sft"):
+        description["base"] = init_dir("base", task_cfg, model_kwargs, cache_dir, steps=base_steps).name
+    key = hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}-{key}"
+
+
+def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: dict | None,
+                          cache_dir: str | Path, *, steps: int | None = None, base_steps: int | None = None,
+                          progress: bool = True) -> Path:
+    """Build the init `name` (see the section comment above) unless cached; return its directory.
+
+    `steps` overrides the training steps of `name` (`DEFAULT_INIT_STEPS`), `base_steps` those of the base an
+    SFT init starts from (built first through this same function, so cached too).
+    """
+    target = init_dir(name, task_cfg, model_kwargs, cache_dir, steps=steps, base_steps=base_steps)
+    if (target / "init.json").exists():
+        return target
+    steps = DEFAULT_INIT_STEPS[name] if steps is None else steps
+    tokenizer = make_tokenizer()
+    started = time.perf_counter()
+    if name == "scratch" or name == "base":
+        special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = create_small_lm(len(tokenizer), **resolved_model_kwargs(model_kwargs), **special_ids)
+        examples = pretraining_texts(task_cfg) if name == "base" else []
+        base_path = None
+    else:
+        base_path = build_arithmetic_init("base", task_cfg, model_kwargs, cache_dir, steps=base_steps,
+                                          progress=progress)
+        model, tokenizer = load_init(base_path)
+        examples = sft_pairs(task_cfg)
+    losses = []
+    if steps > 0:
+        losses = train_on_responses(model, tokenizer, examples, steps, seed=task_cfg.seed, progress=progress,
+                                    description=f"init {name}")
+    info = {
+        "name": name,
+        "task": asdict(task_cfg),
+        "model": resolved_model_kwargs(model_kwargs),
+        "steps": steps,
+        "base": str(base_path) if base_path else None,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "code_version": INIT_CODE_VERSION,
+    }
+    return save_to_cache(model, tokenizer, info, target)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+#
+# Greedy accuracy and the exact split of the answer probability mass. The mass split is the paper's
+# "catastrophic preference shift" measured rather than guessed: when DPO pushes a mistaken answer down, where
+# does its probability go — to the correct answer, to other known mistakes, to other numbers, or out of the
+# space of answers altogether? The answer space is finite, so the four masses are computed exactly by
+# scoring the digit tree level by level (`spo_ray.decoding.Decoder`).
+
+MASS_KEYS = ("mass_correct", "mass_mistake", "mass_other", "mass_malformed")
+
+
+def max_response_tokens(cfg: ArithmeticConfig) -> int:
+    """The longest response the task can expect, EOS included (working: at most 10 characters a column)."""
+    working = 10 * cfg.max_digits + 1 if cfg.working else 0
+    return working + max_answer_digits(cfg) + 1
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], cfg: ArithmeticConfig, batch_size: int = 256,
+                    max_new_tokens: int | None = None) -> float:
+    """Share of problems whose greedy response, ended by EOS, parses to the correct answer (exact match).
+
+    A response that has not emitted EOS within `max_new_tokens` (default: the longest possible response)
+    counts as wrong, so accuracy and `mass_correct` judge the same event.
+    """
+    if not problems:
+        return float("nan")
+    max_new_tokens = max_new_tokens or max_response_tokens(cfg)
+    responses = greedy_decode(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch_size)
+    correct = 0
+    for problem, ids in zip(problems, responses):
+        if ids and ids[-1] == tokenizer.eos_token_id:
+            correct += parse_answer(tokenizer.decode(ids[:-1]), cfg) == problem["answer"]
+    return correct / len(problems)
+
+
+def _answer_values(length: int, cfg: ArithmeticConfig) -> torch.Tensor:
+    """For every digit string of `length` (index = the digits read in generation order as a base-10 number):
+    the integer it states if it is well-formed (canonical for this config), else -1."""
+    values = []
+    for index in range(10**length):
+        text = str(index).zfill(length)
+        value = parse_answer(text, cfg)
+        values.append(value if format_answer(value, cfg) == text else -1)
+    return torch.tensor(values, dtype=torch.long)
+
+
+def answer_mass_split(model, tokenizer, problems: list[dict], cfg: ArithmeticConfig,
+                      batch_size: int = 4096) -> dict[str, float]:
+    """Exact probability of each kind of response, averaged over problems (each problem's four sum to 1).
+
+    For a problem with answer y and error-model mistakes M, the response (the tokens after the prompt) is
+    - `mass_correct`: the answer string of y followed by EOS;
+    - `mass_mistake`: the answer string of some m in M followed by EOS;
+    - `mass_other`: any other *well-formed* answer followed by EOS, well-formed meaning the canonical digit
+      string of an integer with 1..L digits — no superfluous leading zero in the natural (most significant
+      first) order, written reversed when `cfg.reverse_answer` — where L = `max_answer_digits(cfg)`;
+    - `mass_malformed`: everything else (non-digits, leading zeros, too many digits, never ending): 1 minus
+      the other three.
+
+    Exact: the probability of every digit string of length n <= L is the product of its next-token
+    probabilities, computed for all strings of length n in one batched step (10**n rows per problem on top
+    of the prompt's key/value cache), then multiplied by P(EOS | string). `batch_size` bounds the rows of
+    one step (at least one problem's 10**L). Needs `cfg.working == False`: with working the response space is
+    not a small digit tree.
+    """
+    if cfg.working:
+        raise ValueError("answer_mass_split needs working=False: responses with working have no finite digit tree")
+    length = max_answer_digits(cfg)
+    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    eos_id = tokenizer.eos_token_id
+    values_by_length = [_answer_values(n, cfg) for n in range(1, length + 1)]
+    problems_per_batch = max(1, batch_size // 10**length)
+    totals = torch.zeros(3, dtype=torch.float64)  # correct, mistake, other
+    with evaluating(model):
+        for start in range(0, len(problems), problems_per_batch):
+            chunk = problems[start : start + problems_per_batch]
+            answers = torch.tensor([p["answer"] for p in chunk])[:, None]
+            width = max(1, max(len(p["mistakes"]) for p in chunk))
+            known_mistakes = torch.full((len(chunk), width), -2)  # -2 matches no value
+            for row, p in enumerate(chunk):
+                known_mistakes[row, : len(p["mistakes"])] = torch.tensor(p["mistakes"], dtype=torch.long)
+            decoder = Decoder(model, encode_prompts(tokenizer, [p["prompt"] for p in chunk]), tokenizer.pad_token_id)
+            device = decoder.next_logprobs.device
+            prefix_logps = torch.zeros(len(chunk), 1, dtype=torch.float64, device=device)
+            for n, values in enumerate(values_by_length, start=1):
+                # Children of every prefix: row (problem, prefix, digit), in that order.
+                digit_logps = decoder.next_logprobs[:, digit_ids.to(device)].double()
+                prefix_logps = (prefix_logps.reshape(-1, 1) + digit_logps).reshape(len(chunk), 10**n)
+                decoder.repeat(10)
+                decoder.append(digit_ids.to(device).repeat(decoder.last_position.shape[0] // 10))
+                ended = (prefix_logps + decoder.next_logprobs[:, eos_id].double().reshape(len(chunk), -1)).exp().cpu()
+                is_correct = values[None, :] == answers
+                is_mistake = (values[None, :, None] == known_mistakes[:, None, :]).any(dim=-1) & ~is_correct
+                is_other = (values[None, :] >= 0) & ~is_correct & ~is_mistake
+                totals += torch.stack([(ended * mask).sum() for mask in (is_correct, is_mistake, is_other)])
+    correct, mistake, other = (totals / len(problems)).tolist()
+    return {
+        "mass_correct": correct,
+        "mass_mistake": mistake,
+        "mass_other": other,
+        "mass_malformed": 1.0 - correct - mistake - other,
+    }
+
+
+def evaluate_task(model, tokenizer, problems: list[dict], cfg: ArithmeticConfig) -> dict[str, float]:
+    """`{"accuracy", "mass_correct", "mass_mistake", "mass_other", "mass_malformed"}` on `problems`
+    (the trainer logs them as `eval/accuracy`, `eval/mass_*`); the masses are left out with working."""
+    metrics = {"accuracy": greedy_accuracy(model, tokenizer, problems, cfg)}
+    if not cfg.working:
+        metrics.update(answer_mass_split(model, tokenizer, problems, cfg))
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+def task_config(config: RunConfig) -> ArithmeticConfig:
+    """The `data.arithmetic` section of a run config as the task's own config."""
+    return ArithmeticConfig(**{**config.data.arithmetic.model_dump(),
+                               "operations": tuple(config.data.arithmetic.operations)})
+
+
+def init_for(name: str, config: RunConfig, cache_dir: str, progress: bool = False) -> Path:
+    """The built-in init `name` for a run config (its task, model size and `model.init_steps`), built once."""
+    steps = config.model.init_steps
+    return build_arithmetic_init(name, task_config(config), small_lm_kwargs(config.model), cache_dir,
+                                 steps=steps.get(name), base_steps=steps.get("base"), progress=progress)
+
+
+def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
+    """Generated pairs, the character tokenizer and the exact evaluator on held-out problems."""
+    task_cfg = task_config(config)
+    tokenizer = make_tokenizer()
+    problems = eval_problems(task_cfg)
+    return Task(
+        name="arithmetic",
+        tokenizer=tokenizer,
+        train_pairs=preference_pairs(task_cfg, "train"),
+        eval_pairs=preference_pairs(task_cfg, "eval"),
+        policy_path=policy_path,
+        reference_path=reference_path,
+        evaluate=lambda model: evaluate_task(model, tokenizer, problems, task_cfg),
+    )

@@ -1,4 +1,5 @@
-"""GSM8K (Cobbe et al. 2021, arXiv:2110.14168) as a real reasoning preference task.
+"""GSM8K (Cobbe et al. 2021, arXiv:2110.14168) as a real reasoning preference task (`data.source: gsm8k`):
+its pairs and split, the accuracy evaluator, the small local model and the `Task` they make.
 
 `example_model_solutions.jsonl` holds the 1319 test questions with a ground-truth solution and four model
 solutions each (GPT-3 6B/175B, fine-tuned or verifier-ranked). A pair is (ground truth, one *incorrect*
@@ -18,7 +19,8 @@ Text formatting, shared by pairs, SFT data and the evaluator:
 
 The data folder is `$SPO_RAY_GSM8K_DIR`, by default `../shared/data/gsm8k` next to the repository; the
 files are read in place, never copied. `build_local_gsm8k_model` makes the small local model that the
-reserved `model.init: gsm8k-local-small` names (see its docstring).
+reserved `model.init: gsm8k-local-small` names (see its docstring); pairs are validated and split by
+`spo_ray.tasks.pairs`, like any pair file.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
-import uuid
 from pathlib import Path
 
-from spo_ray.config import ConfigError
+from spo_ray import decoding
+from spo_ray.config import ConfigError, DataConfig, RunConfig
+from spo_ray.models import create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
+from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, eval_keys, finish_splits, pair_task, rows_to_pairs,
+                                 task_tokenizer)
+from spo_ray.tasks.task import Task
 
 MODEL_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 LOCAL_MODEL_NAME = "gsm8k-local-small"  # reserved `model.init`: built by `build_local_gsm8k_model`
@@ -143,13 +148,12 @@ def gsm8k_accuracy(model, tokenizer, questions: list[str], answers: list, *, max
     after `max_new_tokens` (default `MAX_NEW_TOKENS`).
     """
     from spo_ray.logprobs import peft_base
-    from spo_ray.tasks.evaluation import greedy_decode
 
     if not questions:
         return {"accuracy": float("nan"), "accuracy_flexible": float("nan")}
     # A peft model wraps the transformers model whose layers carry the adapters; decode with that one,
     # whose forward signature (the key/value cache argument) the decoder knows.
-    responses = greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size)
+    responses = decoding.greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     strict = sum(extract_answer(t) == a for t, a in zip(texts, answers))
     flexible = sum(last_number(t) == a for t, a in zip(texts, answers))
@@ -199,10 +203,8 @@ def build_local_gsm8k_model(cache_dir: str | Path, *, vocab_size: int = 3000, mo
     `create_small_lm` (`model_kwargs`: arch, hidden_size, num_layers, num_heads), optionally fine-tuned for
     `sft_steps` on train.jsonl's solutions. Accuracy stays near zero at these sizes; the point is to run
     the real-data pipeline (files → pairs → tokenizer → model folder → trainer → evaluator) end to end.
-    Written under a temporary name and renamed into place, so concurrent trials never see half a model.
+    Written with `save_to_cache`, so concurrent trials never see half a model.
     """
-    from spo_ray.models import create_small_lm, train_on_responses
-
     folder = Path(folder or data_dir())
     model_kwargs = {"max_position_embeddings": 1024, **(model_kwargs or {})}
     target = local_model_dir(cache_dir, vocab_size, model_kwargs, sft_steps, folder)
@@ -222,15 +224,39 @@ def build_local_gsm8k_model(cache_dir: str | Path, *, vocab_size: int = 3000, mo
     info = {"name": LOCAL_MODEL_NAME, "vocab_size": len(tokenizer), "model": model_kwargs, "sft_steps": sft_steps,
             "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
             "train_seconds": round(time.perf_counter() - started, 1)}
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    staging = Path(cache_dir) / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "init.json").write_text(json.dumps(info, indent=2))
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "init.json").exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)  # another trial built the same model first
-    return target
+    return save_to_cache(model, tokenizer, info, target)
+
+
+def local_model_for(config: RunConfig, cache_dir: str, progress: bool = False) -> Path:
+    """`gsm8k-local-small` for a run config: its model size, `model.init_steps` and (with data.source gsm8k)
+    `data.path`'s train.jsonl."""
+    folder = config.data.path if config.data.source == "gsm8k" and config.data.path else None
+    return build_local_gsm8k_model(cache_dir, model_kwargs=small_lm_kwargs(config.model),
+                                   sft_steps=config.model.init_steps.get(LOCAL_MODEL_NAME, 0), folder=folder,
+                                   progress=progress)
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+def gsm8k_splits(data_cfg: DataConfig, tokenizer):
+    """GSM8K pairs split by question (over all 1319, so the accuracy questions are held out too) and the
+    accuracy evaluator on the first `EVAL_QUESTIONS` held-out questions."""
+    folder = Path(data_cfg.path) if data_cfg.path else data_dir()
+    questions = gsm8k_questions(folder)
+    held_out = eval_keys([q["prompt"] for q in questions], data_cfg.eval_fraction)
+    report = PairReport(sources=[str(folder / "example_model_solutions.jsonl")])
+    rows = [(f"pair {i}", pair) for i, pair in enumerate(gsm8k_pairs(questions), start=1)]
+    pairs = rows_to_pairs(rows, report.sources[0], {c: c for c in PAIR_COLUMNS}, tokenizer, report)
+    train = [p for p in pairs if p["prompt"] not in held_out]
+    eval_pairs = [p for p in pairs if p["prompt"] in held_out]
+    train, eval_pairs, report = finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
+    eval_questions = [q for q in questions if q["prompt"] in held_out][:EVAL_QUESTIONS]
+    prompts, answers = [q["prompt"] for q in eval_questions], [q["answer"] for q in eval_questions]
+    return train, eval_pairs, report, lambda model: gsm8k_accuracy(model, tokenizer, prompts, answers)
+
+
+def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
+    """GSM8K's pairs with the policy's tokenizer (or `data.tokenizer`), and its accuracy as the evaluator."""
+    tokenizer = task_tokenizer(config, policy_path)
+    train, eval_pairs, report, evaluate = gsm8k_splits(config.data, tokenizer)
+    return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)

@@ -1,4 +1,5 @@
-"""Real preference data: local files or a Hugging Face dataset → validated text pairs → a `Task`.
+"""Real preference data (`data.source: files | hub`): local files or a Hugging Face dataset → validated text
+pairs → a `Task`. Its validation, splits and tokenizer loading serve the GSM8K source too.
 
 The format is TRL's: columns `prompt`, `chosen`, `rejected` (rename yours with `data.columns`), each either
 plain text or a *conversational* list of `{"role", "content"}` messages. Messages are rendered with the
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spo_ray.config import ConfigError, DataConfig, RunConfig
+from spo_ray.tasks.task import Task
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # The split and the caps do not depend on the trial's seed: every trial of a sweep must train and evaluate
@@ -302,57 +304,23 @@ def load_tokenizer(path: str, trust_remote_code: bool, key: str):
     return tokenizer
 
 
-def resolve_model_path(name: str, config: RunConfig, cache_dir: str, progress: bool, key: str) -> str:
-    """A hub id or local folder as given; the reserved `gsm8k-local-small` built (once) into the cache."""
-    from spo_ray.models import INIT_NAMES
-    from spo_ray.tasks import builtin_model_kwargs
-    from spo_ray.tasks import gsm8k
-
-    if name == gsm8k.LOCAL_MODEL_NAME:
-        folder = config.data.path if config.data.source == "gsm8k" and config.data.path else None
-        return str(gsm8k.build_local_gsm8k_model(cache_dir, model_kwargs=builtin_model_kwargs(config),
-                                                 sft_steps=config.model.init_steps.get(name, 0), folder=folder,
-                                                 progress=progress))
-    if name in INIT_NAMES:
-        raise ConfigError(f"{key}: {name!r} is a built-in init of the arithmetic task; with data.source "
-                          f"{config.data.source} give a hub id, a local model folder or {gsm8k.LOCAL_MODEL_NAME!r}")
-    return name
-
-
-def load_pair_task(config: RunConfig, cache_dir: str, progress: bool = False):
-    """The `Task` of `data.source` files, hub or gsm8k: pairs, tokenizer, weights and (GSM8K) accuracy."""
-    from spo_ray.tasks import Task
-
-    policy_path = resolve_model_path(config.model.init, config, cache_dir, progress, "model.init")
-    reference_path = (resolve_model_path(config.model.reference, config, cache_dir, progress, "model.reference")
-                      if config.model.reference else policy_path)
-    tokenizer_key = "data.tokenizer" if config.data.tokenizer else "model.init"
-    tokenizer = load_tokenizer(config.data.tokenizer or policy_path, config.model.trust_remote_code, tokenizer_key)
-    evaluate = None
-    if config.data.source == "gsm8k":
-        train, eval_pairs, report, evaluate = _gsm8k_splits(config.data, tokenizer)
-    else:
-        train, eval_pairs, report = load_pairs(config.data, tokenizer)
+def pair_task(config: RunConfig, policy_path: str, reference_path: str, tokenizer, train: list[dict],
+              eval_pairs: list[dict], report: PairReport, evaluate=None) -> Task:
+    """The `Task` of a source of text pairs (files, hub, GSM8K), its report printed and kept as a note."""
     print(report.summary())
     return Task(name=config.data.source, tokenizer=tokenizer, train_pairs=train, eval_pairs=eval_pairs,
                 policy_path=policy_path, reference_path=reference_path, evaluate=evaluate,
                 notes=[report.summary()])
 
 
-def _gsm8k_splits(data_cfg: DataConfig, tokenizer):
-    """GSM8K pairs split by question (over all 1319, so the accuracy questions are held out too) and the
-    accuracy evaluator on the first `EVAL_QUESTIONS` held-out questions."""
-    from spo_ray.tasks import gsm8k
+def task_tokenizer(config: RunConfig, policy_path: str):
+    """`data.tokenizer`, else the policy's own tokenizer."""
+    key = "data.tokenizer" if config.data.tokenizer else "model.init"
+    return load_tokenizer(config.data.tokenizer or policy_path, config.model.trust_remote_code, key)
 
-    folder = Path(data_cfg.path) if data_cfg.path else gsm8k.data_dir()
-    questions = gsm8k.gsm8k_questions(folder)
-    held_out = eval_keys([q["prompt"] for q in questions], data_cfg.eval_fraction)
-    report = PairReport(sources=[str(folder / "example_model_solutions.jsonl")])
-    rows = [(f"pair {i}", pair) for i, pair in enumerate(gsm8k.gsm8k_pairs(questions), start=1)]
-    pairs = rows_to_pairs(rows, report.sources[0], {c: c for c in PAIR_COLUMNS}, tokenizer, report)
-    train = [p for p in pairs if p["prompt"] not in held_out]
-    eval_pairs = [p for p in pairs if p["prompt"] in held_out]
-    train, eval_pairs, report = finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
-    eval_questions = [q for q in questions if q["prompt"] in held_out][:gsm8k.EVAL_QUESTIONS]
-    prompts, answers = [q["prompt"] for q in eval_questions], [q["answer"] for q in eval_questions]
-    return train, eval_pairs, report, lambda model: gsm8k.gsm8k_accuracy(model, tokenizer, prompts, answers)
+
+def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
+    """The `Task` of `data.source` files or hub: validated pairs and the policy's tokenizer; no evaluator."""
+    tokenizer = task_tokenizer(config, policy_path)
+    train, eval_pairs, report = load_pairs(config.data, tokenizer)
+    return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report)
