@@ -2,7 +2,7 @@
 
 A pair is TRL's "implicit prompt" form: {"prompt": str, "chosen": str, "rejected": str}, where chosen and
 rejected are the responses alone. Where the pairs come from (the built-in task, local files, the hub) is
-`spo_ray.pairs`' business; this module only tokenizes and batches them.
+`spo_ray.tasks`' business; this module only tokenizes and batches them.
 
 Tokenization: the prompt as the tokenizer encodes it (with its BOS where it adds one), each response
 without special tokens followed by EOS. A pair longer than `max_length` keeps the end of its prompt (at
