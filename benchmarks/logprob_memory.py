@@ -24,8 +24,12 @@ and imports already loaded). Measurements, per vocabulary:
   the model, its gradients, AdamW's state and the activations without logits — the floor the chunked step
   should sit on.
 
-The last line: `vocab=… reference_new_mib=… reference_old_default_mib=… step_new_mib=… step_old_mib=…
-step_backbone_mib=…` per vocabulary.
+Then speed (`--speed-rounds`, 3): training steps (forward, backward, AdamW) on one batch, chunked and full logits
+interleaved in one process, policy tokens/s of each — on the 135M shape (4 pairs × 2 × 256 tokens) and on the
+built-in task's 0.86M-parameter Llama (32 pairs of the arithmetic task's length, vocabulary 20).
+
+The last lines: `vocab=… reference_new_mib=… reference_old_default_mib=… step_new_mib=… step_old_mib=…
+step_backbone_mib=…` per vocabulary, and `speed model=… chunked_tokens_per_s=… full_tokens_per_s=… ratio=…`.
 """
 
 from __future__ import annotations
@@ -135,11 +139,47 @@ def show(row: dict) -> None:
               f"it started from), {row['seconds']} s", flush=True)
 
 
+def speed(name: str, model, pairs: int, tokens: int, vocab: int, rounds: int, steps: int = 2) -> str:
+    """Policy tokens/s of training steps through the chunked head and through full logits, interleaved."""
+    import spo_ray.logprobs as logprobs
+    from spo_ray.config import LossConfig
+    from spo_ray.data import collate_pairs
+    from spo_ray.trainer import batch_loss
+
+    torch.set_num_threads(2)
+    data = dataset(pairs, tokens, vocab)
+    batch = collate_pairs([data[i] for i in range(len(data))], 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    fused_head = logprobs.fused_head
+    rates = {"chunked": [], "full": []}
+    for round_ in range(rounds + 1):  # round 0 warms both up
+        for label in rates:
+            logprobs.fused_head = fused_head if label == "chunked" else (lambda model: None)
+            start = time.perf_counter()
+            for _ in range(steps):
+                policy = logprobs.concatenated_forward(model, batch)
+                reference = {k: v.detach() + 0.1 for k, v in policy.items()}
+                loss, _ = batch_loss(LossConfig(), policy, reference, step=1)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if round_:
+                rates[label].append(steps * batch["input_ids"].numel() / (time.perf_counter() - start))
+    logprobs.fused_head = fused_head
+    chunked, full = max(rates["chunked"]), max(rates["full"])
+    print(f"  {name}: {pairs} pairs × 2 × {tokens} tokens; chunked {chunked:,.0f} tokens/s (rounds "
+          f"{', '.join(f'{r:,.0f}' for r in rates['chunked'])}), full logits {full:,.0f} "
+          f"({', '.join(f'{r:,.0f}' for r in rates['full'])}): ratio {chunked / full:.3f}", flush=True)
+    return f"speed model={name} chunked_tokens_per_s={chunked:.0f} full_tokens_per_s={full:.0f} ratio={chunked / full:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocabs", default="49152,151936")
     parser.add_argument("--step-tokens", type=int, default=512, help="row length of the training step's pairs")
     parser.add_argument("--budget", type=int, default=16384, help="the passes' default token budget")
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: memory, speed")
     parser.add_argument("--one", nargs=5, metavar=("KIND", "PATH", "VOCAB", "PAIRS", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -151,7 +191,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, 2 threads; peak RSS per process")
     default_pairs = args.budget // (2 * PAIR_TOKENS)
     summary = []
-    for vocab in [int(v) for v in args.vocabs.split(",")]:
+    for vocab in [int(v) for v in args.vocabs.split(",")] if "memory" not in args.skip else []:
         print(f"\nSmolLM2-135M shape, vocabulary {vocab:,}:")
         rows = {}
         for kind in ("reference", "eval"):
@@ -174,6 +214,11 @@ def main() -> None:
                        f"eval_new_mib={peak(('eval', 'new'))} eval_old_default_mib={peak(('eval', 'old@128')):.0f} "
                        f"step_new_mib={peak(('step', 'chunked'))} step_old_mib={peak(('step', 'old'))} "
                        f"step_backbone_mib={peak(('step', 'backbone'))}")
+    if "speed" not in args.skip:
+        from spo_ray.models import create_small_lm
+        print("\nspeed, training steps interleaved in one process (best of rounds):")
+        summary.append(speed("smollm2-135m-shape", smollm2_shape(49152).train(), 4, 256, 49152, args.speed_rounds))
+        summary.append(speed("arithmetic-0.86m", create_small_lm(20).train(), 32, 24, 20, args.speed_rounds, steps=10))
     print()
     print("\n".join(summary))
 

@@ -1,8 +1,10 @@
 """Training throughput of spo-ray's trainer against TRL's DPOTrainer: same model, pairs, batch, steps and β.
 
-    .venv/bin/python benchmarks/vs_trl.py [--steps 12] [--rounds 2] [--batch-size 8] [--pairs 96]
+    .venv/bin/python benchmarks/vs_trl.py            # ~4 minutes on 2 idle cores: both parts below, short
+    .venv/bin/python benchmarks/vs_trl.py --long     # the long version (~15 minutes or more)
 
-Three variants, interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads:
+Part 1, a 30.4M-parameter Llama (`--steps 6 --rounds 1 --pairs 48`; `--long`: 12, 2, 96). Three variants,
+interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads:
 
   (a) spo-ray   `spo_ray.trainer.train` itself, reading the pairs from a JSONL file: reference log-probs from the
                 shared cache (built once, before round 1, and timed on its own), length-grouped batches;
@@ -12,6 +14,13 @@ Three variants, interleaved (a, b, c, a, b, c, …) in one process with torch fi
 
 and, to show where (a)'s lead over (c) comes from, (a) once more with `train.length_grouping: false` (batches in
 random order, padded as TRL's are): "spo-ray-random".
+
+Part 2, a real model's shape: a config-made Llama shaped like SmolLM2-135M-Instruct (30 layers, hidden 576, MLP
+1536, 9 heads over 3 KV heads, tied embeddings, vocabulary 49,152; 134.5M parameters, float32), pairs of up to
+`--real-max-tokens` tokens (128; `--long`: 256), `--real-batch-size` pairs a step (2; `--long`: 4), 5 steps
+(`--long`: 8). spo-ray (reading a reference cache that a first run built) and TRL with its defaults each run in a
+fresh process, one after the other, so each side's peak RSS (`VmHWM`) is its own: pairs/s over steps 2…S−1 and
+the peak of the whole process (model, reference, optimizer state, data).
 
 Model: a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
 step's loss is not log 2 and the loss check means something; initializer range 0.05 so the two differ by a few
@@ -24,7 +33,8 @@ runs the end-of-run evaluation). The best of the rounds is reported. The referen
 separately, and once more per trial: spo-ray's cache time divided by `--sweep-trials` (the trials of a sweep
 that share it), TRL-precompute's pass in full (every trial repeats it). A check first computes TRL's loss on
 spo-ray's first batch (`DPOTrainer.compute_loss`, before training) and compares it with the loss spo-ray logged
-for its first step. Last line: `speedup_vs_trl=… speedup_vs_trl_precompute=… loss_diff=…`.
+for its first step. Last lines: `speedup_vs_trl=… speedup_vs_trl_precompute=… loss_diff=…` (part 1) and
+`real_shape speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=…` (part 2).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -93,13 +104,14 @@ def synthetic_pairs(count: int, vocab_size: int, max_tokens: int, seed: int = 0)
     return pairs
 
 
-def llama(vocab_size: int, hidden: int, layers: int, seed: int, max_tokens: int):
+def llama(vocab_size: int, hidden: int, layers: int, seed: int, max_tokens: int, intermediate: int | None = None,
+          kv_heads: int | None = None, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=3 * hidden,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 3 * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64, max_position_embeddings=max_tokens,
-                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         num_key_value_heads=kv_heads or hidden // 64, max_position_embeddings=max_tokens,
+                         tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                          initializer_range=0.05)  # wide enough that two seeds' log-probs differ by nats
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -111,7 +123,8 @@ def build_setup(folder: Path, args) -> dict:
     tokenizer = word_tokenizer(args.vocab)
     paths = {"policy": folder / "policy", "reference": folder / "reference", "pairs": folder / "pairs.jsonl"}
     for name, seed in (("policy", 0), ("reference", 1)):
-        model = llama(args.vocab, args.hidden, args.layers, seed, args.max_tokens)
+        model = llama(args.vocab, args.hidden, args.layers, seed, args.max_tokens,
+                      getattr(args, "intermediate", None), getattr(args, "kv_heads", None), getattr(args, "tied", False))
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     paths["parameters"] = sum(p.numel() for p in model.parameters())
@@ -239,12 +252,84 @@ def padding_share(lengths: list[int], batches: list[list[int]]) -> float:
     return 1 - sum(lengths[i] for b in batches for i in b) / padded
 
 
+# ---------------------------------------------------------------------------------------------------
+# Part 2: SmolLM2-135M's shape, each side in its own process
+
+def real_shape(args) -> argparse.Namespace:
+    """Part 2's settings: the model shape and sizes, from the command line's `--real-*` options."""
+    real = argparse.Namespace(**vars(args))
+    real.vocab, real.hidden, real.layers, real.intermediate, real.kv_heads, real.tied = 49152, 576, 30, 1536, 3, True
+    real.max_tokens, real.batch_size, real.steps = args.real_max_tokens, args.real_batch_size, args.real_steps
+    real.pairs = real.steps * real.batch_size
+    return real
+
+
+def run_side(name: str, work: Path) -> None:
+    """One side of part 2 in this (fresh) process; prints its pairs/s and peak RSS as JSON."""
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    real = argparse.Namespace(**json.loads((work / "args.json").read_text()))
+    paths = {k: Path(v) if isinstance(v, str) else v for k, v in json.loads((work / "paths.json").read_text()).items()}
+    torch.set_num_threads(real.threads)
+    cache_dir = str(work / "spo_cache")
+    if name == "spo-ray-cache":  # the sweep's first trial: builds the reference table the others read
+        result = run_ours(run_config(paths, real, steps=1), cache_dir)
+        rate = None
+    elif name == "spo-ray":
+        result = run_ours(run_config(paths, real), cache_dir)
+        rate = steady_rate(result["stamps"], real.batch_size)
+    else:
+        from spo_ray.tasks import load_task
+        task = load_task(run_config(paths, real), cache_dir=cache_dir)
+        result = run_trl(task, paths, real, str(work / "trl"), precompute=False)
+        rate = steady_rate(result["stamps"], real.batch_size)
+    print(json.dumps({"side": name, "pairs_per_s": rate, "total_s": result["total_s"], "peak_mib": vm_hwm_mib()}))
+
+
+def real_shape_part(args) -> None:
+    import subprocess
+
+    real = real_shape(args)
+    work = Path(tempfile.mkdtemp(prefix="vs_trl_real_"))
+    paths = build_setup(work, real)
+    (work / "paths.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in paths.items()}))
+    (work / "args.json").write_text(json.dumps(vars(real)))
+    print(f"\npart 2: Llama shaped like SmolLM2-135M-Instruct (30 layers, hidden 576, MLP 1536, 9/3 heads, tied, "
+          f"vocab 49,152), {paths['parameters'] / 1e6:.1f}M parameters, float32; {real.pairs} pairs of up to "
+          f"{real.max_tokens} tokens, batch {real.batch_size}, {real.steps} steps; each side in its own process")
+    sides = {}
+    for name in ("spo-ray-cache", "spo-ray", "TRL"):
+        done = subprocess.run([sys.executable, __file__, "--side", name, str(work)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"part 2, {name}: failed\n{done.stderr[-3000:]}")
+        sides[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    cache, ours, theirs = sides["spo-ray-cache"], sides["spo-ray"], sides["TRL"]
+    print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB (a trial reading the "
+          f"reference cache; the run that built it: {cache['total_s']:.0f} s, peak {cache['peak_mib']:,.0f} MiB)")
+    print(f"  TRL:     {theirs['pairs_per_s']:.3f} pairs/s, peak {theirs['peak_mib']:,.0f} MiB (DPOTrainer defaults: "
+          f"the reference model runs on every batch)")
+    print(f"real_shape speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
+          f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f}")
+    shutil.rmtree(work, ignore_errors=True)  # two 135M-parameter model folders
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--side"]:
+        return run_side(sys.argv[2], Path(sys.argv[3]))
+    long = "--long" in sys.argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(parser)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--long", action="store_true", help="the long version (more steps, pairs and rounds)")
+    parser.add_argument("--rounds", type=int, default=2 if long else 1)
     parser.add_argument("--sweep-trials", type=int, default=8, help="trials that share one reference cache")
+    parser.add_argument("--real-max-tokens", type=int, default=256 if long else 128)
+    parser.add_argument("--real-batch-size", type=int, default=4 if long else 2)
+    parser.add_argument("--real-steps", type=int, default=8 if long else 5)
+    parser.add_argument("--skip-part", type=int, choices=(1, 2), help="run only the other part")
+    parser.set_defaults(steps=12 if long else 6, pairs=96 if long else 48)
     args = parser.parse_args()
+    if args.skip_part == 1:
+        return real_shape_part(args)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("trl").setLevel(logging.ERROR)
@@ -313,7 +398,7 @@ def main() -> None:
                 print(f"first-step loss: spo-ray {ours['first_loss']:.6f}, TRL on the same batch "
                       f"{theirs['first_loss']:.6f}, token ids identical: {theirs['token_ids_match']}")
         rates["spo-ray-random"].append(steady_rate(run_ours(random_config, cache_dir)["stamps"], args.batch_size))
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()) + " pairs/s")
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()) + " pairs/s", flush=True)
 
     best = {k: max(v) for k, v in rates.items()}
     print("\nbest of rounds, pairs/s (steps 2…S−1):")
@@ -341,7 +426,10 @@ def main() -> None:
           f"{per_trial['TRL-precompute'] / per_trial['spo-ray']:.2f}× vs TRL-precompute")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} "
-          f"speedup_vs_trl_precompute={best['spo-ray'] / best['TRL-precompute']:.2f} loss_diff={loss_diff:.2e}")
+          f"speedup_vs_trl_precompute={best['spo-ray'] / best['TRL-precompute']:.2f} loss_diff={loss_diff:.2e}",
+          flush=True)
+    if args.skip_part != 2:
+        real_shape_part(args)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,7 @@ def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> d
         width = probe_batch["input_ids"].size(1)
         indices = list(range(*rows.indices(probe_batch["input_ids"].size(0))))
         per_group = max(1, (max_tokens or len(indices) * width) // width)
-        total = [torch.zeros_like(local(p), dtype=torch.float32) for p in params]
+        total = None  # the first group's gradients themselves: no extra copy of the model's size in the usual case
         for start in range(0, len(indices), per_group):
             group = indices[start:start + per_group]
             used = probe_batch["attention_mask"][group].any(0)  # drop the columns that are padding in every row
@@ -200,9 +200,9 @@ def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> d
                     p.grad = None
             else:
                 grads = torch.autograd.grad(share, params, allow_unused=True)
-            for accumulated, g in zip(total, grads):
-                if g is not None:
-                    accumulated += g.float()
+            grads = [g.float() if g is not None else torch.zeros_like(local(p), dtype=torch.float32)
+                     for g, p in zip(grads, params)]
+            total = grads if total is None else [a.add_(g) for a, g in zip(total, grads)]
         return total
 
     grad_chosen = side_gradient(slice(0, half))
@@ -492,6 +492,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them before any evaluation or probe
         scheduler.step()
         step += 1
         if bar:
