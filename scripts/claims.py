@@ -237,7 +237,7 @@ def sft_free_claim(root: Path, before: dict) -> None:
         print("\n## Claim 5: the one_step grid (one_step: base, seed 0, α × λ × ε)\n")
         stats = per_trial(load_experiment(root / "one_step").history,
                           ["train/safe_region_violation", "train/spo_inner_step", "train/tokens_per_s"])
-        grid = grid.join(stats, on="trial_id").rename(columns={"train/safe_region_violation": "active share",
+        grid = grid.drop(columns=stats.columns, errors="ignore").join(stats, on="trial_id").rename(columns={"train/safe_region_violation": "active share",
                                                                "train/spo_inner_step": "α used"})
         columns = ["spo_inner_lr", "spo_lambda", "spo_epsilon", "eval/accuracy", "eval/mass_correct",
                    "eval/mass_mistake", "eval/off_target", *DELTAS, "active share", "α used", "train/tokens_per_s"]
