@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/claims.py [RESULTS_DIR]      # default: results
 
-Reads results.csv of results/{beta,beta_wide,lambda,init,baselines,rpo} (finished trials only, through
+Reads results.csv of results/{beta,beta_wide,lambda,init,baselines,rpo,sft_free,sft_free_dpo,one_step}
+(and history.parquet of the last three; finished trials only, through
 `analysis.collect`), evaluates each initialization the experiments start from on the experiments' own
 evaluation problems (the "before training" row: accuracy and mass split; log-prob deltas are 0 there by
 definition), and prints Markdown: one block per claim with the counts the statements quote. Experiments that
@@ -64,8 +65,9 @@ def main() -> None:
 
     print("## Before training: each init on the sweeps' 100 evaluation problems\n")
     before = {}
-    for init in ("base", "sft_short", "sft_long"):
-        before[init] = init_evaluation(root, "init" if (root / "init").exists() else "beta", init)
+    source = next((n for n in ("init", "beta", "sft_free") if (root / n).exists()), "init")
+    for init in ("base", "sft_short", "sft_long") if source != "sft_free" else ("base", "sft_short"):
+        before[init] = init_evaluation(root, source, init)
         b = before[init]
         print(f"- {init}: accuracy {b['accuracy']:.3f}; mass correct {b['eval/mass_correct']:.3f}, mistake "
               f"{b['eval/mass_mistake']:.3f}, other {b['eval/mass_other']:.3f}, malformed "
@@ -141,6 +143,99 @@ def main() -> None:
             runs = pd.concat([wide[wide["beta"] == 0.1], runs], ignore_index=True)
         runs.loc[(runs["loss"] == "spo") & runs["trial_id"].isin(frames[0]["trial_id"]), "loss"] = "spo (over simpo)"
         print(to_markdown(summary_table(runs, ["eval/accuracy", *DELTAS, "eval/off_target"], by=["loss"])))
+
+    sft_free_claim(root, before)
+
+
+def method(runs: pd.DataFrame) -> pd.Series:
+    """dpo, rpo (dpo + nll), spo/reference, spo/one_step: the four ways the SFT-free runs treat y_w."""
+    nll = runs["nll_weight"].fillna(0) if "nll_weight" in runs.columns else pd.Series(0.0, index=runs.index)
+    estimator = runs["spo_estimator"] if "spo_estimator" in runs.columns else pd.Series("reference", index=runs.index)
+    return pd.Series([("rpo (dpo + nll)" if w > 0 else "dpo") if loss == "dpo" else f"spo/{e}"
+                      for loss, w, e in zip(runs["loss"], nll, estimator)], index=runs.index)
+
+
+def per_trial(history: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Each trial's mean over its logged training windows (10 steps each) of `metrics`."""
+    present = [m for m in metrics if m in history.columns]
+    return history.dropna(subset=["train/loss"]).groupby("trial_id")[present].mean()
+
+
+def sft_free_claim(root: Path, before: dict) -> None:
+    main, dpo = experiment(root, "sft_free"), experiment(root, "sft_free_dpo")
+    if main is None or dpo is None:
+        return
+    print("\n## Claim 5: SFT-free starts (sft_free + sft_free_dpo: β = 0.1, λ = 1, 3 seeds per cell)\n")
+    runs = pd.concat([main, dpo], ignore_index=True)
+    runs["method"] = method(runs)
+    table = summary_table(runs, ["eval/accuracy", *MASS, *DELTAS], by=["method", "init"])
+    table.insert(2, "accuracy before", table["init"].map(lambda i: before[i]["accuracy"]))
+    print(to_markdown(table))
+    for (name, init), cell in runs.groupby(["method", "init"]):
+        b = before[init]
+        print(f"- {name} from {init}: accuracy below the init's {b['accuracy']:.2f} in "
+              f"{count(cell['eval/accuracy'] < b['accuracy'])} runs; chosen log-prob fell in "
+              f"{count(cell['eval/chosen_logp_delta'] < 0)}; off-target mass above the init's "
+              f"{b['eval/mass_other'] + b['eval/mass_malformed']:.3f} in "
+              f"{count(cell['eval/off_target'] > b['eval/mass_other'] + b['eval/mass_malformed'])}")
+
+    # one_step against RPO at the same weight (λ = nll_weight = 1), trial by trial.
+    key = ["init", "seed"]
+    one = runs[runs["method"] == "spo/one_step"].set_index(key)
+    rpo = runs[runs["method"] == "rpo (dpo + nll)"].set_index(key)
+    both = one.index.intersection(rpo.index)
+    for metric in ("eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "eval/mass_correct"):
+        diff = (one.loc[both, metric] - rpo.loc[both, metric]).abs()
+        print(f"- one_step − RPO (weight 1), {len(both)} paired trials: |Δ {metric}| max {diff.max():.4f}, "
+              f"mean {diff.mean():.4f}")
+
+    # How often the one_step penalty was on, the α it settled on, and what it cost per step.
+    history = load_experiment(root / "sft_free").history
+    stats = per_trial(history, ["train/safe_region_violation", "train/spo_penalty", "train/spo_inner_step",
+                                "train/tokens_per_s"]).join(main.set_index("trial_id")[["init", "seed", "spo_estimator"]])
+    active = stats[stats["spo_estimator"] == "one_step"]
+    print(f"- one_step penalty active in {active['train/safe_region_violation'].mean():.1%} of training steps "
+          f"(per trial {active['train/safe_region_violation'].min():.0%} … "
+          f"{active['train/safe_region_violation'].max():.0%}); mean penalty {active['train/spo_penalty'].mean():.4f}"
+          + (f"; inner step used {active['train/spo_inner_step'].min():.4g} … "
+             f"{active['train/spo_inner_step'].max():.4g} (trial means)" if "train/spo_inner_step" in active else ""))
+    speed = stats.pivot_table(index=["init", "seed"], columns="spo_estimator", values="train/tokens_per_s")
+    ratio = speed["reference"] / speed["one_step"]
+    print(f"- cost per training step, one_step / reference (tokens/s of the same init and seed, same sweep, "
+          f"{len(ratio)} pairs): mean {ratio.mean():.2f}×, range {ratio.min():.2f}× … {ratio.max():.2f}×; "
+          f"tokens/s reference {speed['reference'].mean():.0f}, one_step {speed['one_step'].mean():.0f}")
+
+    before_fix = experiment(root, "sft_free_before_fix")  # sweeps/sft_free.yaml run at 1659f94, by hand
+    if before_fix is not None:
+        print("\n## Claim 5: one_step before the descent check (sft_free_before_fix, α = 0.1 taken as is)\n")
+        history = load_experiment(root / "sft_free_before_fix").history.dropna(subset=["train/loss"])
+        dpo_history = load_experiment(root / "sft_free_dpo").history.dropna(subset=["train/loss"])
+        dpo_runs = dpo[dpo["nll_weight"].fillna(0) == 0].set_index(key)
+        rows = []
+        for (init, seed), steps in history[history["spo_estimator"] == "one_step"].groupby(key):
+            twin = dpo_history[(dpo_history["init"] == init) & (dpo_history["seed"] == seed)
+                               & (dpo_history["nll_weight"].fillna(0) == 0)]
+            same = steps.set_index("step")["train/loss"].equals(twin.set_index("step")["train/loss"])
+            final = before_fix[(before_fix["init"] == init) & (before_fix["seed"] == seed)
+                               & (before_fix["spo_estimator"] == "one_step")].iloc[0]
+            rows.append({"init": init, "seed": seed,
+                         "active steps": int(round(10 * steps["train/safe_region_violation"].sum())),
+                         "loss identical to DPO's": same, "accuracy": final["eval/accuracy"],
+                         "DPO accuracy": dpo_runs.loc[(init, seed), "eval/accuracy"],
+                         "chosen Δ": final["eval/chosen_logp_delta"],
+                         "DPO chosen Δ": dpo_runs.loc[(init, seed), "eval/chosen_logp_delta"]})
+        print(to_markdown(pd.DataFrame(rows).round(3)))
+
+    grid = experiment(root, "one_step")
+    if grid is not None:
+        print("\n## Claim 5: the one_step grid (one_step: base, seed 0, α × λ × ε)\n")
+        stats = per_trial(load_experiment(root / "one_step").history,
+                          ["train/safe_region_violation", "train/spo_inner_step", "train/tokens_per_s"])
+        grid = grid.drop(columns=stats.columns, errors="ignore").join(stats, on="trial_id").rename(columns={"train/safe_region_violation": "active share",
+                                                               "train/spo_inner_step": "α used"})
+        columns = ["spo_inner_lr", "spo_lambda", "spo_epsilon", "eval/accuracy", "eval/mass_correct",
+                   "eval/mass_mistake", "eval/off_target", *DELTAS, "active share", "α used", "train/tokens_per_s"]
+        print(to_markdown(grid.sort_values(columns[:3])[columns].round(4)))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class LossConfig(Section):
     spo_lambda: float = Field(1.0, ge=0)         # λ: weight of the safe-region penalty (0 = the base loss)
     spo_epsilon: float = Field(0.0, ge=0)        # ε: tolerance before a chosen log-prob drop is penalised
     spo_estimator: Literal[SPO_ESTIMATORS] = "reference"
-    spo_inner_lr: float = Field(0.1, gt=0)       # α: inner step of the one_step estimator
+    spo_inner_lr: float = Field(0.1, gt=0)       # α: first inner step of one_step (halved until it lowers g)
     spo_lambda_warmup_steps: int = Field(0, ge=0)  # λ ramps linearly from 0 over these steps
     label_smoothing: float = Field(0.1, ge=0, lt=0.5)  # cdpo's ε
     gamma: float = 0.5                           # simpo's target margin

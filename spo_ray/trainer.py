@@ -80,26 +80,40 @@ def spo_lambda_at(loss_cfg: LossConfig, step: int) -> float:
 
 
 def one_step_penalty(model, batch: dict, chosen_avg_logps: torch.Tensor, inner_lr: float,
-                     epsilon: float) -> torch.Tensor:
+                     epsilon: float, max_halvings: int = 10) -> tuple[torch.Tensor, float]:
     """SPO's `one_step` estimate of the lower-level value gap: max(0, g(θ) − sg[g(θ − α∇g(θ))] − ε).
 
     g is the mean per-token NLL of the chosen responses on the batch. One gradient step of size α on g
     approximates the lower-level (SFT) optimum near θ, so g(θ) − g(θ − α∇g) estimates how far θ is from
-    being SFT-optimal; its gradient w.r.t. θ is ∇g wherever the penalty is active. Costs one extra backward
-    (for ∇g) and one extra forward over the chosen rows.
+    being SFT-optimal; its gradient w.r.t. θ is ∇g wherever the penalty is active (RPO's NLL gradient at
+    weight λ), and ε gates it: active only while the step lowers g by more than ε (≈ α‖∇g‖²).
+
+    The step must be a descent step: one that overshoots (g rises) says nothing about the lower-level
+    optimum, and max(0, ·) would silently switch the penalty off — at α = 0.1 it did, in 98% of the
+    steps, on the built-in task (docs/results.md, Claim 5). So α is halved until g(θ − α∇g) < g(θ) (at
+    most `max_halvings` times; no step found: penalty 0). Returns the penalty and the α used (0.0 when none
+    lowered g). Costs one extra backward (for ∇g) and one extra forward over the chosen rows per α tried.
     """
     g = -chosen_avg_logps.mean()
     inner = unwrap(model)
     names, params = zip(*[(n, p) for n, p in inner.named_parameters() if p.requires_grad])
     grads = torch.autograd.grad(g, params, retain_graph=True, allow_unused=True)
     half = batch["input_ids"].size(0) // 2
-    with torch.no_grad():
-        stepped = {n: p - inner_lr * gr if gr is not None else p for n, p, gr in zip(names, params, grads)}
-        chosen_rows = {k: batch[k][:half] for k in ("input_ids", "attention_mask", "response_mask")}
-        sums, counts = sequence_logps(inner, chosen_rows["input_ids"], chosen_rows["attention_mask"],
-                                      chosen_rows["response_mask"], parameters=stepped)
-        g_after = -(sums / counts.clamp(min=1)).mean()
-    return torch.relu(g - g_after - epsilon)
+    chosen_rows = [batch[k][:half] for k in ("input_ids", "attention_mask", "response_mask")]
+
+    @torch.no_grad()
+    def g_after(alpha: float) -> torch.Tensor:
+        stepped = {n: p - alpha * gr if gr is not None else p for n, p, gr in zip(names, params, grads)}
+        sums, counts = sequence_logps(inner, *chosen_rows, parameters=stepped)
+        return -(sums / counts.clamp(min=1)).mean()
+
+    alpha = inner_lr
+    for _ in range(max_halvings + 1):
+        value = g_after(alpha)
+        if value < g.detach():
+            return torch.relu(g - value - epsilon), alpha
+        alpha /= 2
+    return torch.zeros((), device=g.device), 0.0
 
 
 def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, model=None,
@@ -136,11 +150,12 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
                                           beta=loss_cfg.beta, **options)
     loss = losses.mean()
     if one_step:
-        penalty = one_step_penalty(model, batch, policy["chosen_avg_logps"], loss_cfg.spo_inner_lr,
-                                   loss_cfg.spo_epsilon)
+        penalty, inner_step = one_step_penalty(model, batch, policy["chosen_avg_logps"], loss_cfg.spo_inner_lr,
+                                               loss_cfg.spo_epsilon)
         loss = loss + spo_lambda * penalty
         metrics["spo_penalty"] = penalty.detach()
-        metrics["safe_region_violation"] = (penalty > 0).float().detach()
+        metrics["safe_region_violation"] = (penalty > 0).float().detach()  # the step's batch is one unit
+        metrics["spo_inner_step"] = torch.tensor(inner_step)  # the α the descent check settled on
 
     # The log-prob trajectories are always the summed log-probs against the reference (the paper's
     # quantities), whatever view of them the loss used.

@@ -80,32 +80,87 @@ def test_spo_lambda_warmup_is_linear():
     assert [spo_lambda_at(cfg, s) for s in (0, 5, 10, 50)] == [0.0, 1.0, 2.0, 2.0]
 
 
-def test_one_step_penalty_equals_a_manual_inner_step():
+def _one_step_fixture():
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=32))
     items = [(0, TokenizedPair([1, 2, 3], [4, 5, 2], [6, 2])), (1, TokenizedPair([1, 7], [8, 9, 9, 2], [3, 2]))]
-    batch = collate_pairs(items, 0)
+    return model, collate_pairs(items, 0)
+
+
+def _manual_inner_values(model, batch, alphas):
+    """g(θ) and g(θ − α∇g(θ)) for each α, each step taken on a fresh copy of the model (no functional_call)."""
+    from transformers import LlamaForCausalLM
+    g = -concatenated_forward(model, batch)["chosen_avg_logps"].mean()
+    grads = torch.autograd.grad(g, list(model.parameters()))
+    after = []
+    for alpha in alphas:
+        stepped = LlamaForCausalLM(model.config)
+        stepped.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for p, grad in zip(stepped.parameters(), grads):
+                p -= alpha * grad
+            after.append(-concatenated_forward(stepped, batch)["chosen_avg_logps"].mean().item())
+    return g.item(), after
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.01, 10.0])
+def test_one_step_penalty_equals_a_manual_inner_step(epsilon):
+    model, batch = _one_step_fixture()
     out = concatenated_forward(model, batch)
     alpha = 0.5
-    penalty = one_step_penalty(model, batch, out["chosen_avg_logps"], alpha, 0.0)
+    penalty, used = one_step_penalty(model, batch, out["chosen_avg_logps"], alpha, epsilon)
 
-    # Independently: g(θ), take the SGD step on a copy of the model, g(θ').
-    g = -out["chosen_avg_logps"].mean()
-    grads = torch.autograd.grad(g, list(model.parameters()), retain_graph=True)
-    stepped = LlamaForCausalLM(model.config)
-    stepped.load_state_dict(model.state_dict())
+    g, (g_after,) = _manual_inner_values(model, batch, [alpha])
+    assert g_after < g and used == alpha  # a descent step: taken as it is
+    assert penalty.item() == pytest.approx(max(0.0, g - g_after - epsilon), rel=1e-5, abs=1e-7)
+    # Its gradient is ∇g while active (the inner value is a stop-gradient), zero once ε exceeds the gap.
+    (grad_penalty,) = torch.autograd.grad(penalty, [model.lm_head.weight], retain_graph=True, allow_unused=True)
+    (grad_g,) = torch.autograd.grad(-out["chosen_avg_logps"].mean(), [model.lm_head.weight])
+    expected = grad_g if g - g_after > epsilon else torch.zeros_like(grad_g)
+    got = grad_penalty if grad_penalty is not None else torch.zeros_like(grad_g)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_one_step_penalty_halves_a_step_that_raises_the_nll():
+    # A step so large that θ − α∇g is worse than θ: the estimate of the lower-level value would be above
+    # g(θ), so max(0, ·) would switch the penalty off. The estimator halves α until the step lowers g.
+    model, batch = _one_step_fixture()
+    out = concatenated_forward(model, batch)
+    alphas = [200.0 / 2**k for k in range(12)]
+    g, after = _manual_inner_values(model, batch, alphas)
+    first_descent = next(k for k, value in enumerate(after) if value < g)
+    assert first_descent > 0  # the premise: the first step overshoots
+    penalty, used = one_step_penalty(model, batch, out["chosen_avg_logps"], alphas[0], 0.0)
+    assert used == alphas[first_descent]
+    assert penalty.item() == pytest.approx(g - after[first_descent], rel=1e-4)
+    # With too few halvings allowed, no descent step is found and the penalty is 0.
+    penalty, used = one_step_penalty(model, batch, out["chosen_avg_logps"], alphas[0], 0.0,
+                                     max_halvings=first_descent - 1)
+    assert penalty.item() == 0.0 and used == 0.0
+
+
+def test_active_one_step_spo_has_the_gradient_of_rpo_at_weight_lambda():
+    # While the penalty is active its gradient is λ∇g, g = mean_i(−ℓ_θ(y_w^i)/|y_w^i|): RPO's NLL term.
+    model, batch = _one_step_fixture()
+    params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
-        for p, grad in zip(stepped.parameters(), grads):
-            p -= alpha * grad
-        g_after = -concatenated_forward(stepped, batch)["chosen_avg_logps"].mean()
-    assert penalty.item() == pytest.approx(max(0.0, (g - g_after).item()), rel=1e-5)
-    assert penalty.item() > 0  # a gradient step on the NLL lowers it
-    # Its gradient is ∇g (the inner value is a stop-gradient).
-    (grad_penalty,) = torch.autograd.grad(penalty, [model.lm_head.weight], retain_graph=True)
-    (grad_g,) = torch.autograd.grad(g, [model.lm_head.weight])
-    assert torch.allclose(grad_penalty, grad_g, atol=1e-6)
+        ref = concatenated_forward(model, batch)
+    ref = {k: v + 0.3 * torch.arange(v.numel()).reshape(v.shape) for k, v in ref.items()}  # policy ≠ reference
+
+    def gradient(loss_section):
+        cfg = validate_run({"loss": {"beta": 0.1, **loss_section}}).loss
+        loss, metrics = batch_loss(cfg, concatenated_forward(model, batch), ref, step=1, model=model, batch=batch)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]), metrics
+
+    one_step, metrics = gradient({"name": "spo", "spo_estimator": "one_step", "spo_lambda": 0.7,
+                                  "spo_inner_lr": 0.5})
+    rpo, _ = gradient({"name": "dpo", "nll_weight": 0.7})
+    dpo, _ = gradient({"name": "dpo"})
+    assert metrics["safe_region_violation"].item() == 1.0 and metrics["spo_inner_step"].item() == 0.5
+    assert torch.allclose(one_step, rpo, atol=1e-6)
+    assert not torch.allclose(one_step, dpo, atol=1e-3)  # the penalty does move the gradient
 
 
 @pytest.mark.parametrize("max_tokens", [None, 6], ids=["whole-side", "one-row-at-a-time"])
