@@ -105,7 +105,9 @@ def measure_one(kind: str, path: str, vocab: int, pairs: int, tokens: int) -> di
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         batch = collate_pairs([data[i] for i in range(len(data))], 0)
         if path == "backbone":  # the same forward and backward without the LM head
-            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=logprobs.position_ids_from_mask(batch["attention_mask"]),
+                                 use_cache=False).last_hidden_state  # as the chunked path calls it
             loss = hidden.float().pow(2).mean()
         else:
             policy = logprobs.concatenated_forward(model, batch)
