@@ -108,6 +108,14 @@ class DataConfig(Section):
     max_eval_pairs: int | None = Field(None, gt=0)
     max_length: int = Field(512, gt=8)
     tokenizer: str | None = None                 # default: the model's tokenizer
+    # gsm8k: render prompts as a user message with the tokenizer's chat template (pairs and accuracy alike);
+    # auto: when the tokenizer has one (instruct models), off for base models.
+    chat_template: bool | Literal["auto"] = "auto"
+    eval_questions: int = Field(64, ge=0)        # gsm8k: held-out questions whose greedy answers are checked
+    max_new_tokens: int = Field(256, gt=0)       # gsm8k: the longest greedy answer
+    # gsm8k: held-out reference answers (train.jsonl solutions, in no pair) whose per-token log-prob is
+    # logged as eval/retention_logp: capability retention where accuracy is too low to show a regression.
+    retention_answers: int = Field(64, ge=0)
 
 
 class TrainConfig(Section):

@@ -153,19 +153,20 @@ def _is_blank(value) -> bool:
     return not value.strip() if isinstance(value, str) else all(not m["content"].strip() for m in value)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Messages as the text the tokenizer's chat template makes of them."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def render_conversation(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict],
                         where: str) -> dict:
     """Messages → texts with the chat template (TRL's convention; see the module docstring)."""
-    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True)
     pair = {"prompt": prompt_text}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if prompt and response[:len(prompt)] == prompt:  # a whole conversation: keep the response turns
             response = response[len(prompt):]
-        full = _render(tokenizer, prompt + response, add_generation_prompt=False)
+        full = render_messages(tokenizer, prompt + response, add_generation_prompt=False)
         if not full.startswith(prompt_text):
             raise ConfigError(f"{where} column {name}: the chat template renders the prompt differently when the "
                               f"response follows it, so the response cannot be cut out")
