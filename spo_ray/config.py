@@ -113,9 +113,11 @@ class DataConfig(Section):
     chat_template: bool | Literal["auto"] = "auto"
     eval_questions: int = Field(64, ge=0)        # gsm8k: held-out questions whose greedy answers are checked
     max_new_tokens: int = Field(256, gt=0)       # gsm8k: the longest greedy answer
-    # gsm8k: held-out reference answers (train.jsonl solutions, in no pair) whose per-token log-prob is
-    # logged as eval/retention_logp: capability retention where accuracy is too low to show a regression.
-    retention_answers: int = Field(64, ge=0)
+    # Capability retention, where accuracy is too low to show a regression: the per-token log-prob of
+    # held-out reference answers that are in no pair, logged as eval/retention_logp. gsm8k: train.jsonl's
+    # solutions; files/hub: retention_path, a local JSONL/Parquet/CSV with prompt and response columns.
+    retention_path: str | None = None
+    retention_answers: int = Field(64, ge=0)     # how many of them (a seeded sample; 0: off)
 
 
 class TrainConfig(Section):

@@ -16,9 +16,10 @@ import yaml
 
 from spo_ray.config import ConfigError, DataConfig, RunConfig, validate_run
 from spo_ray.data import collate_rows, tokenize_pairs
-from spo_ray.logprobs import response_logp_per_token, sequence_logps
+from spo_ray.logprobs import sequence_logps
 from spo_ray.models import PACKAGED_GGUF, gguf_dir, gguf_file, gguf_init, load_init
 from spo_ray.tasks import gsm8k
+from spo_ray.tasks.pairs import retention_evaluator
 
 NAME = "smollm2-135m-instruct"
 REPO = Path(__file__).resolve().parents[1]
@@ -128,23 +129,66 @@ def test_the_chat_template_renders_gsm8k_pairs_with_the_response_cut_out_exactly
     assert plain[0]["prompt"].startswith("Question: ") and plain[0]["prompt"].endswith("\nAnswer:")
 
 
+def transformers_logps(model, rows, pad_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and token counts from transformers' own `labels=` loss, one row at a time."""
+    sums, counts = [], []
+    with torch.no_grad():
+        for prompt, response in rows:
+            ids = torch.tensor([prompt + response])
+            labels = ids.clone()
+            labels[0, :len(prompt)] = -100
+            loss = model(input_ids=ids, labels=labels).loss  # mean NLL over the response tokens
+            sums.append(-loss * len(response))
+            counts.append(len(response))
+    return torch.stack(sums), torch.tensor(counts, dtype=torch.float32)
+
+
+def as_rows(examples, tokenizer, max_length):
+    tokenized, _ = tokenize_pairs([{"prompt": e["prompt"], "chosen": e["response"], "rejected": e["response"]}
+                                   for e in examples], tokenizer, max_length)
+    return [(pair.prompt_ids, pair.chosen_ids) for pair in tokenized]
+
+
 @needs_smollm2
 @needs_gsm8k
-def test_sequence_logps_and_retention_equal_transformers_own_loss(smollm2):
+def test_sequence_logps_and_retention_equal_transformers_own_loss(smollm2_cache, smollm2):
     model, tokenizer = smollm2
-    examples = gsm8k.gsm8k_sft_examples()[:3]
-    rows = gsm8k.retention_rows(examples, tokenizer, chat=True, max_length=160)
-    batch = collate_rows(rows, tokenizer.pad_token_id)
-    labels = batch["input_ids"].masked_fill(batch["response_mask"] == 0, -100)
+    examples = gsm8k.retention_examples(gsm8k.data_dir(), tokenizer, chat=True, limit=3)
+    assert examples[0]["prompt"].startswith(SYSTEM) and examples[0]["response"].endswith("<|im_end|>\n")
+    rows = as_rows(examples, tokenizer, 160)
+    batch = collate_rows(rows, tokenizer.pad_token_id)  # right-padded, several lengths
     with torch.no_grad():
         ours, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-        theirs = [model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1],
-                        labels=labels[i:i + 1]).loss for i in range(len(rows))]
-        per_token = response_logp_per_token(model, rows, tokenizer.pad_token_id, max_tokens=256)
-    expected = torch.stack([-loss * count for loss, count in zip(theirs, counts)])
-    assert counts.tolist() == [len(response) for _, response in rows]
+    expected, expected_counts = transformers_logps(model, rows, tokenizer.pad_token_id)
+    assert counts.tolist() == expected_counts.tolist()
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-3)
-    assert per_token == pytest.approx(float(expected.sum() / counts.sum()), rel=1e-4)
+    config = smollm2_run(smollm2_cache, max_length=160).model_copy(deep=True)
+    config.train.eval_batch_tokens = 256  # several batches
+    retention = retention_evaluator(examples, tokenizer, config)(model)["retention_logp"]
+    assert retention == pytest.approx(float(expected.sum() / expected_counts.sum()), rel=1e-4)
+
+
+@needs_smollm2
+def test_a_files_source_logs_retention_of_its_reference_answers(smollm2_cache, smollm2, tmp_path):
+    from spo_ray.tasks import load_task
+
+    model, tokenizer = smollm2
+    pairs = [{"prompt": [{"role": "user", "content": f"What is {i}+{i}?"}],
+              "chosen": [{"role": "assistant", "content": f"{2 * i}"}],
+              "rejected": [{"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(4)]
+    answers = [{"prompt": [{"role": "user", "content": "Name a primary colour."}],
+                "response": [{"role": "assistant", "content": "Red."}]},
+               {"prompt": "The capital of France is", "response": " Paris."}]
+    for name, rows in (("pairs.jsonl", pairs), ("answers.jsonl", answers)):
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = validate_run({"model": {"init": NAME}, "cache_dir": str(smollm2_cache),
+                           "data": {"source": "files", "path": str(tmp_path / "pairs.jsonl"), "eval_fraction": 0.5,
+                                    "retention_path": str(tmp_path / "answers.jsonl")}}).run_config()
+    task = load_task(config, str(smollm2_cache))
+    expected_texts = [{"prompt": f"{SYSTEM}<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n",
+                       "response": "Red.<|im_end|>\n"}, answers[1]]
+    expected, counts = transformers_logps(model, as_rows(expected_texts, tokenizer, 512), tokenizer.pad_token_id)
+    assert task.evaluate(model) == {"retention_logp": pytest.approx(float(expected.sum() / counts.sum()), rel=1e-4)}
 
 
 @needs_smollm2

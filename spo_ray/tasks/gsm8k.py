@@ -23,9 +23,9 @@ template like any conversational pair (`spo_ray.tasks.pairs.render_conversation`
 rendered user turn with the generation prompt, a response what the template adds after it). The accuracy
 evaluator renders its questions the same way and stops decoding at the template's end-of-turn token.
 
-Beside accuracy, the evaluator logs `retention_logp`: the per-token log-prob of held-out reference answers
-that are in no pair (train.jsonl's solutions to questions the pairs do not ask). Greedy accuracy of a small
-model is near zero and cannot show a regression; this log-prob moves with every step that forgets.
+Beside accuracy, the evaluator logs `retention_logp` (`spo_ray.tasks.pairs.retention_evaluator`): the
+per-token log-prob of held-out reference answers that are in no pair, here train.jsonl's solutions to
+questions the pairs do not ask.
 
 The data folder is `$SPO_RAY_GSM8K_DIR`, by default `../shared/data/gsm8k` next to the repository; the
 files are read in place, never copied. `build_local_gsm8k_model` makes the small local model that the
@@ -46,7 +46,8 @@ from spo_ray import decoding
 from spo_ray.config import ConfigError, DataConfig, RunConfig
 from spo_ray.models import create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
 from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, cap, eval_keys, finish_splits, pair_task,
-                                 render_conversation, render_messages, rows_to_pairs, task_tokenizer)
+                                 render_messages, render_response, retention_evaluator, rows_to_pairs,
+                                 task_tokenizer)
 from spo_ray.tasks.task import Task
 
 MODEL_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -292,44 +293,35 @@ def local_model_for(config: RunConfig, cache_dir: str, progress: bool = False) -
 
 # ------------------------------------------------------------------------------------------- the task
 
-def retention_rows(examples: list[dict], tokenizer, chat: bool, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Reference answers as (prompt ids, response ids) rows, tokenized and rendered exactly like the pairs'
-    chosen side (`spo_ray.data.tokenize_pairs`, the same truncation)."""
-    from spo_ray.data import tokenize_pairs
-
-    if chat:
-        texts = [render_conversation(tokenizer, user_turn(e["question"]), assistant_turn(e["response"]),
-                                     assistant_turn(e["response"]), "train.jsonl") for e in examples]
-    else:
-        texts = [{"prompt": e["prompt"], "chosen": e["response"], "rejected": e["response"]} for e in examples]
-    tokenized, _ = tokenize_pairs(texts, tokenizer, max_length)
-    return [(pair.prompt_ids, pair.chosen_ids) for pair in tokenized]
+def retention_examples(folder: Path, tokenizer, chat: bool, limit: int) -> list[dict]:
+    """A seeded `limit` of train.jsonl's solutions (no pair asks their questions) as {"prompt", "response"}
+    texts, rendered like the pairs."""
+    examples = cap(gsm8k_sft_examples(folder), limit)
+    if not chat:
+        return examples
+    return [render_response(tokenizer, user_turn(e["question"]), assistant_turn(e["response"]), "train.jsonl")
+            for e in examples]
 
 
 def gsm8k_evaluator(config: RunConfig, tokenizer, eval_questions: list[dict], folder: Path, chat: bool):
     """model → {accuracy, accuracy_flexible} on `eval_questions` (when `data.eval_questions` > 0) and
-    {retention_logp} on `data.retention_answers` train.jsonl solutions (a seeded sample; when > 0)."""
-    from spo_ray.logprobs import response_logp_per_token
-
+    {retention_logp} on `data.retention_answers` train.jsonl solutions (when > 0)."""
     data_cfg = config.data
     prompts = [chat_prompt(tokenizer, q["question"]) if chat else q["prompt"] for q in eval_questions]
     answers = [q["answer"] for q in eval_questions]
     stop_ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} - {None} if chat else set())
-    rows = []
+    retention = None
     if data_cfg.retention_answers:
-        examples = cap(gsm8k_sft_examples(folder), data_cfg.retention_answers)
-        rows = retention_rows(examples, tokenizer, chat, data_cfg.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        retention = retention_evaluator(retention_examples(folder, tokenizer, chat, data_cfg.retention_answers),
+                                        tokenizer, config)
 
     def evaluate(model) -> dict[str, float]:
         metrics = {}
         if prompts:
             metrics.update(gsm8k_accuracy(model, tokenizer, prompts, answers, max_new_tokens=data_cfg.max_new_tokens,
                                           stop_ids=stop_ids))
-        if rows:
-            with decoding.evaluating(model):
-                metrics["retention_logp"] = response_logp_per_token(model, rows, pad_id,
-                                                                    config.train.eval_batch_tokens)
+        if retention:
+            metrics.update(retention(model))
         return metrics
     return evaluate
 
