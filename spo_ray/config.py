@@ -108,6 +108,16 @@ class DataConfig(Section):
     max_eval_pairs: int | None = Field(None, gt=0)
     max_length: int = Field(512, gt=8)
     tokenizer: str | None = None                 # default: the model's tokenizer
+    # gsm8k: render prompts as a user message with the tokenizer's chat template (pairs and accuracy alike);
+    # auto: when the tokenizer has one (instruct models), off for base models.
+    chat_template: bool | Literal["auto"] = "auto"
+    eval_questions: int = Field(64, ge=0)        # gsm8k: held-out questions whose greedy answers are checked
+    max_new_tokens: int = Field(256, gt=0)       # gsm8k: the longest greedy answer
+    # Capability retention, where accuracy is too low to show a regression: the per-token log-prob of
+    # held-out reference answers that are in no pair, logged as eval/retention_logp. gsm8k: train.jsonl's
+    # solutions; files/hub: retention_path, a local JSONL/Parquet/CSV with prompt and response columns.
+    retention_path: str | None = None
+    retention_answers: int = Field(64, ge=0)     # how many of them (a seeded sample; 0: off)
 
 
 class TrainConfig(Section):

@@ -91,16 +91,39 @@ def length_sorted_batches(dataset: PairDataset, batch_size: int, max_tokens: int
     A batch holds at most `batch_size` pairs and, with `max_tokens`, at most that many padded tokens
     (`padded_tokens`): what a no-grad forward's memory grows with. A pair longer than the budget alone
     still makes a batch of one."""
-    order = sorted(range(len(dataset)), key=lambda i: dataset.pairs[i].length)
+    return budget_batches([pair.length for pair in dataset.pairs], batch_size, max_tokens, rows_per_item=2)
+
+
+def budget_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None,
+                   rows_per_item: int = 1) -> list[list[int]]:
+    """`length_sorted_batches` for items of the given lengths that take `rows_per_item` rows each (a pair
+    two, a single sequence one)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
-    for i in order:  # ascending lengths: the pair joining a batch sets its padded width
+    for i in order:  # ascending lengths: the item joining a batch sets its padded width
         last = batches[-1] if batches else None
         if (last is None or len(last) == batch_size
-                or (max_tokens is not None and padded_tokens(len(last) + 1, dataset.pairs[i].length) > max_tokens)):
+                or (max_tokens is not None and rows_per_item * (len(last) + 1) * lengths[i] > max_tokens)):
             batches.append([i])
         else:
             last.append(i)
     return batches
+
+
+def collate_rows(sides: list[tuple[list[int], list[int]]], pad_token_id: int, padding_side: str = "right") -> dict:
+    """(prompt ids, response ids) rows, padded to the longest: `input_ids`, `attention_mask` and
+    `response_mask` (response tokens only), each (N, T)."""
+    rows = [prompt + response for prompt, response in sides]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, (prompt, response)) in enumerate(zip(rows, sides)):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, span] = torch.tensor(row)
+        attention_mask[i, span] = 1
+        response_mask[i, span] = torch.tensor([0] * len(prompt) + [1] * len(response))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
 def collate_pairs(items: list[tuple[int, TokenizedPair]], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -108,21 +131,8 @@ def collate_pairs(items: list[tuple[int, TokenizedPair]], pad_token_id: int, pad
 
     Returns `input_ids`, `attention_mask`, `response_mask` (2B, T) and `index` (B,).
     """
-    rows, masks = [], []
     sides = [(p.prompt_ids, p.chosen_ids) for _, p in items] + [(p.prompt_ids, p.rejected_ids) for _, p in items]
-    for prompt, response in sides:
-        rows.append(prompt + response)
-        masks.append([0] * len(prompt) + [1] * len(response))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-        input_ids[i, span] = torch.tensor(row)
-        attention_mask[i, span] = 1
-        response_mask[i, span] = torch.tensor(mask)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+    return {**collate_rows(sides, pad_token_id, padding_side),
             "index": torch.tensor([i for i, _ in items], dtype=torch.long)}
 
 

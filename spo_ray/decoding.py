@@ -81,9 +81,11 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
 
 
-def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256):
-    """Greedy continuations of each prompt, as token ids up to and including EOS (or `max_new_tokens`)."""
-    eos_id = tokenizer.eos_token_id
+def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
+                  stop_ids: set[int] | None = None):
+    """Greedy continuations of each prompt, as token ids up to and including the first stop token (EOS by
+    default; a chat model's end-of-turn token too, see `spo_ray.tasks.gsm8k`) or `max_new_tokens`."""
+    stop = torch.tensor(sorted(stop_ids if stop_ids is not None else {tokenizer.eos_token_id}))
     responses = []
     with evaluating(model):
         for start in range(0, len(prompts), batch_size):
@@ -94,7 +96,7 @@ def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
                 next_ids = decoder.next_logprobs.argmax(dim=-1)
                 for row in (~finished).nonzero().flatten().tolist():
                     batch[row].append(next_ids[row].item())
-                finished |= next_ids.cpu() == eos_id
+                finished |= torch.isin(next_ids.cpu(), stop)
                 if finished.all() or step == max_new_tokens - 1:
                     break
                 decoder.append(next_ids)

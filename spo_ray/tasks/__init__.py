@@ -16,6 +16,7 @@ source builds itself goes into `model_path`. Imports point down only: this regis
 from __future__ import annotations
 
 from spo_ray.config import ConfigError, RunConfig
+from spo_ray.models import gguf_init, is_gguf
 from spo_ray.tasks import arithmetic, gsm8k, pairs
 from spo_ray.tasks.task import Task
 
@@ -25,8 +26,9 @@ SOURCES = {"arithmetic": arithmetic, "gsm8k": gsm8k, "files": pairs, "hub": pair
 
 def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress: bool = False) -> str:
     """`model.init` / `model.reference` (`key`) → the folder or hub id of the weights: a model a source builds
-    by name (into `cache_dir`, once), else the name as given (a hub id, or a folder such as another run's
-    output)."""
+    by name, or a GGUF file (`.gguf`, or a packaged one such as `smollm2-135m-instruct`) converted into a
+    model folder (both into `cache_dir`, once), else the name as given (a hub id, or a folder such as
+    another run's output)."""
     source = config.data.source
     if name in arithmetic.INIT_NAMES:
         if source != "arithmetic":  # they speak the arithmetic task's character tokenizer only
@@ -35,6 +37,11 @@ def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress:
         return str(arithmetic.init_for(name, config, cache_dir, progress))
     if name == gsm8k.LOCAL_MODEL_NAME and source != "arithmetic":
         return str(gsm8k.local_model_for(config, cache_dir, progress))
+    if is_gguf(name):
+        try:
+            return str(gguf_init(name, config.model.dtype, cache_dir))
+        except ConfigError as error:  # name the key it came from (init or reference)
+            raise ConfigError(str(error).replace("model.init:", f"{key}:", 1)) from None
     return name
 
 

@@ -17,6 +17,16 @@ Text formatting, shared by pairs, SFT data and the evaluator:
 - answers end in ``"A: <number>"`` (train.jsonl's ``"#### <number>"`` is rewritten to that), so a model
   trained on the SFT data answers in the format of the preference pairs and `extract_answer` reads both.
 
+Instruct models see GSM8K as a chat (`data.chat_template`; by default whenever the tokenizer has a chat
+template): the question is the user message and a solution the assistant's reply, rendered with the
+template like any conversational pair (`spo_ray.tasks.pairs.render_conversation`: the prompt is the
+rendered user turn with the generation prompt, a response what the template adds after it). The accuracy
+evaluator renders its questions the same way and stops decoding at the template's end-of-turn token.
+
+Beside accuracy, the evaluator logs `retention_logp` (`spo_ray.tasks.pairs.retention_evaluator`): the
+per-token log-prob of held-out reference answers that are in no pair, here train.jsonl's solutions to
+questions the pairs do not ask.
+
 The data folder is `$SPO_RAY_GSM8K_DIR`, by default `../shared/data/gsm8k` next to the repository; the
 files are read in place, never copied. `build_local_gsm8k_model` makes the small local model that the
 reserved `model.init: gsm8k-local-small` names (see its docstring); pairs are validated and split by
@@ -35,15 +45,16 @@ from pathlib import Path
 from spo_ray import decoding
 from spo_ray.config import ConfigError, DataConfig, RunConfig
 from spo_ray.models import create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
-from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, eval_keys, finish_splits, pair_task, rows_to_pairs,
+from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, cap, eval_keys, finish_splits, pair_task,
+                                 render_messages, render_response, retention_evaluator, rows_to_pairs,
                                  task_tokenizer)
 from spo_ray.tasks.task import Task
 
 MODEL_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 LOCAL_MODEL_NAME = "gsm8k-local-small"  # reserved `model.init`: built by `build_local_gsm8k_model`
-# Accuracy is judged on this many held-out questions, decoding at most this many tokens each: GSM8K
-# solutions are ~100 tokens for GPT-style tokenizers, and greedy decoding is the slow part of an evaluation.
-EVAL_QUESTIONS = 64
+# Accuracy is judged on `data.eval_questions` held-out questions, decoding at most `data.max_new_tokens`
+# each: GSM8K solutions are ~100 tokens for GPT-style tokenizers, and greedy decoding is the slow part of
+# an evaluation.
 MAX_NEW_TOKENS = 256
 SFT_MAX_TOKENS = 256  # local model's SFT examples: ~95% of train.jsonl with its own 3k-token BPE
 # Bump when a change here changes what `build_local_gsm8k_model` writes.
@@ -119,33 +130,76 @@ def gsm8k_questions(folder: str | Path | None = None) -> list[dict]:
     questions = []
     for row in rows:
         rejected = [format_solution(row[key]["solution"]) for key in MODEL_KEYS if not row[key]["is_correct"]]
-        questions.append({"prompt": format_prompt(row["question"]), "answer": extract_answer(row["ground_truth"]),
+        questions.append({"question": row["question"].strip(), "prompt": format_prompt(row["question"]),
+                          "answer": extract_answer(row["ground_truth"]),
                           "chosen": format_solution(row["ground_truth"]), "rejected": rejected})
     return questions
 
 
-def gsm8k_pairs(questions: list[dict] | None = None) -> list[dict]:
-    """(ground truth, incorrect model solution) pairs, in file order: 3275 over the 1319 questions."""
+def gsm8k_pairs(questions: list[dict] | None = None, chat: bool = False) -> list[dict]:
+    """(ground truth, incorrect model solution) pairs, in file order: 3275 over the 1319 questions.
+    `chat`: as messages (the question a user turn, the solutions assistant turns) for a chat template."""
     questions = gsm8k_questions() if questions is None else questions
+    if chat:
+        return [{"prompt": user_turn(q["question"]), "chosen": assistant_turn(q["chosen"]),
+                 "rejected": assistant_turn(rejected)} for q in questions for rejected in q["rejected"]]
     return [{"prompt": q["prompt"], "chosen": q["chosen"], "rejected": rejected}
             for q in questions for rejected in q["rejected"]]
 
 
 def gsm8k_sft_examples(folder: str | Path | None = None) -> list[dict]:
-    """train.jsonl (7473 questions, disjoint from the pairs' test questions) as {"prompt", "response"}."""
+    """train.jsonl (7473 questions, disjoint from the pairs' test questions) as {"prompt", "response"}
+    (and the raw "question")."""
     rows = _read_jsonl(Path(folder or data_dir()) / "train.jsonl")
-    return [{"prompt": format_prompt(r["question"]), "response": format_solution(r["answer"])} for r in rows]
+    return [{"question": r["question"].strip(), "prompt": format_prompt(r["question"]),
+             "response": format_solution(r["answer"])} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------- chat
+
+def user_turn(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def assistant_turn(solution: str) -> list[dict]:
+    # No leading space: in a chat the reply starts its own turn (the space is for joined plain text).
+    return [{"role": "assistant", "content": solution.strip()}]
+
+
+def uses_chat_template(data_cfg: DataConfig, tokenizer) -> bool:
+    """`data.chat_template`: auto → whether the tokenizer has a chat template (instruct models do)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if data_cfg.chat_template is True and not has_template:
+        raise ConfigError("data.chat_template: true, but the tokenizer has no chat template (set it to auto or "
+                          "false, or data.tokenizer to one that has)")
+    return has_template if data_cfg.chat_template == "auto" else data_cfg.chat_template
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """A question as the chat template renders it for the model to answer (with the generation prompt)."""
+    return render_messages(tokenizer, user_turn(question), add_generation_prompt=True)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`): the first token the template writes after a reply. None where it writes nothing."""
+    reply = "4"
+    prompt = chat_prompt(tokenizer, "2+2?")
+    full = render_messages(tokenizer, user_turn("2+2?") + assistant_turn(reply), add_generation_prompt=False)
+    after = full[len(prompt):].split(reply, 1)[-1] if full.startswith(prompt) else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids else None
 
 
 # ------------------------------------------------------------------------------------------ accuracy
 
 def gsm8k_accuracy(model, tokenizer, questions: list[str], answers: list, *, max_new_tokens: int | None = None,
-                   batch_size: int = 32) -> dict[str, float]:
+                   batch_size: int = 32, stop_ids: set[int] | None = None) -> dict[str, float]:
     """Greedy-decoding accuracy on GSM8K prompts: exact match of the extracted final answer.
 
     `accuracy` reads the marked answer (`extract_answer`), `accuracy_flexible` the last number of the
-    response (what a model that never learnt the `A:` format still gets right). Decoding stops at EOS or
-    after `max_new_tokens` (default `MAX_NEW_TOKENS`).
+    response (what a model that never learnt the `A:` format still gets right). Decoding stops at a token
+    of `stop_ids` (default: EOS) or after `max_new_tokens` (default `MAX_NEW_TOKENS`).
     """
     from spo_ray.logprobs import peft_base
 
@@ -153,7 +207,8 @@ def gsm8k_accuracy(model, tokenizer, questions: list[str], answers: list, *, max
         return {"accuracy": float("nan"), "accuracy_flexible": float("nan")}
     # A peft model wraps the transformers model whose layers carry the adapters; decode with that one,
     # whose forward signature (the key/value cache argument) the decoder knows.
-    responses = decoding.greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size)
+    responses = decoding.greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS,
+                                       batch_size, stop_ids=stop_ids)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     strict = sum(extract_answer(t) == a for t, a in zip(texts, answers))
     flexible = sum(last_number(t) == a for t, a in zip(texts, answers))
@@ -238,25 +293,61 @@ def local_model_for(config: RunConfig, cache_dir: str, progress: bool = False) -
 
 # ------------------------------------------------------------------------------------------- the task
 
-def gsm8k_splits(data_cfg: DataConfig, tokenizer):
-    """GSM8K pairs split by question (over all 1319, so the accuracy questions are held out too) and the
-    accuracy evaluator on the first `EVAL_QUESTIONS` held-out questions."""
+def retention_examples(folder: Path, tokenizer, chat: bool, limit: int) -> list[dict]:
+    """A seeded `limit` of train.jsonl's solutions (no pair asks their questions) as {"prompt", "response"}
+    texts, rendered like the pairs."""
+    examples = cap(gsm8k_sft_examples(folder), limit)
+    if not chat:
+        return examples
+    return [render_response(tokenizer, user_turn(e["question"]), assistant_turn(e["response"]), "train.jsonl")
+            for e in examples]
+
+
+def gsm8k_evaluator(config: RunConfig, tokenizer, eval_questions: list[dict], folder: Path, chat: bool):
+    """model → {accuracy, accuracy_flexible} on `eval_questions` (when `data.eval_questions` > 0) and
+    {retention_logp} on `data.retention_answers` train.jsonl solutions (when > 0)."""
+    data_cfg = config.data
+    prompts = [chat_prompt(tokenizer, q["question"]) if chat else q["prompt"] for q in eval_questions]
+    answers = [q["answer"] for q in eval_questions]
+    stop_ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} - {None} if chat else set())
+    retention = None
+    if data_cfg.retention_answers:
+        retention = retention_evaluator(retention_examples(folder, tokenizer, chat, data_cfg.retention_answers),
+                                        tokenizer, config)
+
+    def evaluate(model) -> dict[str, float]:
+        metrics = {}
+        if prompts:
+            metrics.update(gsm8k_accuracy(model, tokenizer, prompts, answers, max_new_tokens=data_cfg.max_new_tokens,
+                                          stop_ids=stop_ids))
+        if retention:
+            metrics.update(retention(model))
+        return metrics
+    return evaluate
+
+
+def gsm8k_splits(config: RunConfig, tokenizer):
+    """GSM8K pairs split by question (over all 1319, so the accuracy questions are held out too), rendered
+    with the chat template where `data.chat_template` says so, and the evaluator (`gsm8k_evaluator`) on the
+    first `data.eval_questions` held-out questions."""
+    data_cfg = config.data
     folder = Path(data_cfg.path) if data_cfg.path else data_dir()
+    chat = uses_chat_template(data_cfg, tokenizer)
     questions = gsm8k_questions(folder)
     held_out = eval_keys([q["prompt"] for q in questions], data_cfg.eval_fraction)
     report = PairReport(sources=[str(folder / "example_model_solutions.jsonl")])
-    rows = [(f"pair {i}", pair) for i, pair in enumerate(gsm8k_pairs(questions), start=1)]
-    pairs = rows_to_pairs(rows, report.sources[0], {c: c for c in PAIR_COLUMNS}, tokenizer, report)
-    train = [p for p in pairs if p["prompt"] not in held_out]
-    eval_pairs = [p for p in pairs if p["prompt"] in held_out]
+    rows = {False: [], True: []}  # held out → (label, pair), split by question before any rendering
+    for number, (q, pair) in enumerate(((q, pair) for q in questions for pair in gsm8k_pairs([q], chat)), start=1):
+        rows[q["prompt"] in held_out].append((f"pair {number}", pair))
+    train, eval_pairs = (rows_to_pairs(rows[side], report.sources[0], {c: c for c in PAIR_COLUMNS}, tokenizer,
+                                       report) for side in (False, True))
     train, eval_pairs, report = finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
-    eval_questions = [q for q in questions if q["prompt"] in held_out][:EVAL_QUESTIONS]
-    prompts, answers = [q["prompt"] for q in eval_questions], [q["answer"] for q in eval_questions]
-    return train, eval_pairs, report, lambda model: gsm8k_accuracy(model, tokenizer, prompts, answers)
+    eval_questions = [q for q in questions if q["prompt"] in held_out][:data_cfg.eval_questions]
+    return train, eval_pairs, report, gsm8k_evaluator(config, tokenizer, eval_questions, folder, chat)
 
 
 def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
     """GSM8K's pairs with the policy's tokenizer (or `data.tokenizer`), and its accuracy as the evaluator."""
     tokenizer = task_tokenizer(config, policy_path)
-    train, eval_pairs, report, evaluate = gsm8k_splits(config.data, tokenizer)
+    train, eval_pairs, report, evaluate = gsm8k_splits(config, tokenizer)
     return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)

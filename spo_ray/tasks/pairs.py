@@ -19,6 +19,11 @@ than `data.max_length` are truncated by `spo_ray.data.tokenize_pairs`, which cou
 
 The eval split is `data.eval_path` / `data.eval_split` when given, else a seeded `eval_fraction` of the
 *prompts*, so that no prompt is on both sides (pairs of one prompt share most of their text).
+
+Capability retention (`data.retention_path`, any source of pairs; GSM8K uses train.jsonl): reference answers
+that are in no pair, columns `prompt` and `response` (text or messages, rendered like a pair's), whose
+per-token log-prob the evaluation logs as `eval/retention_logp`. Greedy accuracy of a small model is near
+zero and cannot show a regression; this log-prob moves with every step that forgets what the model knew.
 """
 
 from __future__ import annotations
@@ -153,19 +158,26 @@ def _is_blank(value) -> bool:
     return not value.strip() if isinstance(value, str) else all(not m["content"].strip() for m in value)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_messages(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Messages as the text the tokenizer's chat template makes of them."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_response(tokenizer, prompt: list[dict], response: list[dict], where: str) -> dict:
+    """One (prompt, response) of messages → {"prompt", "response"} texts, cut as `render_conversation` cuts."""
+    pair = render_conversation(tokenizer, prompt, response, response, where)
+    return {"prompt": pair["prompt"], "response": pair["chosen"]}
 
 
 def render_conversation(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict],
                         where: str) -> dict:
     """Messages → texts with the chat template (TRL's convention; see the module docstring)."""
-    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True)
+    prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True)
     pair = {"prompt": prompt_text}
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if prompt and response[:len(prompt)] == prompt:  # a whole conversation: keep the response turns
             response = response[len(prompt):]
-        full = _render(tokenizer, prompt + response, add_generation_prompt=False)
+        full = render_messages(tokenizer, prompt + response, add_generation_prompt=False)
         if not full.startswith(prompt_text):
             raise ConfigError(f"{where} column {name}: the chat template renders the prompt differently when the "
                               f"response follows it, so the response cannot be cut out")
@@ -288,6 +300,48 @@ def load_pairs(data_cfg: DataConfig, tokenizer=None) -> tuple[list[dict], list[d
 
 
 # ---------------------------------------------------------------------------------------------------
+# Capability retention: the per-token log-prob of reference answers that are in no pair
+
+def read_retention_examples(path: str | Path, tokenizer, limit: int) -> list[dict]:
+    """A seeded `limit` of the `prompt` / `response` rows of a local file (`data.retention_path`), as texts."""
+    examples = []
+    for label, row in read_file_rows(path):
+        where = f"{path} {label}"
+        missing = [c for c in ("prompt", "response") if c not in row]
+        if missing:
+            raise ConfigError(_missing_message(where, missing, list(row)))
+        prompt, response = row["prompt"], row["response"]
+        if _is_messages(prompt) and _is_messages(response):
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(f"{where}: holds chat messages, but the tokenizer has no chat template")
+            examples.append(render_response(tokenizer, prompt, response, where))
+        elif isinstance(prompt, str) and isinstance(response, str):
+            examples.append({"prompt": prompt, "response": response})
+        else:
+            raise ConfigError(f"{where}: prompt and response must both be text or both be chat messages")
+    return cap(examples, limit)
+
+
+def retention_evaluator(examples: list[dict], tokenizer, config: RunConfig):
+    """model → {"retention_logp": Σ log π(response) / Σ |response|} over `examples` ({"prompt", "response"}
+    texts), tokenized exactly like a pair's chosen side (`spo_ray.data.tokenize_pairs`, the same truncation)
+    and batched by `train.eval_batch_tokens`."""
+    from spo_ray.data import tokenize_pairs
+    from spo_ray.decoding import evaluating
+    from spo_ray.logprobs import response_logp_per_token
+
+    tokenized, _ = tokenize_pairs([{"prompt": e["prompt"], "chosen": e["response"], "rejected": e["response"]}
+                                   for e in examples], tokenizer, config.data.max_length)
+    rows = [(pair.prompt_ids, pair.chosen_ids) for pair in tokenized]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def evaluate(model) -> dict[str, float]:
+        with evaluating(model):
+            return {"retention_logp": response_logp_per_token(model, rows, pad_id, config.train.eval_batch_tokens)}
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------------
 # The task
 
 def load_tokenizer(path: str, trust_remote_code: bool, key: str):
@@ -320,7 +374,12 @@ def task_tokenizer(config: RunConfig, policy_path: str):
 
 
 def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
-    """The `Task` of `data.source` files or hub: validated pairs and the policy's tokenizer; no evaluator."""
+    """The `Task` of `data.source` files or hub: validated pairs and the policy's tokenizer; the evaluator
+    logs retention when `data.retention_path` names reference answers."""
     tokenizer = task_tokenizer(config, policy_path)
     train, eval_pairs, report = load_pairs(config.data, tokenizer)
-    return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report)
+    evaluate = None
+    if config.data.retention_path and config.data.retention_answers:
+        examples = read_retention_examples(config.data.retention_path, tokenizer, config.data.retention_answers)
+        evaluate = retention_evaluator(examples, tokenizer, config)
+    return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)
