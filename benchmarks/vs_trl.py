@@ -1,10 +1,11 @@
 """Training throughput of spo-ray's trainer against TRL's DPOTrainer: same model, pairs, batch, steps and β.
 
-    .venv/bin/python benchmarks/vs_trl.py            # ~4 minutes on 2 idle cores: both parts below, short
-    .venv/bin/python benchmarks/vs_trl.py --long     # the long version (~15 minutes or more)
+    .venv/bin/python benchmarks/vs_trl.py            # the short version: (a) and (b) of part 1, then part 2
+    .venv/bin/python benchmarks/vs_trl.py --long     # every variant, longer runs (~15 minutes or more)
 
-Part 1, a 30.4M-parameter Llama (`--steps 6 --rounds 1 --pairs 48`; `--long`: 12, 2, 96). Three variants,
-interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads:
+Part 1, a 30.4M-parameter Llama (`--steps 6 --rounds 1 --pairs 48`; `--long`: 12, 2, 96). Variants,
+interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads ((c) and (a′) only
+with `--long`):
 
   (a) spo-ray   `spo_ray.trainer.train` itself, reading the pairs from a JSONL file: reference log-probs from the
                 shared cache (built once, before round 1, and timed on its own), length-grouped batches;
@@ -18,9 +19,10 @@ random order, padded as TRL's are): "spo-ray-random".
 Part 2, a real model's shape: a config-made Llama shaped like SmolLM2-135M-Instruct (30 layers, hidden 576, MLP
 1536, 9 heads over 3 KV heads, tied embeddings, vocabulary 49,152; 134.5M parameters, float32), pairs of up to
 `--real-max-tokens` tokens (128; `--long`: 256), `--real-batch-size` pairs a step (2; `--long`: 4), 5 steps
-(`--long`: 8). spo-ray (reading a reference cache that a first run built) and TRL with its defaults each run in a
-fresh process, one after the other, so each side's peak RSS (`VmHWM`) is its own: pairs/s over steps 2…S−1 and
-the peak of the whole process (model, reference, optimizer state, data).
+(`--long`: 8). spo-ray (building its reference cache first: the reference model is loaded for that pass and
+freed) and TRL with its defaults each run in a fresh process, one after the other, so each side's peak RSS
+(`VmHWM`) is its own: pairs/s over steps 2…S−1 and the peak of the whole process (model, reference, optimizer
+state, data; spo-ray's includes its end-of-run evaluation and gradient probe).
 
 Model: a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
 step's loss is not log 2 and the loss check means something; initializer range 0.05 so the two differ by a few
@@ -33,7 +35,7 @@ runs the end-of-run evaluation). The best of the rounds is reported. The referen
 separately, and once more per trial: spo-ray's cache time divided by `--sweep-trials` (the trials of a sweep
 that share it), TRL-precompute's pass in full (every trial repeats it). A check first computes TRL's loss on
 spo-ray's first batch (`DPOTrainer.compute_loss`, before training) and compares it with the loss spo-ray logged
-for its first step. Last lines: `speedup_vs_trl=… speedup_vs_trl_precompute=… loss_diff=…` (part 1) and
+for its first step. Last lines: `speedup_vs_trl=… [speedup_vs_trl_precompute=…] loss_diff=…` (part 1) and
 `real_shape speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=…` (part 2).
 """
 
@@ -272,10 +274,7 @@ def run_side(name: str, work: Path) -> None:
     paths = {k: Path(v) if isinstance(v, str) else v for k, v in json.loads((work / "paths.json").read_text()).items()}
     torch.set_num_threads(real.threads)
     cache_dir = str(work / "spo_cache")
-    if name == "spo-ray-cache":  # the sweep's first trial: builds the reference table the others read
-        result = run_ours(run_config(paths, real, steps=1), cache_dir)
-        rate = None
-    elif name == "spo-ray":
+    if name == "spo-ray":
         result = run_ours(run_config(paths, real), cache_dir)
         rate = steady_rate(result["stamps"], real.batch_size)
     else:
@@ -298,14 +297,14 @@ def real_shape_part(args) -> None:
           f"vocab 49,152), {paths['parameters'] / 1e6:.1f}M parameters, float32; {real.pairs} pairs of up to "
           f"{real.max_tokens} tokens, batch {real.batch_size}, {real.steps} steps; each side in its own process")
     sides = {}
-    for name in ("spo-ray-cache", "spo-ray", "TRL"):
+    for name in ("spo-ray", "TRL"):
         done = subprocess.run([sys.executable, __file__, "--side", name, str(work)], capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"part 2, {name}: failed\n{done.stderr[-3000:]}")
         sides[name] = json.loads(done.stdout.strip().splitlines()[-1])
-    cache, ours, theirs = sides["spo-ray-cache"], sides["spo-ray"], sides["TRL"]
-    print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB (a trial reading the "
-          f"reference cache; the run that built it: {cache['total_s']:.0f} s, peak {cache['peak_mib']:,.0f} MiB)")
+    ours, theirs = sides["spo-ray"], sides["TRL"]
+    print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB (a trial that builds the "
+          f"reference cache first, with the reference model loaded, then frees it; {ours['total_s']:.0f} s)")
     print(f"  TRL:     {theirs['pairs_per_s']:.3f} pairs/s, peak {theirs['peak_mib']:,.0f} MiB (DPOTrainer defaults: "
           f"the reference model runs on every batch)")
     print(f"real_shape speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
@@ -381,7 +380,8 @@ def main() -> None:
           f"a 2-step trial that built it: {time.perf_counter() - start:.1f} s")
     trainer_module.compute_reference_logps = compute
 
-    rates = {"spo-ray": [], "TRL": [], "TRL-precompute": [], "spo-ray-random": []}
+    # The default runs (a) and (b); --long adds (c) and (a′), which say where the lead comes from.
+    rates = {"spo-ray": [], "TRL": [], **({"TRL-precompute": [], "spo-ray-random": []} if args.long else {})}
     random_config = config.model_copy(update={"train": config.train.model_copy(update={"length_grouping": False})})
     builds = {"TRL": [], "TRL-precompute": []}
     loss_diff = None
@@ -389,7 +389,7 @@ def main() -> None:
         ours = run_ours(config, cache_dir)
         rates["spo-ray"].append(steady_rate(ours["stamps"], args.batch_size))
         check = ours_batches[0] if r == 0 else None
-        for name, precompute in (("TRL", False), ("TRL-precompute", True)):
+        for name, precompute in (("TRL", False), ("TRL-precompute", True))[:len(rates) - 1 if args.long else 1]:
             theirs = run_trl(task, paths, args, str(work / "trl"), precompute, check_batch=check if not precompute else None)
             rates[name].append(steady_rate(theirs["stamps"], args.batch_size))
             builds[name].append(theirs["build_s"])
@@ -397,7 +397,8 @@ def main() -> None:
                 loss_diff = abs(ours["first_loss"] - theirs["first_loss"])
                 print(f"first-step loss: spo-ray {ours['first_loss']:.6f}, TRL on the same batch "
                       f"{theirs['first_loss']:.6f}, token ids identical: {theirs['token_ids_match']}")
-        rates["spo-ray-random"].append(steady_rate(run_ours(random_config, cache_dir)["stamps"], args.batch_size))
+        if args.long:
+            rates["spo-ray-random"].append(steady_rate(run_ours(random_config, cache_dir)["stamps"], args.batch_size))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rates.items()) + " pairs/s", flush=True)
 
     best = {k: max(v) for k, v in rates.items()}
@@ -405,6 +406,12 @@ def main() -> None:
     for name, rate in best.items():
         print(f"  {name:15s} {rate:7.2f}" + (f"   (spo-ray ÷ {name}: {best['spo-ray'] / rate:.2f})"
                                               if name != "spo-ray" else ""))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
+    if not args.long:
+        print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} loss_diff={loss_diff:.2e}", flush=True)
+        if args.skip_part != 2:
+            real_shape_part(args)
+        return
     print(f"of spo-ray's lead over TRL-precompute, length grouping gives {best['spo-ray'] / best['spo-ray-random']:.2f}×; "
           f"the same random-order batches still run {best['spo-ray-random'] / best['TRL-precompute']:.2f}× TRL-precompute's "
           f"pairs/s (what else differs: spo-ray's LM head covers the response positions only, while TRL's CPU path "
@@ -424,7 +431,6 @@ def main() -> None:
           ", ".join(f"{k} {v:.1f} s" for k, v in per_trial.items()) +
           f"; end-to-end speed-up {per_trial['TRL'] / per_trial['spo-ray']:.2f}× vs TRL, "
           f"{per_trial['TRL-precompute'] / per_trial['spo-ray']:.2f}× vs TRL-precompute")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} "
           f"speedup_vs_trl_precompute={best['spo-ray'] / best['TRL-precompute']:.2f} loss_diff={loss_diff:.2e}",
           flush=True)
