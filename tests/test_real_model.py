@@ -223,6 +223,7 @@ def test_two_training_steps_through_the_train_command_then_the_reference_cache_i
         raise AssertionError("the reference log-probs were computed again")
 
     monkeypatch.setattr(trainer, "compute_reference_logps", recomputed)
-    config = validate_run({**raw, "loss": {"name": "spo", "beta": 0.1}}).run_config()
-    final = trainer.train(config, cache_dir=str(smollm2_cache), reference_dir=str(output))
-    assert final["step"] == 2 and sorted(output.glob("reflogps-*.parquet")) == tables
+    second = {**raw, "loss": {"name": "spo", "beta": 0.1}, "data": {**raw["data"], "eval_questions": 0},
+              "train": {**raw["train"], "max_steps": 1, "eval_every": 1, "probe_every": 1}}
+    final = trainer.train(validate_run(second).run_config(), cache_dir=str(smollm2_cache), reference_dir=str(output))
+    assert final["step"] == 1 and sorted(output.glob("reflogps-*.parquet")) == tables
