@@ -201,7 +201,7 @@ def test_two_training_steps_through_the_train_command_then_the_reference_cache_i
            "data": {"source": "gsm8k", "max_length": 160, "max_train_pairs": 4, "max_eval_pairs": 2,
                     "eval_questions": 2, "max_new_tokens": 8, "retention_answers": 2},
            "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-4, "warmup_steps": 0, "eval_every": 2,
-                     "probe_every": 2, "probe_pairs": 2, "log_every": 1, "num_threads": 2},
+                     "probe_every": 2, "probe_pairs": 2, "log_every": 1, "num_threads": 1},
            "wandb": {"mode": "disabled"}}
     config_file, output = tmp_path / "smollm2.yaml", tmp_path / "run"
     config_file.write_text(yaml.safe_dump(raw))
@@ -223,6 +223,7 @@ def test_two_training_steps_through_the_train_command_then_the_reference_cache_i
         raise AssertionError("the reference log-probs were computed again")
 
     monkeypatch.setattr(trainer, "compute_reference_logps", recomputed)
-    config = validate_run({**raw, "loss": {"name": "spo", "beta": 0.1}}).run_config()
-    final = trainer.train(config, cache_dir=str(smollm2_cache), reference_dir=str(output))
-    assert final["step"] == 2 and sorted(output.glob("reflogps-*.parquet")) == tables
+    second = {**raw, "loss": {"name": "spo", "beta": 0.1}, "data": {**raw["data"], "eval_questions": 0},
+              "train": {**raw["train"], "max_steps": 1, "eval_every": 1, "probe_every": 1}}
+    final = trainer.train(validate_run(second).run_config(), cache_dir=str(smollm2_cache), reference_dir=str(output))
+    assert final["step"] == 1 and sorted(output.glob("reflogps-*.parquet")) == tables
