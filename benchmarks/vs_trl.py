@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/vs_trl.py            # the short version: (a) and (b) of part 1, then part 2
     .venv/bin/python benchmarks/vs_trl.py --long     # every variant, longer runs (~15 minutes or more)
 
-Part 1, a 30.4M-parameter Llama (`--steps 6 --rounds 1 --pairs 48`; `--long`: 12, 2, 96). Variants,
+Part 1, a 30.4M-parameter Llama (`--steps 5 --rounds 1 --pairs 40`; `--long`: 12, 2, 96). Variants,
 interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads ((c) and (a′) only
 with `--long`):
 
@@ -18,7 +18,7 @@ random order, padded as TRL's are): "spo-ray-random".
 
 Part 2, a real model's shape: a config-made Llama shaped like SmolLM2-135M-Instruct (30 layers, hidden 576, MLP
 1536, 9 heads over 3 KV heads, tied embeddings, vocabulary 49,152; 134.5M parameters, float32), pairs of up to
-`--real-max-tokens` tokens (128; `--long`: 256), `--real-batch-size` pairs a step (2; `--long`: 4), 5 steps
+`--real-max-tokens` tokens (128; `--long`: 256), `--real-batch-size` pairs a step (2; `--long`: 4), 4 steps
 (`--long`: 8). spo-ray (building its reference cache first: the reference model is loaded for that pass and
 freed) and TRL with its defaults each run in a fresh process, one after the other, so each side's peak RSS
 (`VmHWM`) is its own: pairs/s over steps 2…S−1 and the peak of the whole process (model, reference, optimizer
@@ -323,9 +323,9 @@ def main() -> None:
     parser.add_argument("--sweep-trials", type=int, default=8, help="trials that share one reference cache")
     parser.add_argument("--real-max-tokens", type=int, default=256 if long else 128)
     parser.add_argument("--real-batch-size", type=int, default=4 if long else 2)
-    parser.add_argument("--real-steps", type=int, default=8 if long else 5)
+    parser.add_argument("--real-steps", type=int, default=8 if long else 4)
     parser.add_argument("--skip-part", type=int, choices=(1, 2), help="run only the other part")
-    parser.set_defaults(steps=12 if long else 6, pairs=96 if long else 48)
+    parser.set_defaults(steps=12 if long else 5, pairs=96 if long else 40)
     args = parser.parse_args()
     if args.skip_part == 1:
         return real_shape_part(args)
