@@ -176,7 +176,9 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_ma
     vocab = getattr(transformers_model(model).config, "vocab_size", None) or head.weight.size(0)
 
     def response_head(original, hidden):  # hidden: (N, kept columns, H) → (1, 1, M) token log-probs
-        return chunked_token_logps(original, hidden[rows, columns], labels, chunk_positions(vocab))[None, None]
+        # Not a view: FSDP hooks the root's outputs for its backward and warns that a view's can be lost.
+        per_token = chunked_token_logps(original, hidden[rows, columns], labels, chunk_positions(vocab))
+        return per_token.reshape(1, 1, -1).clone()
 
     with _head_replaced(head, response_head):
         out = _call(model, parameters, input_ids=input_ids, attention_mask=attention_mask,

@@ -189,6 +189,7 @@ def _distributed_worker(rank, world_size, port, strategy, out_path):
                  for n, p in model.named_parameters() if p.grad is not None}
         if rank == 0:
             torch.save({"logps": logps.detach(), "grads": grads}, out_path)
+        dist.barrier()  # neither worker leaves while the other may still be in a collective
     finally:
         dist.destroy_process_group()
 
