@@ -87,10 +87,12 @@ def _chunk_logps(head, hidden: Tensor, labels: Tensor) -> Tensor:
 def chunked_token_logps(head, hidden: Tensor, labels: Tensor, chunk: int) -> Tensor:
     """log-softmax(head(hidden))[label] for (M, H) hidden states and (M,) labels, `chunk` rows at a time.
 
-    With gradients on, each chunk is checkpointed (non-reentrant): the backward recomputes the chunk's
-    logits from its hidden states, so at most one chunk of logits (and their gradient) is alive at once.
+    With gradients on and more than one chunk, each chunk is checkpointed (non-reentrant): the backward
+    recomputes the chunk's logits from its hidden states, so at most one chunk of logits (and their gradient)
+    is alive at once. A batch that fits one chunk keeps its logits for the backward instead (no more memory
+    than a chunk, and no recomputation: the full-logits path's speed).
     """
-    checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > chunk
     parts = []
     for start in range(0, hidden.size(0), chunk):
         piece, targets = hidden[start:start + chunk], labels[start:start + chunk]
