@@ -12,6 +12,9 @@ named in `Experiment.skipped` so the report can say what the tables do not cover
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,12 +64,41 @@ def parameter_columns(results: pd.DataFrame) -> list[str]:
     return [c for c in results.columns if not is_metric_column(c)]
 
 
+def is_uri(location: str | Path) -> bool:
+    """`s3://…`, `gs://…` and the other storage URIs a sweep's `storage_path` may name."""
+    return "://" in str(location)
+
+
+def download_experiment(uri: str, into: str | Path) -> Path:
+    """Copy the files this package reads (results.csv, history.parquet, sweep.yaml) from an experiment at a
+    storage URI (any filesystem `pyarrow.fs` knows; credentials and endpoint from the environment, as for
+    the sweep) into `into/<experiment name>`, and return that folder."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(uri)
+    base = base.rstrip("/")
+    if fs.get_file_info(base).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"experiment directory not found: {uri}")
+    local = Path(into) / base.rsplit("/", 1)[-1]
+    local.mkdir(parents=True, exist_ok=True)
+    for name in (RESULTS_FILE, HISTORY_FILE, CONFIG_FILE):
+        if fs.get_file_info(f"{base}/{name}").type == pyarrow.fs.FileType.File:
+            pyarrow.fs.copy_files(f"{base}/{name}", str(local / name), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return local
+
+
 def load_experiment(directory: str | Path, statuses: tuple[str, ...] = DEFAULT_STATUSES) -> Experiment:
-    """Load `results.csv` and (when present) `history.parquet` from an experiment directory.
+    """Load `results.csv` and (when present) `history.parquet` from an experiment directory, a local folder
+    or a storage URI (read through a local copy of its files: `Experiment.path` is then that copy).
 
     Raises FileNotFoundError naming the directory or `results.csv` when they are missing, and
     ExperimentError when a file cannot be parsed.
     """
+    if is_uri(directory):
+        scratch = tempfile.mkdtemp(prefix="spo-ray-experiment-")
+        atexit.register(shutil.rmtree, scratch, True)
+        directory = download_experiment(str(directory), scratch)
     path = Path(directory)
     if not path.exists():
         raise FileNotFoundError(f"experiment directory not found: {path}")

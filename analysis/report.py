@@ -1,9 +1,11 @@
 """Turn one experiment directory into `report.md`, `tables/*.{md,tex,csv}` and `plots/*.png`.
 
-    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3]
+    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3] [--out DIR]
 
-Everything is written into the experiment directory, with links in report.md relative to it, so the
-directory can be zipped or pushed to a repository and still render.
+Everything is written into the experiment directory (or `--out`), with links in report.md relative to it,
+so the directory can be zipped or pushed to a repository and still render. EXPERIMENT_DIR may be a storage
+URI (`s3://bucket/results/beta`): the report is then uploaded next to the tables, unless `--out` names a
+local folder for it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots
-from analysis.collect import Experiment, ExperimentError, load_experiment
+from analysis.collect import Experiment, ExperimentError, is_uri, load_experiment
 from analysis.tables import best_configs, config_columns, paired_differences, summary_table, to_markdown, write_table
 
 REPORT_FILE = "report.md"
@@ -66,20 +68,40 @@ def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path |
     }
 
 
-def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3) -> Path:
-    """Write report.md, tables/ and plots/ into the experiment directory; return report.md's path."""
+def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3,
+                 out: str | Path | None = None) -> Path | str:
+    """Write report.md, tables/ and plots/ into `out` (default: the experiment directory; for a storage URI,
+    uploaded into it); return where report.md is."""
     exp = load_experiment(directory)
+    root = Path(out) if out is not None else exp.path  # exp.path: a URI's local copy
     tables = build_tables(exp, metric)
     for stem, table in tables.items():
-        write_table(table, exp.path / "tables" / stem, decimals)
-    figures = draw_plots(exp, exp.path / "plots", metric)
-    report = exp.path / REPORT_FILE
-    report.write_text(render_markdown(exp, tables, figures, metric, decimals), encoding="utf-8")
+        write_table(table, root / "tables" / stem, decimals)
+    figures = draw_plots(exp, root / "plots", metric)
+    report = root / REPORT_FILE
+    report.write_text(render_markdown(exp, tables, figures, metric, decimals, root), encoding="utf-8")
+    if out is None and is_uri(directory):
+        upload_report(root, str(directory))
+        base, _, query = str(directory).partition("?")
+        return f"{base.rstrip('/')}/{REPORT_FILE}" + (f"?{query}" if query else "")
     return report
 
 
+def upload_report(root: Path, uri: str) -> None:
+    """report.md, tables/ and plots/ into the experiment at `uri`, beside the tables they were made from."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(uri)
+    local = pyarrow.fs.LocalFileSystem()
+    for name in (REPORT_FILE, "tables", "plots"):
+        if (root / name).exists():
+            pyarrow.fs.copy_files(str(root / name), f"{base.rstrip('/')}/{name}", source_filesystem=local,
+                                  destination_filesystem=fs)
+
+
 def render_markdown(
-    exp: Experiment, tables: dict[str, pd.DataFrame], figures: dict[str, Path | None], metric: str, decimals: int
+    exp: Experiment, tables: dict[str, pd.DataFrame], figures: dict[str, Path | None], metric: str, decimals: int,
+    root: Path | None = None,
 ) -> str:
     """The report's text: what was used, the tables inline, the figures linked relatively."""
     used, total = len(exp.results), len(exp.all_results) if exp.all_results is not None else len(exp.results)
@@ -116,24 +138,26 @@ def render_markdown(
         if path is None:
             lines.append(f"- {title}: not drawn (needs {needs}).")
         else:
-            lines.extend([f"### {title}", "", f"![{title}]({path.relative_to(exp.path).as_posix()})", ""])
+            lines.extend([f"### {title}", "", f"![{title}]({path.relative_to(root or exp.path).as_posix()})", ""])
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 2 with one line on stderr for a bad or unreadable directory."""
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
-    parser.add_argument("experiment_dir", help="directory holding results.csv (and history.parquet)")
+    parser.add_argument("experiment_dir", help="directory or storage URI holding results.csv (and history.parquet)")
+    parser.add_argument("--out", help="write the report into this local folder instead of the experiment's")
     parser.add_argument("--metric", default="eval/accuracy", help="metric for the tables and plots")
     parser.add_argument("--decimals", type=int, default=3, help="decimals in Markdown/LaTeX cells")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.experiment_dir, args.metric, args.decimals)
+        report = write_report(args.experiment_dir, args.metric, args.decimals, args.out)
     except (FileNotFoundError, NotADirectoryError, ExperimentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"report written to {report}")
-    print(f"tables in {report.parent / 'tables'}, plots in {report.parent / 'plots'}")
+    where = str(report).rsplit("/", 1)[0] if is_uri(report) else report.parent
+    print(f"tables in {where}/tables, plots in {where}/plots")
     return 0
 
 

@@ -25,8 +25,13 @@ is retried by the failure config, and finally marks the Tune trial ERROR.
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
+from spo_ray import storage
 from spo_ray.config import ConfigError, SweepConfig, validate_run
 
 #: Keys of the last row of a trial that ended without training to the end (see the module docstring).
@@ -37,18 +42,20 @@ CHECKPOINT_FILE = "trainer_state.pt"
 # ---------------------------------------------------------------------------------------------------
 # Where things live and what a trial needs
 
-def experiment_dir(sweep: SweepConfig) -> Path:
-    return Path(sweep.storage_path).absolute() / sweep.name
+def experiment_dir(sweep: SweepConfig) -> str:
+    """`<storage_path>/<name>`: a local folder or a storage URI (`spo_ray.storage`)."""
+    return storage.join(storage.absolute(sweep.storage_path), sweep.name)
 
 
 def init_cache_dir(sweep: SweepConfig) -> str:
-    """Built-in initializations: shared by every sweep under the same storage path."""
-    return str(Path(sweep.cache_dir or Path(sweep.storage_path) / ".cache").absolute())
+    """Built-in and converted initializations: shared by every sweep under the same storage path. Under a
+    URI, each node keeps a local mirror of it (`storage.local_mirror`)."""
+    return storage.absolute(sweep.cache_dir or storage.join(sweep.storage_path, ".cache"))
 
 
 def reference_cache_dir(sweep: SweepConfig) -> str:
     """Reference log-prob tables: computed once per sweep and shared by its trials."""
-    return str(experiment_dir(sweep) / "reference_cache")
+    return storage.join(experiment_dir(sweep), "reference_cache")
 
 
 def uses_ray_train(sweep: SweepConfig) -> bool:
@@ -82,6 +89,93 @@ def trainable(sweep: SweepConfig):
 
 
 # ---------------------------------------------------------------------------------------------------
+# One builder per shared artefact, cluster-wide
+
+BUILD_LOCKS_ACTOR = "spo_ray_build_locks"
+LEASE_S = 60.0
+
+
+class BuildLeases:
+    """Leases on names (an init folder, a reference table), kept by one Ray actor on the driver's node.
+
+    `acquire` grants a free or expired lease; the holder renews it while it builds. A holder that dies with
+    its node stops renewing, so after `LEASE_S` a waiting trial takes the lease over, finds the artefact
+    still missing from the storage and builds it. A lock file cannot do this on a cluster without a shared
+    filesystem: each node would lock its own file.
+    """
+
+    def __init__(self):
+        self.leases: dict[str, tuple[str, float]] = {}  # name -> (holder, expiry time)
+
+    def acquire(self, name: str, holder: str, seconds: float) -> bool:
+        now = time.time()
+        current = self.leases.get(name)
+        if current is None or current[0] == holder or current[1] < now:
+            self.leases[name] = (holder, now + seconds)
+            return True
+        return False
+
+    def renew(self, name: str, holder: str, seconds: float) -> bool:
+        return self.acquire(name, holder, seconds)
+
+    def release(self, name: str, holder: str) -> None:
+        if self.leases.get(name, ("",))[0] == holder:
+            del self.leases[name]
+
+
+def start_build_locks() -> None:
+    """Start the sweep's lease actor on the driver's node (the node that stays), before any trial."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    ray.remote(BuildLeases).options(
+        name=BUILD_LOCKS_ACTOR, get_if_exists=True, num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
+@contextmanager
+def cluster_lock(name: str, poll_s: float = 1.0):
+    """Hold the lease on `name` (see `BuildLeases`), renewing it from a thread until the block ends."""
+    import ray
+
+    leases = ray.get_actor(BUILD_LOCKS_ACTOR)
+    holder = uuid.uuid4().hex
+    while not ray.get(leases.acquire.remote(name, holder, LEASE_S)):
+        time.sleep(poll_s)
+    done = threading.Event()
+
+    def renew():
+        while not done.wait(LEASE_S / 4):
+            try:
+                ray.get(leases.renew.remote(name, holder, LEASE_S))
+            except Exception:  # the driver is gone: the sweep is ending anyway
+                return
+
+    thread = threading.Thread(target=renew, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        try:
+            leases.release.remote(name, holder)
+        except Exception:
+            pass
+
+
+def install_cluster_lock() -> None:
+    """In a trial or worker of a sweep: build shared artefacts under the driver's leases (when the sweep
+    started them; a trial launched some other way keeps local lock files)."""
+    import ray
+    try:
+        ray.get_actor(BUILD_LOCKS_ACTOR)
+    except ValueError:
+        return
+    storage.use_cluster_lock(cluster_lock)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Checkpoints: the trainer's state as a torch file in a directory
 
 def save_state(state: dict, directory: str) -> None:
@@ -89,14 +183,18 @@ def save_state(state: dict, directory: str) -> None:
     torch.save(state, Path(directory) / CHECKPOINT_FILE)
 
 
-def load_state(checkpoint) -> dict | None:
+def load_state(checkpoint, announce: bool = True) -> dict | None:
     """The trainer state in a Ray checkpoint (or None). The state holds only tensors, numbers and lists
-    (model, AdamW and LambdaLR state dicts, the step), so `weights_only=True` loads it."""
+    (model, AdamW and LambdaLR state dicts, the step), so `weights_only=True` loads it. A retried or
+    resumed trial says where it picks up (`announce`: one worker of a group says it)."""
     if checkpoint is None:
         return None
     import torch
     with checkpoint.as_directory() as directory:
-        return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+    if announce:
+        print(f"resuming from the checkpoint of step {state['step']} ({checkpoint.path})")
+    return state
 
 
 def report_with_checkpoint(report_fn, checkpoint_cls, metrics: dict, state: dict | None, *,
@@ -120,9 +218,16 @@ def final_row(status: str, error: BaseException, last_metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # W&B: an observer that can never fail a trial
 
-def start_tracking(sweep: SweepConfig, trial_name: str, rank: int, directory: str):
+def tracking_dir(sweep: SweepConfig) -> str:
+    """Where wandb writes a trial's run: the experiment directory, or under a storage URI this node's local
+    mirror of it (`publish_tracking` then copies the run into the storage)."""
+    return storage.local_mirror(experiment_dir(sweep))
+
+
+def start_tracking(sweep: SweepConfig, trial_name: str, rank: int):
     """The trial's W&B run; offline runs land in `<experiment dir>/wandb/` (Ray's local trial folders are
     temporary), ready for `wandb sync`."""
+    directory = tracking_dir(sweep)
     try:
         from spo_ray.config import to_plain
         from spo_ray.tracking import start_run
@@ -156,9 +261,16 @@ def _tracked(report, tracker):
     return both
 
 
-def _finish(tracker, status: str) -> None:
-    if tracker is not None:
-        tracker.finish(status)
+def _finish(tracker, status: str, sweep: SweepConfig) -> None:
+    if tracker is None:
+        return
+    tracker.finish(status)
+    folder = tracker.run_folder()
+    if folder is not None and storage.is_uri(experiment_dir(sweep)):
+        try:  # the offline run (or a live run's local files) next to the tables: `wandb sync` it from there
+            storage.upload_dir(folder, storage.join(experiment_dir(sweep), "wandb", folder.name))
+        except Exception as error:
+            print(f"wandb: warning: could not copy {folder} to the experiment's storage: {error}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,6 +279,7 @@ def _finish(tracker, status: str) -> None:
 def run_trial(trial_config: dict) -> None:
     """One sweep trial (a Tune function trainable): path (a) or (b) of the module docstring."""
     sweep = validate_run(trial_config)
+    install_cluster_lock()
     if uses_ray_train(sweep):
         _run_with_ray_train(sweep, trial_config)
     else:
@@ -178,7 +291,7 @@ def _run_in_process(sweep: SweepConfig) -> None:
     from spo_ray.trainer import WorkerContext
 
     context = tune.get_context()
-    tracker = start_tracking(sweep, context.get_trial_name(), 0, str(experiment_dir(sweep)))
+    tracker = start_tracking(sweep, context.get_trial_name(), 0)
     _train_and_report(sweep, tune.report, tune.Checkpoint, tracker,
                       context=WorkerContext(cpus=max(1, int(sweep.scaling.cpus_per_worker))),
                       resume=load_state(tune.get_checkpoint()))
@@ -206,13 +319,13 @@ def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *,
     except ConfigError as error:  # raised before any collective, on every rank alike
         outcome, row = "ERROR", final_row("ERROR", error, last)
     except BaseException:
-        _finish(tracker, "ERROR")
+        _finish(tracker, "ERROR", sweep)
         raise
     else:
         outcome, row = "TERMINATED", None
     if row is not None:
         report_fn(row)
-    _finish(tracker, outcome)
+    _finish(tracker, outcome, sweep)
 
 
 def _run_with_ray_train(sweep: SweepConfig, trial_config: dict) -> None:
@@ -232,7 +345,7 @@ def _run_with_ray_train(sweep: SweepConfig, trial_config: dict) -> None:
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(
-            storage_path=str(experiment_dir(sweep) / "ray_train"),
+            storage_path=storage.join(experiment_dir(sweep), "ray_train"),
             name=context.get_trial_id(),
             failure_config=FailureConfig(max_failures=sweep.tune.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=sweep.tune.keep_checkpoints),
@@ -253,13 +366,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = train_context.get_world_rank(), train_context.get_world_size()
     context = WorkerContext(rank=rank, world_size=world_size, device=ray.train.torch.get_device(),
                             cpus=max(1, int(sweep.scaling.cpus_per_worker)), strategy=sweep.scaling.strategy)
-    tracker = (start_tracking(sweep, loop_config["trial_name"], rank, str(experiment_dir(sweep)))
-               if rank == 0 else None)
+    install_cluster_lock()
+    tracker = start_tracking(sweep, loop_config["trial_name"], rank) if rank == 0 else None
     # Every rank calls ray.train.report (it synchronises the workers); only rank 0 uploads checkpoints:
     # the DDP replicas hold the same weights, and under FSDP rank 0 gathers the full state.
     _train_and_report(sweep, ray.train.report, ray.train.Checkpoint, tracker, write_checkpoints=rank == 0,
                       context=context, wrap_model=None if context.sharded else ray.train.torch.prepare_model,
-                      resume=load_state(ray.train.get_checkpoint()))
+                      resume=load_state(ray.train.get_checkpoint(), announce=rank == 0))
 
 
 def one_line_error(error: BaseException | None) -> str:
@@ -284,5 +397,5 @@ def one_line_error(error: BaseException | None) -> str:
 
 
 __all__ = ["run_trial", "trainable", "train_loop_per_worker", "uses_ray_train", "trial_resources",
-           "experiment_dir", "init_cache_dir", "reference_cache_dir", "one_line_error",
+           "experiment_dir", "init_cache_dir", "reference_cache_dir", "one_line_error", "start_build_locks",
            "TRIAL_STATUS_KEY", "ERROR_KEY"]

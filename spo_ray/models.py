@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
 )
+
+from spo_ray import storage
 
 LEARNING_RATE = 1e-3  # MISSION §3: ~1e-3 learns, 3e-3 does not
 BATCH_SIZE = 64
@@ -168,6 +171,49 @@ def save_to_cache(model, tokenizer, info: dict, target: Path) -> Path:
     return target
 
 
+@contextmanager
+def cached_init(target: Path):
+    """`with cached_init(target) as found:` — `found` is True when the init folder `target` is ready to load;
+    otherwise the block builds it (with `save_to_cache`).
+
+    When `target`'s cache folder is a node's mirror of a shared cache URI (`spo_ray.storage.local_mirror`),
+    the folder is fetched from the storage where another node already built it, and a folder built here is
+    uploaded when the block ends (init.json last, the marker readers wait for). Fetch-or-build happens under
+    `storage.build_lock`, so two trials never build the same init, on one node or on two.
+    """
+    if (target / "init.json").exists():
+        yield True
+        return
+    shared = storage.remote_of(target.parent)
+    if shared is None:  # a plain folder: a concurrent builder's copy loses the rename race (save_to_cache)
+        yield False
+        return
+    remote = storage.join(shared, target.name)
+    with storage.build_lock(f"init-{target.name}", near=target.parent):
+        if not (target / "init.json").exists() and storage.exists(storage.join(remote, "init.json")):
+            storage.download_dir(remote, target)
+            print(f"init {target.name}: fetched from {remote}")
+        if (target / "init.json").exists():
+            yield True
+            return
+        yield False
+        storage.upload_dir(target, remote, last="init.json")
+        print(f"init {target.name}: built and uploaded to {remote}")
+
+
+def file_identity(path: Path) -> list:
+    """A file's name, size and a hash of its first and last MiB: equal for the copies of one file on every
+    node (a path or modification time would differ), different for a rewritten file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 1 << 20:
+            handle.seek(max(1 << 20, size - (1 << 20)))
+            digest.update(handle.read())
+    return [path.name, size, digest.hexdigest()[:16]]
+
+
 def load_init(path: str | Path):
     """(model, tokenizer) from a folder `save_to_cache` wrote, the model in eval mode."""
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -214,11 +260,9 @@ def gguf_file(name: str) -> Path:
 
 
 def gguf_dir(path: Path, dtype: str, cache_dir: str | Path) -> Path:
-    """`cache_dir/<file stem>-<key>`, the key hashing the file's identity (path, size, mtime) and the dtype
-    it is dequantized to."""
-    stat = path.stat()
-    description = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype,
-                   "version": GGUF_CONVERSION_VERSION}
+    """`cache_dir/<file stem>-<key>`, the key hashing the file's identity (`file_identity`: the same on
+    every node of a cluster) and the dtype it is dequantized to."""
+    description = {"file": file_identity(path), "dtype": dtype, "version": GGUF_CONVERSION_VERSION}
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{path.stem.lower()}-{key}"
 
@@ -236,20 +280,23 @@ def gguf_init(name: str, dtype: str, cache_dir: str | Path) -> Path:
     path = gguf_file(name)
     torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
     target = gguf_dir(path, str(torch_dtype).removeprefix("torch."), cache_dir)
-    if (target / "init.json").exists():
-        return target
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except ImportError as error:  # transformers needs the gguf package to read the file
-        raise ConfigError(f"model.init: reading {path.name} needs the gguf package ({error})") from None
-    config = quantized.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.load_state_dict(quantized.state_dict())
-    model.tie_weights()
-    info = {"name": name, "gguf_file": str(path), "dtype": str(torch_dtype), "parameters": model.num_parameters()}
-    return save_to_cache(model, tokenizer, info, target)
+    with cached_init(target) as found:
+        if found:
+            return target
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except ImportError as error:  # transformers needs the gguf package to read the file
+            raise ConfigError(f"model.init: reading {path.name} needs the gguf package ({error})") from None
+        config = quantized.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model.load_state_dict(quantized.state_dict())
+        model.tie_weights()
+        info = {"name": name, "gguf_file": str(path), "dtype": str(torch_dtype),
+                "parameters": model.num_parameters()}
+        return save_to_cache(model, tokenizer, info, target)
 
 
 # --------------------------------------------------------------------------------------------- any model

@@ -4,7 +4,9 @@ The reference policy is frozen, so ℓ_ref(y_w) and ℓ_ref(y_l) are a pure func
 the pairs and how they are tokenized. Peer frameworks recompute them in every trial (or keep a second model
 in memory for it); we compute them once, store them as a Parquet table under a key hashed from those three
 inputs, and every trial of a sweep reads the table. A changed input gives a new key; a file that does not
-read back completely is rebuilt. Concurrent trials serialise on a lock file, so one computes, the rest read.
+read back completely is rebuilt. Concurrent trials serialise on a lock (a lock file; in a Ray sweep the
+driver's lease, which holds across nodes), so one computes, the rest read. The tables live in the experiment
+directory, a local folder or a storage URI (`spo_ray.storage`).
 
 `reference.cache: false` keeps TRL's default behaviour instead: the trial loads the reference model and
 runs it on every batch (`ModelReference`).
@@ -12,19 +14,19 @@ runs it on every batch (`ModelReference`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
+import io
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from spo_ray import storage
 from spo_ray.data import PairDataset
 from spo_ray.logprobs import concatenated_forward
+from spo_ray.models import file_identity
 from spo_ray.sharding import is_sharded, per_pair_tables
 
 COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
@@ -38,11 +40,12 @@ def fingerprint(*parts) -> str:
 
 
 def model_identity(path: str) -> str:
-    """Identity of reference weights: a local folder's weight files (name, size, mtime), else the hub id."""
+    """Identity of reference weights: a local folder's weight files (`file_identity`: the same for every
+    node's copy of an init, so a sweep's trials share one table on any node), else the hub id."""
     folder = Path(path)
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-        return fingerprint([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+        return fingerprint([file_identity(p) for p in files])
     return path
 
 
@@ -72,42 +75,34 @@ def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batc
     return {name: tables.get(name, torch.zeros(len(dataset))).cpu() for name in COLUMNS}
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def read_table(path: Path, expected_rows: int) -> dict[str, torch.Tensor] | None:
+def read_table(location: str | Path, expected_rows: int) -> dict[str, torch.Tensor] | None:
     """The cached table, or None when it is missing, unreadable, partial or of another format."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(storage.read_bytes(location)))
         meta = table.schema.metadata or {}
         if int(meta.get(b"format", b"0")) != CACHE_FORMAT or table.num_rows != expected_rows:
             return None
         if int(meta.get(b"rows", b"-1")) != expected_rows:
             return None
         return {name: torch.from_numpy(table.column(name).to_numpy().copy()) for name in COLUMNS}
-    except Exception:  # a corrupt or truncated file of any kind means: rebuild
+    except Exception:  # a missing, corrupt or truncated file of any kind means: rebuild
         return None
 
 
-def write_table(path: Path, logps: dict[str, torch.Tensor]) -> None:
+def write_table(location: str | Path, logps: dict[str, torch.Tensor]) -> None:
+    """Written whole (a local file renamed into place, an object uploaded in one PUT): readers see the old
+    table or the whole new one."""
     rows = len(logps[COLUMNS[0]])
     table = pa.table({name: logps[name].numpy() for name in COLUMNS})
     table = table.replace_schema_metadata({"format": str(CACHE_FORMAT), "rows": str(rows)})
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(location, buffer.getvalue())
 
 
-def table_path(cache_dir: str | Path, key: str) -> Path:
-    return Path(cache_dir) / f"reflogps-{key}.parquet"
+def table_path(cache_dir: str | Path, key: str) -> str:
+    """Where the table of `key` lives: a local folder or a storage URI (`spo_ray.storage`)."""
+    return storage.join(cache_dir, f"reflogps-{key}.parquet")
 
 
 def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset, compute) -> tuple[dict, bool]:
@@ -116,7 +111,7 @@ def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset
     logps = read_table(path, len(dataset))
     if logps is not None:
         return logps, True
-    with _locked(path.with_suffix(".lock")):
+    with storage.build_lock(f"reflogps-{key}", near=cache_dir):
         logps = read_table(path, len(dataset))  # another trial may have built it while we waited
         if logps is not None:
             return logps, True
@@ -141,7 +136,6 @@ def cached_reference_logps_together(cache_dir: str | Path, key: str, dataset: Pa
         return logps, True
     logps = compute()
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_table(path, logps)
     dist.barrier()
     return logps, False

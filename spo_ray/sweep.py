@@ -30,12 +30,13 @@ import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from spo_ray import storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
 from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name, get_dotted,
                             grid_points, load_yaml, set_dotted, to_plain, trial_columns, validate_run,
                             validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
-                                 one_line_error, uses_ray_train, worker_resources)
+                                 one_line_error, start_build_locks, uses_ray_train, worker_resources)
 
 EXIT_INTERRUPTED = 130
 RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
@@ -72,7 +73,7 @@ def resolve(raw: dict, args) -> tuple[dict, SweepConfig, dict[str, dict]]:
     if not sweep.name or "/" in sweep.name or sweep.name.startswith("."):
         raise ConfigError(f"name: {sweep.name!r} must be a plain folder name")
     raw = copy.deepcopy(raw)
-    raw["storage_path"] = str(Path(sweep.storage_path).absolute())
+    raw["storage_path"] = storage.absolute(sweep.storage_path)
     raw["cache_dir"] = init_cache_dir(sweep)
     sweep = sweep.model_copy(update={"storage_path": raw["storage_path"], "cache_dir": raw["cache_dir"]})
     return raw, sweep, spaces
@@ -144,14 +145,14 @@ def quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def write_sweep_file(sweep: SweepConfig, spaces: dict[str, dict], directory: Path) -> None:
+def write_sweep_file(sweep: SweepConfig, spaces: dict[str, dict], directory: str) -> None:
     """sweep.yaml: the resolved config (defaults filled in), the search spaces in place, the swept keys."""
     from spo_ray.results import write_yaml
     resolved = to_plain(sweep)
     for key, space in spaces.items():
         set_dotted(resolved, key, space)
     resolved["swept"] = list(spaces)
-    write_yaml(resolved, directory / SWEEP_FILE)
+    write_yaml(resolved, storage.join(directory, SWEEP_FILE))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,22 +184,29 @@ class ResultTables:
     State lives on disk: `setup` reads the tables back, so a resumed sweep keeps the rows of trials that
     finished before the interruption, and a trial that restarts from a checkpoint replaces its rows from
     that step on (each step of each trial appears once).
+
+    In a bucket each rewrite is an upload of both whole tables, so there a reported row is written at most
+    every `BUCKET_WRITE_INTERVAL_S`; a trial's start and end, and the sweep's end, are written at once.
     """
 
+    BUCKET_WRITE_INTERVAL_S = 10.0
+
     def __init__(self, directory: str, swept: list[str]):
-        self.directory = Path(directory)
+        self.directory = directory  # a local folder or a storage URI
         self.swept = swept
         self.rows: dict[str, dict] = {}       # trial_id -> results row
         self.history: dict[str, list[dict]] = {}
+        self.min_interval_s = self.BUCKET_WRITE_INTERVAL_S if storage.is_uri(directory) else 0.0
+        self.written_at, self.unwritten = float("-inf"), False
 
     def load(self) -> None:
-        import pandas as pd
-        results, history = self.directory / RESULTS_FILE, self.directory / HISTORY_FILE
-        if results.exists():
-            frame = pd.read_csv(results, dtype={"trial_id": str, "error": str}, keep_default_na=False)
+        from spo_ray.results import read_csv, read_parquet
+        results, history = storage.join(self.directory, RESULTS_FILE), storage.join(self.directory, HISTORY_FILE)
+        if storage.exists(results):
+            frame = read_csv(results, dtype={"trial_id": str, "error": str}, keep_default_na=False)
             self.rows = {row["trial_id"]: row for row in frame.to_dict("records")}
-        if history.exists():
-            for row in pd.read_parquet(history).to_dict("records"):
+        if storage.exists(history):
+            for row in read_parquet(history).to_dict("records"):
                 clean = {k: v for k, v in row.items() if not _is_missing(v)}
                 self.history.setdefault(str(row["trial_id"]), []).append(clean)
 
@@ -229,22 +237,29 @@ class ResultTables:
         row = self.rows[trial.trial_id]
         row.update(metrics)
         row.update(status=result.get(TRIAL_STATUS_KEY, "RUNNING"), error=result.get(ERROR_KEY, ""))
-        self.write()
+        self.write(soon=True)
 
     def complete(self, trial) -> None:
         row = self.rows.get(trial.trial_id, {})
         status = row.get("status") if row.get("status") in ("DIVERGED", "ERROR") else "TERMINATED"
         self.set_status(trial, status, row.get("error", "") if status != "TERMINATED" else "")
 
-    def write(self) -> None:
+    def write(self, soon: bool = False) -> None:
+        """Rewrite both tables; with `soon`, only when the last write is `min_interval_s` old (else later)."""
+        import time
+
         import pandas as pd
         from spo_ray.results import write_csv, write_parquet
+        if soon and time.monotonic() - self.written_at < self.min_interval_s:
+            self.unwritten = True
+            return
+        self.written_at, self.unwritten = time.monotonic(), False
         frame = pd.DataFrame(list(self.rows.values()))
-        write_csv(frame[_column_order(frame.columns)], self.directory / RESULTS_FILE)
+        write_csv(frame[_column_order(frame.columns)], storage.join(self.directory, RESULTS_FILE))
         history = [row for rows in self.history.values() for row in rows]
         if history:
             frame = pd.DataFrame(history)
-            write_parquet(frame[_column_order(frame.columns)], self.directory / HISTORY_FILE)
+            write_parquet(frame[_column_order(frame.columns)], storage.join(self.directory, HISTORY_FILE))
 
     def statuses(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -294,6 +309,8 @@ def tables_callback(directory: str, swept: list[str]):
             for trial in trials:
                 if trial.trial_id not in self.tables.rows:
                     self.tables.trial_added(trial)
+            if self.tables.unwritten:
+                self.tables.write(soon=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.tables.set_status(trial, "RUNNING")
@@ -365,7 +382,7 @@ def default_concurrency(sweep: SweepConfig) -> int | None:
     return max(1, fits)
 
 
-def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], directory: Path, resume: bool):
+def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], directory: str, resume: bool):
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -374,7 +391,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
     trial_fn = trainable(sweep)
     space = param_space(raw, spaces)
     if resume:
-        return tune.Tuner.restore(str(directory), trial_fn, resume_errored=True, param_space=space)
+        return tune.Tuner.restore(directory, trial_fn, resume_errored=True, param_space=space)
 
     cfg = sweep.tune
     scheduler = (ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
@@ -396,7 +413,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
             storage_path=sweep.storage_path, name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[tables_callback(str(directory), list(spaces))],
+            callbacks=[tables_callback(directory, list(spaces))],
             progress_reporter=reporter, verbose=1,
         ),
     )
@@ -414,35 +431,36 @@ def main(argv=None) -> int:
         return EXIT_OK
 
     directory = experiment_dir(sweep)
-    started = (directory / "tuner.pkl").exists()
+    started = storage.exists(storage.join(directory, "tuner.pkl"))
     if args.resume and not started:
         raise ConfigError(f"--resume: {directory} holds no sweep to resume")
-    if not args.resume and (started or (directory / RESULTS_FILE).exists()):
+    if not args.resume and (started or storage.exists(storage.join(directory, RESULTS_FILE))):
         raise ConfigError(f"{directory}: this experiment exists; pass --resume to continue it, or --name to "
                           f"start another")
     prepare_tasks(raw, spaces, sweep)
-    directory.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(directory)
     write_sweep_file(sweep, spaces, directory)
 
     start_ray()
+    start_build_locks()
     stop_on_sigterm()
     tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
     tuner.fit()
     return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))
 
 
-def summarize(directory: Path, args, expected: int) -> int:
+def summarize(directory: str, args, expected: int) -> int:
     """Print the trial counts and choose the exit code. Tune creates a trial only when it can start one (with
     `max_concurrent_trials`, after another ends), so an interrupted sweep may have grid points without a row:
     they count as unfinished, like the PENDING and PAUSED rows."""
-    import pandas as pd
-    results = pd.read_csv(directory / RESULTS_FILE, keep_default_na=False)
+    from spo_ray.results import read_csv
+    results = read_csv(storage.join(directory, RESULTS_FILE), keep_default_na=False)
     counts = results["status"].value_counts().to_dict()
     not_started = max(0, expected - len(results))
     if not_started:
         counts["not started"] = not_started
     print(f"\n{len(results) + not_started} trials: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    print(f"results: {directory / RESULTS_FILE}\nhistory: {directory / HISTORY_FILE}")
+    print(f"results: {storage.join(directory, RESULTS_FILE)}\nhistory: {storage.join(directory, HISTORY_FILE)}")
     unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED", "not started"))
     failed = counts.get("ERROR", 0) + counts.get("DIVERGED", 0)
     if unfinished:

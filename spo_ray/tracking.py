@@ -34,6 +34,10 @@ class Tracker:
     def finish(self, status: str = "TERMINATED") -> None:
         """Close the run, recording the trial's final status (no-op)."""
 
+    def run_folder(self) -> Path | None:
+        """The run's local folder (`<dir>/wandb/<offline-run-…>`), or None when nothing was written."""
+        return None
+
 
 class WandbRun(Tracker):
     """A live W&B run that switches itself off at its first failure."""
@@ -62,6 +66,10 @@ class WandbRun(Tracker):
         except Exception as error:
             self._disable("finish", error)
         self.enabled = False
+
+    def run_folder(self) -> Path | None:
+        run_dir = getattr(self.run, "dir", None)  # <dir>/wandb/<run>/files
+        return Path(run_dir).parent if run_dir else None
 
     def _disable(self, action: str, error: BaseException) -> None:
         self.enabled = False

@@ -21,6 +21,7 @@ import pandas as pd
 
 from spo_ray.cli import user_errors_exit_2
 from spo_ray.config import ConfigError, apply_overrides, first_point, load_yaml, to_plain, validate_sweep
+from spo_ray import storage
 from spo_ray.distributed import init_cache_dir
 from spo_ray.results import write_json, write_parquet, write_yaml
 
@@ -51,25 +52,26 @@ def main(argv=None) -> int:
     if spaces:
         print(f"note: single run uses the first value of {', '.join(spaces)}", file=sys.stderr)
     config = sweep.run_config()
-    output = Path(args.output or Path(sweep.storage_path) / "runs" / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    write_yaml(to_plain(config), output / "config.yaml")
+    # A local folder or a storage URI (spo_ray.storage), like a sweep's experiment directory.
+    output = args.output or storage.join(sweep.storage_path, "runs", f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    created = not storage.exists(output)
+    storage.make_dirs(output)
+    write_yaml(to_plain(config), storage.join(output, "config.yaml"))
 
     history = []
 
     def report(metrics, checkpoint):
         history.append(metrics)
-        write_parquet(pd.DataFrame(history), output / "history.parquet")
+        write_parquet(pd.DataFrame(history), storage.join(output, "history.parquet"))
 
     try:
-        final = train(config, cache_dir=init_cache_dir(sweep), reference_dir=str(output), report=report,
+        final = train(config, cache_dir=init_cache_dir(sweep), reference_dir=output, report=report,
                       context=WorkerContext(cpus=single_run_cpus(sweep)), progress=not args.no_progress)
     except ConfigError:  # bad input (e.g. a malformed data row) before any step: leave no empty run behind
-        if created and not history:
+        if created and not history and not storage.is_uri(output):
             shutil.rmtree(output, ignore_errors=True)
         raise
-    write_json(final, output / "metrics.json")
+    write_json(final, storage.join(output, "metrics.json"))
     shown = {k: round(v, 4) for k, v in final.items()
              if k in ("eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "train/loss",
                       "eval/mass_correct", "eval/mass_mistake", "wall_time_s")}

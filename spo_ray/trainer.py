@@ -22,12 +22,12 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from spo_ray import storage
 from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.logprobs import concatenated_forward, sequence_logps
@@ -35,7 +35,7 @@ from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.memory import check_run_fits
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
-                               fingerprint, model_identity)
+                               fingerprint, model_identity, table_path)
 from spo_ray.sharding import full_state, is_sharded, load_full_state, local, per_pair_tables, shard_model
 
 Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
@@ -300,11 +300,10 @@ def injected_faults(config: RunConfig, marker_dir: str) -> Callable[[int], bool]
             if step != at:
                 continue
             if once:
-                marker = Path(marker_dir) / f".fault-{action}-{at}-{run_key}"
-                if marker.exists():
+                marker = storage.join(marker_dir, f".fault-{action}-{at}-{run_key}")
+                if storage.exists(marker):
                     continue
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+                storage.write_bytes(marker, b"")
             if action == "raise_at":
                 raise RuntimeError(f"injected fault at step {step}")
             if action == "crash_worker_at":
@@ -404,10 +403,13 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                                                    progress=progress and context.rank == 0,
                                                    max_tokens=config.reference.batch_tokens)
             if context.sharded:  # every worker takes part in a sharded reference's forward
-                tables[split], _ = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
-                                                                   compute, rank=context.rank, device=device)
+                tables[split], hit = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
+                                                                     compute, rank=context.rank, device=device)
             else:
-                tables[split], _ = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
+                tables[split], hit = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
+            if context.rank == 0:
+                print(f"reference log-probs ({split}, {len(dataset)} pairs): "
+                      f"{'read from' if hit else 'computed into'} {table_path(reference_dir or cache_dir, key)}")
         train_reference = PrecomputedReference(tables["train"])
         eval_reference = PrecomputedReference(tables["eval"])
     else:

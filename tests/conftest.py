@@ -29,3 +29,61 @@ def tiny_run(**sections) -> dict:
 def init_cache(tmp_path_factory):
     """One init cache for the whole session, so built-in inits are built once."""
     return str(tmp_path_factory.mktemp("init_cache"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real S3-compatible server on 127.0.0.1 (moto's server mode, as in Ray's own storage tests)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The endpoint URL of a moto S3 server started for this test session (skipped without moto)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("moto.server", reason="moto[server] (the dev extra) provides the local S3 server")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("the moto S3 server did not start")
+            time.sleep(0.2)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket on the local server, with this process's environment pointing at it (as a user's
+    would: AWS_ENDPOINT_URL and credentials). Returns (bucket name, boto3 client)."""
+    import uuid
+
+    import boto3
+
+    for key, value in {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    name = f"spo-{uuid.uuid4().hex[:10]}"
+    client = boto3.client("s3")
+    client.create_bucket(Bucket=name)
+    return name, client

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from spo_ray.config import ConfigError, RunConfig
 from spo_ray.models import gguf_init, is_gguf
+from spo_ray.storage import local_mirror
 from spo_ray.tasks import arithmetic, gsm8k, pairs
 from spo_ray.tasks.task import Task
 
@@ -46,8 +47,10 @@ def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress:
 
 
 def load_task(config: RunConfig, cache_dir: str, progress: bool = False) -> Task:
-    """The `Task` of a run config: its starting weights (built into `cache_dir` where a source builds them)
-    and `data.source`'s pairs, tokenizer and evaluator."""
+    """The `Task` of a run config: its starting weights (built into `cache_dir` where a source builds them;
+    a storage URI is used through this node's local mirror of it) and `data.source`'s pairs, tokenizer and
+    evaluator."""
+    cache_dir = local_mirror(cache_dir)
     policy_path = model_path(config.model.init, "model.init", config, cache_dir, progress)
     reference_path = (model_path(config.model.reference, "model.reference", config, cache_dir, progress)
                       if config.model.reference else policy_path)

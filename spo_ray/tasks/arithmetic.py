@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerFast
 
 from spo_ray.config import RunConfig
 from spo_ray.decoding import Decoder, encode_prompts, evaluating, greedy_decode
-from spo_ray.models import (create_small_lm, load_init, resolved_model_kwargs, save_to_cache, small_lm_kwargs,
-                            train_on_responses)
+from spo_ray.models import (cached_init, create_small_lm, load_init, resolved_model_kwargs, save_to_cache,
+                            small_lm_kwargs, train_on_responses)
 from spo_ray.tasks.task import Task
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -423,36 +423,37 @@ def build_arithmetic_init(name: str, task_cfg: ArithmeticConfig, model_kwargs: d
     SFT init starts from (built first through this same function, so cached too).
     """
     target = init_dir(name, task_cfg, model_kwargs, cache_dir, steps=steps, base_steps=base_steps)
-    if (target / "init.json").exists():
-        return target
-    steps = DEFAULT_INIT_STEPS[name] if steps is None else steps
-    tokenizer = make_tokenizer()
-    started = time.perf_counter()
-    if name == "scratch" or name == "base":
-        special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
-        model = create_small_lm(len(tokenizer), **resolved_model_kwargs(model_kwargs), **special_ids)
-        examples = pretraining_texts(task_cfg) if name == "base" else []
-        base_path = None
-    else:
-        base_path = build_arithmetic_init("base", task_cfg, model_kwargs, cache_dir, steps=base_steps,
-                                          progress=progress)
-        model, tokenizer = load_init(base_path)
-        examples = sft_pairs(task_cfg)
-    losses = []
-    if steps > 0:
-        losses = train_on_responses(model, tokenizer, examples, steps, seed=task_cfg.seed, progress=progress,
-                                    description=f"init {name}")
-    info = {
-        "name": name,
-        "task": asdict(task_cfg),
-        "model": resolved_model_kwargs(model_kwargs),
-        "steps": steps,
-        "base": str(base_path) if base_path else None,
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "code_version": INIT_CODE_VERSION,
-    }
-    return save_to_cache(model, tokenizer, info, target)
+    with cached_init(target) as found:
+        if found:
+            return target
+        steps = DEFAULT_INIT_STEPS[name] if steps is None else steps
+        tokenizer = make_tokenizer()
+        started = time.perf_counter()
+        if name == "scratch" or name == "base":
+            special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+            model = create_small_lm(len(tokenizer), **resolved_model_kwargs(model_kwargs), **special_ids)
+            examples = pretraining_texts(task_cfg) if name == "base" else []
+            base_path = None
+        else:
+            base_path = build_arithmetic_init("base", task_cfg, model_kwargs, cache_dir, steps=base_steps,
+                                              progress=progress)
+            model, tokenizer = load_init(base_path)
+            examples = sft_pairs(task_cfg)
+        losses = []
+        if steps > 0:
+            losses = train_on_responses(model, tokenizer, examples, steps, seed=task_cfg.seed, progress=progress,
+                                        description=f"init {name}")
+        info = {
+            "name": name,
+            "task": asdict(task_cfg),
+            "model": resolved_model_kwargs(model_kwargs),
+            "steps": steps,
+            "base": str(base_path) if base_path else None,
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "code_version": INIT_CODE_VERSION,
+        }
+        return save_to_cache(model, tokenizer, info, target)
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from spo_ray import decoding
 from spo_ray.config import ConfigError, DataConfig, RunConfig
-from spo_ray.models import create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
+from spo_ray.models import cached_init, create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
 from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, cap, eval_keys, finish_splits, pair_task,
                                  render_messages, render_response, retention_evaluator, rows_to_pairs,
                                  task_tokenizer)
@@ -263,23 +263,25 @@ def build_local_gsm8k_model(cache_dir: str | Path, *, vocab_size: int = 3000, mo
     folder = Path(folder or data_dir())
     model_kwargs = {"max_position_embeddings": 1024, **(model_kwargs or {})}
     target = local_model_dir(cache_dir, vocab_size, model_kwargs, sft_steps, folder)
-    if (target / "init.json").exists():
-        return target
-    started = time.perf_counter()
-    examples = gsm8k_sft_examples(folder)
-    tokenizer = train_bpe_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size)
-    special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    model = create_small_lm(len(tokenizer), seed=seed, **model_kwargs, **special_ids)
-    losses = []
-    if sft_steps:
-        # The SFT batches are padded to the longest example: leaving out the longest 5% halves a step's cost.
-        examples = [e for e in examples if len(tokenizer(e["prompt"] + e["response"])["input_ids"]) < SFT_MAX_TOKENS]
-        losses = train_on_responses(model, tokenizer, examples, sft_steps, seed=seed, progress=progress,
-                                    description="gsm8k sft")
-    info = {"name": LOCAL_MODEL_NAME, "vocab_size": len(tokenizer), "model": model_kwargs, "sft_steps": sft_steps,
-            "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
-            "train_seconds": round(time.perf_counter() - started, 1)}
-    return save_to_cache(model, tokenizer, info, target)
+    with cached_init(target) as found:
+        if found:
+            return target
+        started = time.perf_counter()
+        examples = gsm8k_sft_examples(folder)
+        tokenizer = train_bpe_tokenizer([e["prompt"] + e["response"] for e in examples], vocab_size)
+        special_ids = {key: getattr(tokenizer, key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        model = create_small_lm(len(tokenizer), seed=seed, **model_kwargs, **special_ids)
+        losses = []
+        if sft_steps:
+            # The SFT batches are padded to the longest example: leaving out the longest 5% halves a step's cost.
+            examples = [e for e in examples
+                        if len(tokenizer(e["prompt"] + e["response"])["input_ids"]) < SFT_MAX_TOKENS]
+            losses = train_on_responses(model, tokenizer, examples, sft_steps, seed=seed, progress=progress,
+                                        description="gsm8k sft")
+        info = {"name": LOCAL_MODEL_NAME, "vocab_size": len(tokenizer), "model": model_kwargs, "sft_steps": sft_steps,
+                "final_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None,
+                "train_seconds": round(time.perf_counter() - started, 1)}
+        return save_to_cache(model, tokenizer, info, target)
 
 
 def local_model_for(config: RunConfig, cache_dir: str, progress: bool = False) -> Path:

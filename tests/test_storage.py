@@ -1,0 +1,259 @@
+"""Storage URIs (spo_ray.storage) against a real S3-compatible server on 127.0.0.1, checked through a second
+client (boto3): tables, reference log-prob tables, the shared init cache, the analysis report."""
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_run
+
+ROOT = Path(__file__).resolve().parent.parent
+from spo_ray import storage
+from spo_ray.config import validate_run
+from spo_ray.distributed import BuildLeases
+
+
+def objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object under `prefix`, by key, read with boto3 (not through the code under test)."""
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_join_keeps_a_uris_query_at_the_end_and_local_paths_local(tmp_path):
+    uri = "s3://bucket/results?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.join(uri, "beta", "results.csv") == \
+        "s3://bucket/results/beta/results.csv?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.join("s3://bucket/", "a") == "s3://bucket/a"
+    assert storage.join(str(tmp_path), "beta", "results.csv") == str(tmp_path / "beta" / "results.csv")
+    assert storage.is_uri("gs://b/p") and not storage.is_uri("results") and not storage.is_uri("C:/data")
+    assert storage.absolute("results") == str(storage.Path("results").absolute())
+    assert storage.name_of(uri) == "results"
+
+
+def test_files_written_to_s3_are_read_back_by_another_client(s3_bucket):
+    bucket, client = s3_bucket
+    location = f"s3://{bucket}/exp/beta/results.csv"
+    assert not storage.exists(location)
+    from spo_ray.results import read_csv, write_csv
+    frame = pd.DataFrame({"trial_id": ["a", "b"], "eval/accuracy": [0.5, 0.75]})
+    write_csv(frame, location)
+    assert storage.exists(location) and storage.exists(f"s3://{bucket}/exp/beta")
+    stored = objects(client, bucket)
+    assert list(stored) == ["exp/beta/results.csv"]
+    assert pd.read_csv(io.BytesIO(stored["exp/beta/results.csv"])).equals(frame)
+    assert read_csv(location).equals(frame)
+    with pytest.raises(FileNotFoundError, match="history.parquet"):
+        storage.read_bytes(f"s3://{bucket}/exp/beta/history.parquet")
+
+
+def test_a_folder_uploads_with_its_marker_last_and_downloads_whole(s3_bucket, tmp_path, monkeypatch):
+    bucket, client = s3_bucket
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    files = {"init.json": b"{}", "model.safetensors": b"w" * 1000, "sub/tokenizer.json": b"t"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    import pyarrow.fs
+    uploaded, copy_files = [], pyarrow.fs.copy_files
+    monkeypatch.setattr(pyarrow.fs, "copy_files", lambda src, dst, **kw: (uploaded.append(dst), copy_files(src, dst, **kw)))
+    storage.upload_dir(folder, f"s3://{bucket}/cache/model", last="init.json")
+    assert uploaded[-1].endswith("/init.json") and len(uploaded) == 3  # readers wait for init.json
+    assert objects(client, bucket) == {f"cache/model/{k}": v for k, v in files.items()}
+    monkeypatch.setattr(pyarrow.fs, "copy_files", copy_files)
+    copy = storage.download_dir(f"s3://{bucket}/cache/model", tmp_path / "node-b" / "model")
+    assert {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == files
+    assert [p.name for p in copy.parent.iterdir()] == ["model"]  # no staging folder left behind
+
+
+def test_a_reference_table_in_s3_is_computed_once_and_read_back_equal(s3_bucket):
+    from spo_ray.reference import cached_reference_logps
+    bucket, client = s3_bucket
+    data = type("Dataset", (), {"__len__": lambda self: 3})()
+    table = {name: torch.tensor([-1.5, -2.25, -3.0]) * (i + 1) for i, name in
+             enumerate(("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps"))}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return table
+
+    location = f"s3://{bucket}/exp/beta/reference_cache"
+    first, hit = cached_reference_logps(location, "k1", data, compute)
+    second, hit_again = cached_reference_logps(location, "k1", data, compute)
+    assert (hit, hit_again, len(calls)) == (False, True, 1)
+    assert all(torch.equal(second[k], table[k]) for k in table)
+    [key] = objects(client, bucket)
+    assert key == "exp/beta/reference_cache/reflogps-k1.parquet"
+    stored = pd.read_parquet(io.BytesIO(objects(client, bucket)[key]))
+    assert stored["rejected_logps"].tolist() == [-3.0, -4.5, -6.0]
+
+
+def test_an_init_built_on_one_node_is_fetched_not_rebuilt_on_another(s3_bucket, tmp_path, monkeypatch, capsys):
+    """Two 'nodes' (two local cache roots) share a cache URI: the first builds the init and uploads it, the
+    second downloads it without building, and both copies give the reference tables the same key."""
+    from spo_ray import tasks
+    from spo_ray.reference import model_identity
+    bucket, client = s3_bucket
+    config = validate_run(tiny_run(model={"init": "scratch", "hidden_size": 16, "num_layers": 1,
+                                          "num_heads": 2})).run_config()
+    cache = f"s3://{bucket}/results/.cache"
+
+    monkeypatch.setenv(storage.LOCAL_CACHE_ENV, str(tmp_path / "node-a"))
+    built = tasks.model_path("scratch", "model.init", config, storage.local_mirror(cache))
+    assert built.startswith(str(tmp_path / "node-a")) and "built and uploaded" in capsys.readouterr().out
+    folder = built.rsplit("/", 1)[-1]
+    stored = objects(client, bucket, f"results/.cache/{folder}/")
+    assert f"results/.cache/{folder}/init.json" in stored and len(stored) >= 4
+
+    monkeypatch.setenv(storage.LOCAL_CACHE_ENV, str(tmp_path / "node-b"))
+    monkeypatch.setattr(tasks.arithmetic, "create_small_lm", lambda *a, **k: pytest.fail("node b rebuilt the init"))
+    fetched = tasks.model_path("scratch", "model.init", config, storage.local_mirror(cache))
+    assert fetched.startswith(str(tmp_path / "node-b")) and fetched.endswith(folder)
+    assert "fetched from" in capsys.readouterr().out
+    for name in ("model.safetensors", "config.json", "init.json"):
+        assert (Path(fetched) / name).read_bytes() == (Path(built) / name).read_bytes()
+    assert model_identity(fetched) == model_identity(built)  # one reference table for both nodes
+
+
+def test_result_tables_in_a_bucket_upload_rows_at_most_every_interval_and_status_changes_at_once(s3_bucket,
+                                                                                                 monkeypatch):
+    from spo_ray.sweep import ResultTables
+    from test_sweep import FakeTrial
+    bucket, client = s3_bucket
+    clock = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    tables = ResultTables(f"s3://{bucket}/results/beta", ["loss.name"])
+    trial = FakeTrial("t1", {"loss": {"name": "spo"}})
+
+    def stored_steps() -> list:
+        body = objects(client, bucket, "results/beta/history.parquet").get("results/beta/history.parquet")
+        return [] if body is None else pd.read_parquet(io.BytesIO(body))["step"].tolist()
+
+    tables.result(trial, {"step": 1, "train/loss": 0.6})   # adds the trial: its row is written at once...
+    assert "results/beta/results.csv" in objects(client, bucket)
+    clock[0] += 3
+    tables.result(trial, {"step": 2, "train/loss": 0.5})   # ...its rows within the interval are kept for later
+    assert stored_steps() == [] and tables.unwritten
+    clock[0] += ResultTables.BUCKET_WRITE_INTERVAL_S
+    tables.write(soon=True)                                # what the callback's on_step_end does
+    assert stored_steps() == [1, 2] and not tables.unwritten
+    tables.result(trial, {"step": 3, "train/loss": 0.4})
+    tables.complete(trial)                                 # the end of a trial is written at once
+    assert stored_steps() == [1, 2, 3]
+    results = pd.read_csv(io.BytesIO(objects(client, bucket, "results/beta/results.csv")["results/beta/results.csv"]))
+    assert results[["trial_id", "status", "step"]].values.tolist() == [["t1", "TERMINATED", 3]]
+
+
+def test_build_leases_grant_one_holder_until_released_or_expired(monkeypatch):
+    leases, now = BuildLeases(), [1000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    assert leases.acquire("init-x", "a", 60)
+    assert not leases.acquire("init-x", "b", 60)       # held
+    assert leases.acquire("reflogps-y", "b", 60)       # another name is independent
+    now[0] += 59
+    assert leases.renew("init-x", "a", 60) and not leases.acquire("init-x", "b", 60)
+    now[0] += 61                                        # a's node died: no renewal for longer than the lease
+    assert leases.acquire("init-x", "b", 60)
+    leases.release("init-x", "a")                       # a stale holder cannot release b's lease
+    assert not leases.acquire("init-x", "c", 60)
+    leases.release("init-x", "b")
+    assert leases.acquire("init-x", "c", 60)
+
+
+def test_the_report_reads_an_experiment_from_s3_and_uploads_beside_it(s3_bucket, tmp_path):
+    bucket, client = s3_bucket
+    results = pd.DataFrame({"trial_id": ["t0", "t1", "t2", "t3"], "status": ["TERMINATED"] * 4, "error": [""] * 4,
+                            "loss": ["dpo", "dpo", "spo", "spo"], "seed": [0, 1, 0, 1],
+                            "eval/accuracy": [0.5, 0.7, 0.9, 1.0]})
+    history = pd.DataFrame({"trial_id": ["t0", "t2"], "step": [5, 5], "eval/chosen_logp_delta": [-1.0, 0.2],
+                            "eval/rejected_logp_delta": [-3.0, -2.0]})
+    from spo_ray.results import write_csv, write_parquet
+    write_csv(results, f"s3://{bucket}/results/beta/results.csv")
+    write_parquet(history, f"s3://{bucket}/results/beta/history.parquet")
+    env = dict(os.environ)  # the fixture's endpoint and credentials
+    done = subprocess.run([sys.executable, "-m", "analysis.report", f"s3://{bucket}/results/beta"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert f"s3://{bucket}/results/beta/report.md" in done.stdout
+    stored = objects(client, bucket, "results/beta/")
+    text = stored["results/beta/report.md"].decode()
+    assert "# Experiment report: beta" in text
+    assert "0.950 ± 0.071" in text and "0.600 ± 0.141" in text  # spo: mean, sample std of .9, 1; dpo: .5, .7
+    assert "results/beta/tables/summary.csv" in stored and "results/beta/plots/logp_evolution.png" in stored
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "analysis.report", f"s3://{bucket}/results/beta", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert (out / "report.md").read_text() == text
+    missing = subprocess.run([sys.executable, "-m", "analysis.report", f"s3://{bucket}/results/nope"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert missing.returncode == 2 and missing.stderr.strip() == \
+        f"error: experiment directory not found: s3://{bucket}/results/nope"
+
+
+@pytest.mark.slow
+def test_a_sweep_into_s3_is_read_back_from_the_bucket_and_resumes_after_sigint(s3_bucket, tmp_path):
+    """The smoke sweep with `storage_path: s3://…` (W&B offline): interrupted by Ctrl+C after its first trial
+    finished, resumed from the bucket, it runs only what had not finished; everything is in the bucket."""
+    import signal
+    import yaml
+    bucket, client = s3_bucket
+    raw = tiny_run(loss={"name": {"grid": ["dpo", "spo"]}},
+                   train={"max_steps": 60, "log_every": 5, "eval_every": 30, "checkpoint_every": 10})
+    raw.update(name="s3sweep", storage_path=f"s3://{bucket}/results", wandb={"mode": "offline"},
+               tune={"max_concurrent_trials": 1})
+    config = tmp_path / "s3sweep.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "SPO_RAY_LOCAL_CACHE": str(tmp_path / "local"), "WANDB_MODE": "offline"}
+    results_key = "results/s3sweep/results.csv"
+
+    def results() -> pd.DataFrame | None:
+        try:
+            body = client.get_object(Bucket=bucket, Key=results_key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+        return pd.read_csv(io.BytesIO(body), keep_default_na=False)
+
+    sweep = subprocess.Popen([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finished, deadline = None, time.time() + 180
+    while finished is None and time.time() < deadline and sweep.poll() is None:
+        table = results()
+        if table is not None and (table["status"] == "TERMINATED").any():
+            finished = table[table["status"] == "TERMINATED"].iloc[0].to_dict()
+        time.sleep(0.05)
+    assert finished is not None, "no trial finished in time"
+    sweep.send_signal(signal.SIGINT)
+    output, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, output[-3000:]
+    assert (results()["status"] == "TERMINATED").sum() < 2, "the sweep finished before the interruption"
+    assert f"--resume" in output
+
+    resumed = subprocess.run([sys.executable, "-m", "spo_ray.sweep", str(config), "--resume"], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"results: s3://{bucket}/results/s3sweep/results.csv" in resumed.stdout
+    table = results()
+    assert len(table) == 2 and table["trial_id"].is_unique and set(table["status"]) == {"TERMINATED"}
+    again = table.set_index("trial_id").loc[finished["trial_id"]]
+    assert float(again["wall_time_s"]) == float(finished["wall_time_s"])  # the finished trial was not re-run
+    history = pd.read_parquet(io.BytesIO(objects(client, bucket, "results/s3sweep/history.parquet")
+                                         ["results/s3sweep/history.parquet"]))
+    assert not history.duplicated(["trial_id", "step"]).any()
+    assert sorted(history.groupby("trial_id")["step"].max()) == [60, 60]
+
+    keys = list(objects(client, bucket))
+    assert "results/s3sweep/sweep.yaml" in keys and "results/s3sweep/tuner.pkl" in keys
+    assert len([k for k in keys if k.startswith("results/s3sweep/reference_cache/reflogps-")]) == 2
+    assert [k for k in keys if k.startswith("results/.cache/scratch-") and k.endswith("/init.json")]
+    runs = {k.split("/")[3] for k in keys if k.startswith("results/s3sweep/wandb/")}
+    assert len(runs) >= 2 and all(run.startswith("offline-run-") for run in runs)  # one per trial attempt
+    assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()
