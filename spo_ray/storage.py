@@ -112,6 +112,15 @@ def write_bytes(location: str | Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(location: str | Path) -> None:
+    """Write and delete a small file under `location`, so that a missing bucket, refused credentials or an
+    unreachable endpoint fail here, as one OSError, before anything is computed."""
+    probe = join(location, f".spo-ray-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes(probe, b"")
+    fs, path = filesystem(probe)
+    fs.delete_file(path)
+
+
 def make_dirs(location: str | Path) -> None:
     if is_uri(location):
         fs, path = filesystem(location)

@@ -431,10 +431,15 @@ def main(argv=None) -> int:
         return EXIT_OK
 
     directory = experiment_dir(sweep)
-    started = storage.exists(storage.join(directory, "tuner.pkl"))
+    try:  # a bucket that does not exist, refused credentials, an unreachable endpoint: one line, exit 2
+        started = storage.exists(storage.join(directory, "tuner.pkl"))
+        exists = started or storage.exists(storage.join(directory, RESULTS_FILE))
+        storage.check_writable(sweep.storage_path)
+    except OSError as error:
+        raise ConfigError(f"storage_path: cannot use {sweep.storage_path}: {' '.join(str(error).split())}") from None
     if args.resume and not started:
         raise ConfigError(f"--resume: {directory} holds no sweep to resume")
-    if not args.resume and (started or storage.exists(storage.join(directory, RESULTS_FILE))):
+    if not args.resume and exists:
         raise ConfigError(f"{directory}: this experiment exists; pass --resume to continue it, or --name to "
                           f"start another")
     prepare_tasks(raw, spaces, sweep)

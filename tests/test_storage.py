@@ -62,7 +62,8 @@ def test_a_folder_uploads_with_its_marker_last_and_downloads_whole(s3_bucket, tm
         (folder / name).write_bytes(data)
     import pyarrow.fs
     uploaded, copy_files = [], pyarrow.fs.copy_files
-    monkeypatch.setattr(pyarrow.fs, "copy_files", lambda src, dst, **kw: (uploaded.append(dst), copy_files(src, dst, **kw)))
+    monkeypatch.setattr(pyarrow.fs, "copy_files",
+                        lambda src, dst, **kw: (uploaded.append(dst), copy_files(src, dst, **kw)))
     storage.upload_dir(folder, f"s3://{bucket}/cache/model", last="init.json")
     assert uploaded[-1].endswith("/init.json") and len(uploaded) == 3  # readers wait for init.json
     assert objects(client, bucket) == {f"cache/model/{k}": v for k, v in files.items()}
@@ -149,6 +150,23 @@ def test_result_tables_in_a_bucket_upload_rows_at_most_every_interval_and_status
     assert stored_steps() == [1, 2, 3]
     results = pd.read_csv(io.BytesIO(objects(client, bucket, "results/beta/results.csv")["results/beta/results.csv"]))
     assert results[["trial_id", "status", "step"]].values.tolist() == [["t1", "TERMINATED", 3]]
+
+
+def test_a_bucket_uri_stays_a_uri_and_an_unusable_bucket_is_one_line_and_exit_2(s3_bucket, tmp_path):
+    dry = subprocess.run([sys.executable, "-m", "spo_ray.sweep", "sweeps/beta.yaml", "--dry-run",
+                          "--storage-path", "s3://my-bucket/exp"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert dry.returncode == 0 and dry.stdout.rstrip().endswith("experiment directory s3://my-bucket/exp/beta")
+    for storage_path, says in ((f"s3://no-such-bucket-{s3_bucket[0]}/results", "The specified bucket does not exist"),
+                               ("s3://spo-bucket/results?endpoint_override=127.0.0.1:9&scheme=http",
+                                "Could not connect to server")):
+        run = subprocess.run([sys.executable, "-m", "spo_ray.sweep", str(ROOT / "sweeps/smoke.yaml"),
+                              "--storage-path", storage_path], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, storage.LOCAL_CACHE_ENV: str(tmp_path / "local")})
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr[-2000:]
+        assert lines[0].startswith(f"error: storage_path: cannot use {storage_path}: ") and says in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing built before the storage was found unusable
 
 
 def test_build_leases_grant_one_holder_until_released_or_expired(monkeypatch):
