@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,17 +51,6 @@ def make_batch(pairs: int, seq_len: int, vocab: int, device) -> dict:
             "index": torch.arange(pairs, device=device)}
 
 
-@contextmanager
-def full_logits():
-    """Every pass through the full logits (the path before the chunked head)."""
-    fused_head = logprobs.fused_head
-    logprobs.fused_head = lambda model: None
-    try:
-        yield
-    finally:
-        logprobs.fused_head = fused_head
-
-
 def vocabulary_part(args, device) -> None:
     """Chunked LM head against full logits on SmolLM2-135M's body at real vocabularies (module docstring)."""
     for vocab in [int(v) for v in args.vocabs.split(",")]:
@@ -88,7 +77,7 @@ def vocabulary_part(args, device) -> None:
         rates, peaks = {"chunked": [], "full": []}, {}
         for round_ in range(args.rounds + 1):  # round 0 warms both up
             for label in ("chunked", "full"):
-                with full_logits() if label == "full" else nullcontext():
+                with logprobs.full_logits_only() if label == "full" else nullcontext():
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()

@@ -87,19 +87,17 @@ def measure_one(kind: str, path: str, vocab: int, pairs: int, tokens: int) -> di
     torch.set_num_threads(2)
     model = smollm2_shape(vocab)
     data = dataset(pairs, tokens, vocab)
-    if path == "old":  # every pass through the full logits, as before the chunked head
-        logprobs.fused_head = lambda model: None
-    budget = {"batch_size": pairs, "max_tokens": None}  # one batch of `pairs` pairs
+    if path == "old":  # every pass through the full logits, as before the chunked head (a process per run)
+        logprobs.full_logits_only().__enter__()
     before = vm_mib("VmRSS")
     start = time.perf_counter()
     if kind == "reference":
         model.eval()
-        compute_reference_logps(model, data, 0, budget["batch_size"], max_tokens=budget["max_tokens"])
+        compute_reference_logps(model, data, 0, batch_size=pairs, max_tokens=None)  # one batch of `pairs`
     elif kind == "eval":
         zeros = {name: torch.zeros(len(data)) for name in
                  ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")}
-        evaluate_pairs(model, data, PrecomputedReference(zeros), LossConfig(), 0, budget["batch_size"], "cpu",
-                       nullcontext, budget["max_tokens"])
+        evaluate_pairs(model, data, PrecomputedReference(zeros), LossConfig(), 0, pairs, "cpu", nullcontext, None)
     elif kind == "step":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -152,22 +150,20 @@ def speed(name: str, model, pairs: int, tokens: int, vocab: int, rounds: int, st
     data = dataset(pairs, tokens, vocab)
     batch = collate_pairs([data[i] for i in range(len(data))], 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    fused_head = logprobs.fused_head
     rates = {"chunked": [], "full": []}
     for round_ in range(rounds + 1):  # round 0 warms both up
         for label in rates:
-            logprobs.fused_head = fused_head if label == "chunked" else (lambda model: None)
             start = time.perf_counter()
-            for _ in range(steps):
-                policy = logprobs.concatenated_forward(model, batch)
-                reference = {k: v.detach() + 0.1 for k, v in policy.items()}
-                loss, _ = batch_loss(LossConfig(), policy, reference, step=1)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            with logprobs.full_logits_only() if label == "full" else nullcontext():
+                for _ in range(steps):
+                    policy = logprobs.concatenated_forward(model, batch)
+                    reference = {k: v.detach() + 0.1 for k, v in policy.items()}
+                    loss, _ = batch_loss(LossConfig(), policy, reference, step=1)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             if round_:
                 rates[label].append(steps * batch["input_ids"].numel() / (time.perf_counter() - start))
-    logprobs.fused_head = fused_head
     chunked, full = max(rates["chunked"]), max(rates["full"])
     print(f"  {name}: {pairs} pairs × 2 × {tokens} tokens; chunked {chunked:,.0f} tokens/s (rounds "
           f"{', '.join(f'{r:,.0f}' for r in rates['chunked'])}), full logits {full:,.0f} "

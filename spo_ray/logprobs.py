@@ -133,8 +133,25 @@ def takes_logits_to_keep(model) -> bool:
     return _TAKES_LOGITS_TO_KEEP[kind]
 
 
+_full_logits_only = False
+
+
+@contextmanager
+def full_logits_only():
+    """Inside the block every pass goes through the full logits (`full_logits_sequence_logps`): the path
+    before the chunked head, which benchmarks and tests compare it against."""
+    global _full_logits_only
+    previous, _full_logits_only = _full_logits_only, True
+    try:
+        yield
+    finally:
+        _full_logits_only = previous
+
+
 def fused_head(model):
     """The LM head module the chunked path swaps, or None where it cannot (see the module docstring)."""
+    if _full_logits_only:
+        return None
     inner = transformers_model(model)
     if inner is None or not hasattr(inner, "get_output_embeddings"):
         return None

@@ -134,8 +134,8 @@ def test_every_loss_and_its_gradients_equal_the_full_logits_path(loss, monkeypat
         return value.detach(), gradients(model)
 
     chunked, chunked_grads = loss_and_grads()
-    monkeypatch.setattr(logprobs, "fused_head", lambda model: None)  # every pass through the full logits
-    full, full_grads = loss_and_grads()
+    with logprobs.full_logits_only():  # every pass through the full logits
+        full, full_grads = loss_and_grads()
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5, abs=1e-7)
     assert_close_gradients(chunked_grads, full_grads)
 
