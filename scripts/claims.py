@@ -33,6 +33,9 @@ def experiment(root: Path, name: str) -> pd.DataFrame | None:
         print(f"\n_(no experiment {root / name}: skipped)_")
         return None
     results = load_experiment(root / name).results
+    if results.empty or "eval/mass_other" not in results:  # no finished trial (yet), or no mass metrics
+        print(f"\n_(experiment {root / name} has no finished trial with mass metrics: skipped)_")
+        return None
     results["eval/off_target"] = results["eval/mass_other"] + results["eval/mass_malformed"]  # neither right nor a known mistake
     return results
 
@@ -65,8 +68,11 @@ def main() -> None:
 
     print("## Before training: each init on the sweeps' 100 evaluation problems\n")
     before = {}
-    source = next((n for n in ("init", "beta", "sft_free") if (root / n).exists()), "init")
-    for init in ("base", "sft_short", "sft_long") if source != "sft_free" else ("base", "sft_short"):
+    source = next((n for n in ("init", "beta", "sft_free") if (root / n / "sweep.yaml").exists()), None)
+    if source is None:
+        print(f"_(no init, beta or sft_free experiment under {root}: skipped)_")
+    inits = {None: (), "sft_free": ("base", "sft_short")}.get(source, ("base", "sft_short", "sft_long"))
+    for init in inits:
         before[init] = init_evaluation(root, source, init)
         b = before[init]
         print(f"- {init}: accuracy {b['accuracy']:.3f}; mass correct {b['eval/mass_correct']:.3f}, mistake "
