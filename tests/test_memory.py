@@ -24,6 +24,29 @@ def test_forward_and_training_floors_by_hand():
         2 * 100 * 32 * 4 + 100 * 320 * 4 + 12 * 1000 + 2 * LOGITS_CHUNK_BYTES)
 
 
+# Peak RSS measured by benchmarks/logprob_memory.py on config-made models of SmolLM2-135M's shape (30 layers,
+# hidden 576, MLP 1536, tied embeddings; docs/benchmarks.md), MiB: (reference pass at 16,384 tokens, training
+# step of 8 pairs × 2 × 512 tokens) per vocabulary.
+MEASURED_PEAKS_MIB = {49_152: (1_504, 12_497), 151_936: (1_729, 12_955)}
+
+
+@pytest.mark.parametrize("vocab", list(MEASURED_PEAKS_MIB))
+def test_the_floors_of_a_real_model_shape_sit_below_its_measured_peaks_but_not_far(vocab):
+    """The check must never refuse a run that fits (floor ≤ what the run measurably used), and must still
+    mean something (within 30% of it: the rest is Python, torch and the allocator)."""
+    from transformers import LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        parameters = LlamaForCausalLM(config).num_parameters()
+    weights = 4 * parameters
+    reference_peak, step_peak = (mib * 2**20 for mib in MEASURED_PEAKS_MIB[vocab])
+    reference_floor = memory.forward_floor(config, 16_384) + weights
+    step_floor = memory.training_floor(config, 8 * 2 * 512, parameters) + weights
+    assert 0.7 * reference_peak < reference_floor < reference_peak
+    assert 0.7 * step_peak < step_floor < step_peak
+
+
 def test_check_fits_refuses_only_what_exceeds_the_available_memory(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * memory.GIB)
     memory.check_fits("reference.batch_tokens", "the reference pass", 10 * memory.GIB, torch.device("cpu"))
