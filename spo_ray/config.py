@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spo_ray.losses import BASE_LOSSES, LOSSES, SPO_ESTIMATORS
 
@@ -189,13 +189,27 @@ class RunConfig(Section):
     wandb: WandbConfig = WandbConfig()
 
 
+#: Query keys of a storage URI that carry credentials (pyarrow's S3 and GCS options).
+URI_SECRETS = ("access_key", "secret_key", "session_token", "access_token")
+
+
 class SweepConfig(RunConfig):
     """A run configuration plus how to sweep, scale and store it."""
     name: str = "sweep"
-    storage_path: str = "results"
+    storage_path: str = "results"                # a folder, or a URI: s3://bucket/path, gs://… (spo_ray.storage)
     cache_dir: str | None = None                 # built-in inits; default <storage_path>/.cache
     scaling: ScalingConfig = ScalingConfig()
     tune: TuneConfig = TuneConfig()
+
+    @field_validator("storage_path", "cache_dir")
+    @classmethod
+    def no_credentials_in_uris(cls, value: str | None) -> str | None:
+        # The URI is printed, logged and written to sweep.yaml: credentials come from the environment.
+        query = (value or "").partition("?")[2]
+        if any(part.split("=", 1)[0] in URI_SECRETS for part in query.split("&")):
+            raise ValueError("credentials do not belong in the URI (it is printed and saved in sweep.yaml); "
+                             "set them in the environment, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+        return value
 
     def run_config(self) -> RunConfig:
         return RunConfig(**{k: getattr(self, k) for k in RunConfig.model_fields})
@@ -309,9 +323,10 @@ def _check_unknown_keys(raw: dict, model: type[BaseModel], prefix: str = "") -> 
 def _one_line(error: ValidationError) -> str:
     first = error.errors()[0]
     key = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")  # our validators' own sentences
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f", got {value!r}"
+    secret = isinstance(value, str) and any(f"{name}=" in value for name in URI_SECRETS)
+    shown = "" if isinstance(value, dict) or secret else f", got {value!r}"  # never echo a credential
     return f"{key}: {message[0].lower()}{message[1:]}{shown}"
 
 

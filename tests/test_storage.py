@@ -169,6 +169,15 @@ def test_a_bucket_uri_stays_a_uri_and_an_unusable_bucket_is_one_line_and_exit_2(
     assert not list(tmp_path.iterdir())  # nothing built before the storage was found unusable
 
 
+def test_credentials_in_a_storage_uri_are_refused_without_being_echoed(capsys):
+    from spo_ray.sweep import main
+    uri = "s3://bucket/results?endpoint_override=127.0.0.1:9000&secret_key=hunter2&access_key=me"
+    assert main(["sweeps/smoke.yaml", "--dry-run", "--storage-path", uri]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: storage_path: credentials do not belong in the URI") and "hunter2" not in error
+    assert main(["sweeps/smoke.yaml", "--dry-run", "--storage-path", "s3://bucket/r?endpoint_override=h:9"]) == 0
+
+
 def test_build_leases_grant_one_holder_until_released_or_expired(monkeypatch):
     leases, now = BuildLeases(), [1000.0]
     monkeypatch.setattr(time, "time", lambda: now[0])
