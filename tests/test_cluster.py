@@ -5,7 +5,8 @@ separate machines would: what one node built is on its disk only, so anything an
 through the bucket — a real S3-compatible server on 127.0.0.1 (the `s3_bucket` fixture).
 
 - `test_a_sweep_on_an_external_cluster_…`: `ray start --head` and a second `ray start --address` node, the
-  sweep command run against them with RAY_ADDRESS, trials pinned to the second node;
+  sweep command run against them with RAY_ADDRESS, Ray Train trials whose workers are pinned to the second
+  node;
 - `test_a_node_removed_mid_sweep_…`: `ray.cluster_utils.Cluster` (nodes it can remove), the trial's node
   removed after its first checkpoint, the trial finished on another node from that checkpoint.
 """
@@ -44,6 +45,23 @@ def objects(client, bucket: str, prefix: str = "") -> list[str]:
         token = page["NextContinuationToken"]
 
 
+def uploads(client, bucket: str, prefix: str) -> dict[str, int]:
+    """How many times each object under `prefix` was written (the bucket keeps every version)."""
+    versions = client.list_object_versions(Bucket=bucket, Prefix=prefix).get("Versions", [])
+    counts: dict[str, int] = {}
+    for version in versions:
+        counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+    return counts
+
+
+def versioned(s3_bucket):
+    """The fixture's bucket with versioning on, so the tests can count writes, not log lines (Ray may print a
+    worker's lines twice)."""
+    bucket, client = s3_bucket
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket, client
+
+
 def read_object(client, bucket: str, key: str) -> bytes:
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
@@ -78,7 +96,7 @@ def stop_node(process: subprocess.Popen, temp_dir: str) -> None:
 
 
 def test_a_sweep_on_an_external_cluster_reads_caches_through_the_bucket_and_builds_each_once(s3_bucket, tmp_path):
-    bucket, client = s3_bucket
+    bucket, client = versioned(s3_bucket)
     port = _free_port()
     address = f"127.0.0.1:{port}"
     # Ray ≥ 2.5x clusters started with `ray start` check a token: every node and the driver share it.
@@ -95,8 +113,11 @@ def test_a_sweep_on_an_external_cluster_reads_caches_through_the_bucket_and_buil
                 wait_for_nodes(address, 1, ray_env)
         wait_for_nodes(address, 2, ray_env)
 
+        # Ray Train trials (a TorchTrainer per trial, checkpoints through Train's storage into the bucket);
+        # their workers need the "trainer" resource: node b's.
         config = sweep_file(tmp_path, bucket, "cluster", loss={"name": {"grid": ["dpo", "spo"]}},
-                            scaling={"num_workers": 1, "cpus_per_worker": 1, "resources_per_worker": {"trainer": 1}},
+                            scaling={"num_workers": 1, "cpus_per_worker": 1, "resources_per_worker": {"trainer": 1},
+                                     "force_ray_train": True},
                             tune={"max_concurrent_trials": 2})
         env = {**ray_env, "RAY_ADDRESS": address, "SPO_RAY_LOCAL_CACHE": str(tmp_path / "driver"),
                "WANDB_MODE": "disabled"}
@@ -118,21 +139,26 @@ def test_a_sweep_on_an_external_cluster_reads_caches_through_the_bucket_and_buil
     assert len([k for k in keys if re.fullmatch(r"results/cluster/reference_cache/reflogps-\w+\.parquet", k)]) == 2
     assert [k for k in keys if k.endswith("/trainer_state.pt")], "no checkpoint reached the bucket"
 
-    # The init: built once, by the driver (before Ray), uploaded; fetched once by node b, where both trials ran.
+    # The init: built by the driver (before Ray) and uploaded once; node b, where both trials ran, fetched it
+    # (a build there would have uploaded it again).
     [init] = {k.split("/")[2] for k in keys if k.startswith("results/.cache/") and k.endswith("/init.json")}
-    assert output.count("built and uploaded to") == 1 and output.count(f"init {init}: fetched from") == 1
-    node_b = list((tmp_path / "node-b").glob(f"mirror/*/{init}/init.json"))
-    assert len(node_b) == 1 and not (tmp_path / "head").exists()  # the head node ran no trial
+    written = uploads(client, bucket, f"results/.cache/{init}/")
+    assert len(written) >= 4 and set(written.values()) == {1}, written
+    assert "built and uploaded to" in output and f"init {init}: fetched from" in output
+    assert len(list((tmp_path / "node-b").glob(f"mirror/*/{init}/init.json"))) == 1
     assert len(list((tmp_path / "driver").glob(f"mirror/*/{init}/init.json"))) == 1
-    # The reference tables: computed by one trial under the driver's lease, read by the other.
-    assert output.count("computed into s3://") == 2 and output.count("read from s3://") == 2, output[-4000:]
+    assert not (tmp_path / "head").exists()  # the head node ran no training worker
+    # The reference tables (train, eval): computed by one trial under the driver's lease, written once each,
+    # read by the other trial.
+    assert list(uploads(client, bucket, "results/cluster/reference_cache/").values()) == [1, 1]
+    assert "computed into s3://" in output and "read from s3://" in output
     assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()  # no URI turned into a local path
 
 
 def test_a_node_removed_mid_sweep_restarts_its_trial_on_another_node_from_the_checkpoint(s3_bucket, tmp_path):
     from ray.cluster_utils import Cluster
 
-    bucket, client = s3_bucket
+    bucket, client = versioned(s3_bucket)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         node_b = cluster.add_node(num_cpus=1, resources={"trainer": 1},
@@ -167,8 +193,10 @@ def test_a_node_removed_mid_sweep_restarts_its_trial_on_another_node_from_the_ch
     # node b died with the trial on it; node c took the trial over from a checkpoint in the bucket, after
     # fetching the init that node b's disk had (the driver's copy is on the driver's disk only).
     assert "The actor died because its node has died" in output
-    [resumed] = re.findall(rf"resuming from the checkpoint of step (\d+) \({bucket}/results/lost/", output)
+    [resumed] = set(re.findall(rf"resuming from the checkpoint of step (\d+) \({bucket}/results/lost/", output))
     assert int(resumed) in range(50, 400, 50), "the trial restarted from scratch, not from its checkpoint"
-    assert output.count("init scratch-") == 3  # built by the driver, fetched on node b, fetched on node c
-    assert output.count(": fetched from s3://") == 2
+    # Node c fetched the init node b had (the driver's copy is on the driver's disk only); built only once.
+    assert list((tmp_path / "node-b").glob("mirror/*/*/init.json"))
     assert list((tmp_path / "node-c").glob("mirror/*/*/init.json"))
+    assert set(uploads(client, bucket, "results/.cache/").values()) == {1}
+    assert list(uploads(client, bucket, "results/lost/reference_cache/").values()) == [1, 1]
