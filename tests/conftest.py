@@ -87,3 +87,40 @@ def s3_bucket(s3_server, monkeypatch):
     client = boto3.client("s3")
     client.create_bucket(Bucket=name)
     return name, client
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two (or more) gloo workers on this CPU, that fail instead of hanging
+
+def _gloo_entry(rank, world_size, store_path, timeout_s, worker, args):
+    """A spawned worker: join the process group through a file (no TCP store living in rank 0's process, so
+    no rank waits on a peer that already exited), run `worker(rank, world_size, *args)`, then leave together."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        worker(rank, world_size, *args)
+        dist.barrier()  # neither worker leaves while the other may still be in a collective
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_workers(worker, args: tuple, tmp_path, nprocs: int = 2, timeout_s: float = 300) -> None:
+    """Run `worker(rank, nprocs, *args)` in `nprocs` spawned gloo processes; fail the test (and kill them) if
+    one raises, or if they are not all done within `timeout_s` (a stuck collective must not hang the suite)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    store = tmp_path / f"gloo-store-{time.monotonic_ns()}"
+    context = mp.start_processes(_gloo_entry, args=(nprocs, str(store), timeout_s / 2, worker, args),
+                                 nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} gloo workers did not finish within {timeout_s:.0f} s")

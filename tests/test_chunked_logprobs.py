@@ -6,15 +6,13 @@ every position, log-softmax in float64, gathered at the response tokens. "Equal"
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import spo_ray.logprobs as logprobs
+from conftest import run_gloo_workers
 from spo_ray.config import LossConfig
 from spo_ray.data import PairDataset, TokenizedPair, collate_pairs
 from spo_ray.logprobs import concatenated_forward, position_ids_from_mask
@@ -161,43 +159,29 @@ def test_lora_logps_and_adapter_gradients_equal_the_full_logits(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # DDP and FSDP: two gloo workers on this CPU, each with the whole batch, against the full logits in one process
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _distributed_worker(rank, world_size, port, strategy, out_path):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        logprobs.LOGITS_CHUNK_BYTES = 4 * VOCAB_SIZE * 3
-        torch.set_num_threads(1)
-        batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
-        model = llama()
-        if strategy == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from spo_ray.sharding import shard_model
-            wrapped = shard_model(model, torch.device("cpu"))
-        out = concatenated_forward(wrapped, batch)
-        logps = torch.cat([out["chosen_logps"], out["rejected_logps"]])
-        (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-                 for n, p in model.named_parameters() if p.grad is not None}
-        if rank == 0:
-            torch.save({"logps": logps.detach(), "grads": grads}, out_path)
-        dist.barrier()  # neither worker leaves while the other may still be in a collective
-    finally:
-        dist.destroy_process_group()
+def _distributed_worker(rank, world_size, strategy, out_path):
+    logprobs.LOGITS_CHUNK_BYTES = 4 * VOCAB_SIZE * 3
+    torch.set_num_threads(1)
+    batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
+    model = llama()
+    if strategy == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from spo_ray.sharding import shard_model
+        wrapped = shard_model(model, torch.device("cpu"))
+    out = concatenated_forward(wrapped, batch)
+    logps = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save({"logps": logps.detach(), "grads": grads}, out_path)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_ddp_and_fsdp_workers_get_the_full_logits_values_and_gradients(strategy, tmp_path):
     out_path = tmp_path / "rank0.pt"
-    mp.spawn(_distributed_worker, args=(2, _free_port(), strategy, str(out_path)), nprocs=2, join=True)
+    run_gloo_workers(_distributed_worker, (strategy, str(out_path)), tmp_path)
     result = torch.load(out_path, weights_only=True)
 
     model = llama()

@@ -3,13 +3,12 @@
 import copy
 import math
 import os
-import socket
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import tiny_run
+from conftest import run_gloo_workers, tiny_run
 from spo_ray.config import ConfigError, validate_run
 from spo_ray.trainer import WorkerContext, train
 
@@ -28,38 +27,26 @@ def run_raw(**overrides):
     return tiny_run(train=train_cfg, reference=reference, **overrides)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, raw, cache_dir, reference_dir, resume_path, out_path):
+def _worker(rank, world_size, raw, cache_dir, reference_dir, resume_path, out_path):
     """One FSDP worker: train, and on rank 0 save the rows and the step-3 checkpoint state."""
-    import torch.distributed as dist
+    os.environ["WANDB_MODE"] = "disabled"
+    rows, states = [], {}
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WANDB_MODE="disabled")
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        rows, states = [], {}
+    def report(row, state):
+        rows.append(row)
+        if state is not None:
+            states[row["step"]] = copy.deepcopy(state)  # the live tensors move on with training
 
-        def report(row, state):
-            rows.append(row)
-            if state is not None:
-                states[row["step"]] = copy.deepcopy(state)  # the live tensors move on with training
-
-        resume = torch.load(resume_path, weights_only=True) if resume_path else None
-        train(validate_run(raw).run_config(), cache_dir=cache_dir, reference_dir=reference_dir, report=report,
-              resume=resume, context=WorkerContext(rank=rank, world_size=world_size, strategy="fsdp"))
-        if rank == 0:
-            torch.save({"rows": rows, "states": states}, out_path)
-    finally:
-        dist.destroy_process_group()
+    resume = torch.load(resume_path, weights_only=True) if resume_path else None
+    train(validate_run(raw).run_config(), cache_dir=cache_dir, reference_dir=reference_dir, report=report,
+          resume=resume, context=WorkerContext(rank=rank, world_size=world_size, strategy="fsdp"))
+    if rank == 0:
+        torch.save({"rows": rows, "states": states}, out_path)
 
 
 def run_fsdp(raw, cache_dir, reference_dir, out_path, resume_path=None):
-    mp.spawn(_worker, args=(2, free_port(), raw, cache_dir, str(reference_dir), resume_path, str(out_path)),
-             nprocs=2, join=True)
+    run_gloo_workers(_worker, (raw, cache_dir, str(reference_dir), resume_path, str(out_path)),
+                     Path(out_path).parent)
     return torch.load(out_path, weights_only=True)
 
 
