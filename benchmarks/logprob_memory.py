@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=16384, help="the passes' default token budget")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: memory, speed")
+    parser.add_argument("--multi-chunk", action="store_true",
+                        help="speed on batches whose scored positions span several chunks (the recompute path)")
     parser.add_argument("--one", nargs=5, metavar=("KIND", "PATH", "VOCAB", "PAIRS", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -215,8 +217,16 @@ def main() -> None:
     if "speed" not in args.skip:
         from spo_ray.models import create_small_lm
         print("\nspeed, training steps interleaved in one process (best of rounds):")
-        summary.append(speed("smollm2-135m-shape", smollm2_shape(49152).train(), 4, 256, 49152, args.speed_rounds))
-        summary.append(speed("arithmetic-0.86m", create_small_lm(20).train(), 32, 24, 20, args.speed_rounds, steps=10))
+        if args.multi_chunk:  # 2048 scored positions at 49k (1,365 a chunk), 1024 at 152k (441 a chunk)
+            summary.append(speed("smollm2-135m-shape-2-chunks", smollm2_shape(49152).train(), 8, 256, 49152,
+                                 args.speed_rounds))
+            summary.append(speed("smollm2-135m-shape-152k-3-chunks", smollm2_shape(151936).train(), 4, 256, 151936,
+                                 args.speed_rounds))
+        else:  # one chunk each: the chunked head keeps its logits
+            summary.append(speed("smollm2-135m-shape", smollm2_shape(49152).train(), 4, 256, 49152,
+                                 args.speed_rounds))
+            summary.append(speed("arithmetic-0.86m", create_small_lm(20).train(), 32, 24, 20, args.speed_rounds,
+                                 steps=10))
     print()
     print("\n".join(summary))
 
