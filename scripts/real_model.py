@@ -23,6 +23,7 @@ EXPERIMENTS = {"gsm8k-smollm2": "", "gsm8k-smollm2-simpo": " (β 2, γ 1)",
 # `spo_ray.tasks.evaluate_init` with the sweep's settings: the baseline each run's retention is compared to.
 INIT_RETENTION = -1.3615
 WINDOWS = ((1, 8), (9, 16), (17, 24))
+EVAL_QUESTIONS = 16  # the sweep's data.eval_questions: accuracy × this = questions answered
 
 
 def window_means(history, trial_id: str, column: str) -> list[float]:
@@ -44,15 +45,14 @@ def main() -> None:
             continue
         exp = load_experiment(root / name)
         for row in exp.results.sort_values(["loss", "seed"]).to_dict("records"):
-            questions = 16  # data.eval_questions
             train = " / ".join(f"{v:+.2f}" for v in window_means(exp.history, row["trial_id"],
                                                                  "train/chosen_logp_delta"))
             retention = row["eval/retention_logp"]
             print(f"| {row['loss']}{label} | {row['seed']} | {row['eval/chosen_logp_delta']:+.2f} "
                   f"| {row['eval/rejected_logp_delta']:+.2f} | {row['eval/reward_accuracy']:.2f} "
                   f"| {retention:.4f} ({retention - INIT_RETENTION:+.3f}) "
-                  f"| {round(row['eval/accuracy'] * questions)}/{questions} "
-                  f"({round(row['eval/accuracy_flexible'] * questions)}/{questions}) | {train} "
+                  f"| {round(row['eval/accuracy'] * EVAL_QUESTIONS)}/{EVAL_QUESTIONS} "
+                  f"({round(row['eval/accuracy_flexible'] * EVAL_QUESTIONS)}/{EVAL_QUESTIONS}) | {train} "
                   f"| {row['wall_time_s'] / 60:.1f} min |")
 
 

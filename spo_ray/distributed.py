@@ -220,7 +220,7 @@ def final_row(status: str, error: BaseException, last_metrics: dict) -> dict:
 
 def tracking_dir(sweep: SweepConfig) -> str:
     """Where wandb writes a trial's run: the experiment directory, or under a storage URI this node's local
-    mirror of it (`publish_tracking` then copies the run into the storage)."""
+    mirror of it (`_finish` then copies the run into the storage)."""
     return storage.local_mirror(experiment_dir(sweep))
 
 

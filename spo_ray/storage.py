@@ -55,11 +55,6 @@ def join(location: str | Path, *parts: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
-def name_of(location: str | Path) -> str:
-    """The last component of a local path or of a URI's path."""
-    return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
-
-
 @functools.lru_cache(maxsize=32)
 def _filesystem(base: str):
     import pyarrow.fs
@@ -91,11 +86,12 @@ def read_bytes(location: str | Path) -> bytes:
     """A file's bytes; FileNotFoundError naming the location when it is not there."""
     if not is_uri(location):
         return Path(location).read_bytes()
-    if not exists(location):
-        raise FileNotFoundError(f"no such file: {location}")
     fs, path = filesystem(location)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    try:  # one request: pyarrow raises FileNotFoundError for a missing object (no HEAD first)
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {location}") from None
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:

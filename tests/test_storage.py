@@ -34,7 +34,6 @@ def test_join_keeps_a_uris_query_at_the_end_and_local_paths_local(tmp_path):
     assert storage.join(str(tmp_path), "beta", "results.csv") == str(tmp_path / "beta" / "results.csv")
     assert storage.is_uri("gs://b/p") and not storage.is_uri("results") and not storage.is_uri("C:/data")
     assert storage.absolute("results") == str(storage.Path("results").absolute())
-    assert storage.name_of(uri) == "results"
 
 
 def test_files_written_to_s3_are_read_back_by_another_client(s3_bucket):
