@@ -70,6 +70,12 @@ class ModelConfig(Section):
     num_layers: int = Field(4, gt=0)
     num_heads: int = Field(4, gt=0)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    # A second kind of init: `init` after a short SFT on the sampler's own correct answers to the training
+    # prompts (rejection-sampling fine-tuning; needs data.sampled_pairs). The reference is that model too,
+    # unless `reference` names another. Built once into the init cache, like the built-in inits.
+    sft_steps: int = Field(0, ge=0)
+    sft_learning_rate: float = Field(1e-5, gt=0)
+    sft_batch_size: int = Field(8, gt=0)
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -92,10 +98,55 @@ class ArithmeticTaskConfig(Section):
     seed: int = 0                                # the task's data seed (not the trial seed)
 
 
+class ChatArithmeticConfig(Section):
+    """`data.source: chat_arithmetic`: arithmetic questions in words, for instruct models (user turns)."""
+    operations: list[Literal["+", "-", "*"]] = ["+"]   # "-": the larger operand first (answers are >= 0)
+    operands: tuple[int, int] = (0, 20)                 # every operand in [low, high], both included
+    question: str = "What is {a} {op} {b}? Answer with just the number."
+    train_questions: int | None = Field(None, gt=0)     # training prompts (default: every training problem)
+
+    @field_validator("operands")
+    @classmethod
+    def low_to_high(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError("needs [low, high] with 0 <= low <= high")
+        return value
+
+    @field_validator("question")
+    @classmethod
+    def names_the_operands(cls, value: str) -> str:
+        try:
+            value.format(a=1, op="+", b=2)
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"must be a template with {{a}}, {{op}} and {{b}} only ({error})") from None
+        if not all(f"{{{name}}}" in value for name in ("a", "op", "b")):
+            raise ValueError("must contain {a}, {op} and {b}")
+        return value
+
+
+class SampledPairsConfig(Section):
+    """`data.sampled_pairs`: pairs from the model's own samples, each verified by the source's answer checker
+    (Iterative RPO's recipe: spo_ray.sampling). Off (None) by default: the source's own pairs."""
+    sampler: str | None = None                   # the model that samples (any model.init value); default model.init
+    prompts: int | None = Field(None, gt=0)      # training prompts to sample (default: every one the source has)
+    eval_prompts: int = Field(32, gt=0)          # held-out prompts sampled for the evaluation pairs
+    samples_per_prompt: int = Field(8, ge=2)     # N
+    pairs_per_prompt: int = Field(4, gt=0)       # K, cycling through the prompt's winners and losers
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(48, gt=0)        # a sample cut off here is never a winner
+    seed: int = 0
+    gold_fallback: bool = True                   # the gold answer wins where no sample is correct
+    batch_tokens: int = Field(32768, gt=0)       # a generation batch: at most this many tokens, all its rows at full length
+
+
 class DataConfig(Section):
-    # arithmetic: the built-in task; gsm8k: GSM8K preference pairs; files/hub: TRL-style pair datasets.
-    source: Literal["arithmetic", "gsm8k", "files", "hub"] = "arithmetic"
+    # arithmetic: the built-in task; chat_arithmetic: arithmetic as chat for instruct models; gsm8k: GSM8K
+    # preference pairs; files/hub: TRL-style pair datasets.
+    source: Literal["arithmetic", "chat_arithmetic", "gsm8k", "files", "hub"] = "arithmetic"
     arithmetic: ArithmeticTaskConfig = ArithmeticTaskConfig()
+    chat_arithmetic: ChatArithmeticConfig = ChatArithmeticConfig()
+    sampled_pairs: SampledPairsConfig | None = None
     path: str | None = None                      # files: a JSONL/Parquet/CSV file; hub: a dataset id
     eval_path: str | None = None
     name: str | None = None                      # hub dataset config name
@@ -111,8 +162,8 @@ class DataConfig(Section):
     # gsm8k: render prompts as a user message with the tokenizer's chat template (pairs and accuracy alike);
     # auto: when the tokenizer has one (instruct models), off for base models.
     chat_template: bool | Literal["auto"] = "auto"
-    eval_questions: int = Field(64, ge=0)        # gsm8k: held-out questions whose greedy answers are checked
-    max_new_tokens: int = Field(256, gt=0)       # gsm8k: the longest greedy answer
+    eval_questions: int = Field(64, ge=0)        # gsm8k, chat_arithmetic: held-out questions whose greedy answers are checked
+    max_new_tokens: int = Field(256, gt=0)       # gsm8k, chat_arithmetic: the longest greedy answer
     # Capability retention, where accuracy is too low to show a regression: the per-token log-prob of
     # held-out reference answers that are in no pair, logged as eval/retention_logp. gsm8k: train.jsonl's
     # solutions; files/hub: retention_path, a local JSONL/Parquet/CSV with prompt and response columns.
@@ -337,6 +388,8 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         config = model.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_one_line(error)) from None
+    if config.model.sft_steps and config.data.sampled_pairs is None:
+        raise ConfigError("model.sft_steps: SFT on the sampler's own correct answers needs data.sampled_pairs")
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
         if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":

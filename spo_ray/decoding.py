@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from spo_ray.logprobs import peft_base
+from spo_ray.logprobs import peft_base, takes_logits_to_keep
 
 
 @contextlib.contextmanager
@@ -48,6 +48,9 @@ class Decoder:
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older versions work too.
         forward = peft_base(model).forward  # a peft wrapper's keyword arguments go to its base model
         self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        # Only the last position's logits are needed: the prompt's would be rows × width × vocabulary floats
+        # (64 prompts of 40 tokens at a 49k vocabulary: 500 MB).
+        self.keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
         self.cache = None
         self.next_logprobs = self._forward(input_ids, position_ids)
 
@@ -58,6 +61,7 @@ class Decoder:
             position_ids=position_ids,
             use_cache=True,
             **{self.cache_arg: self.cache},
+            **self.keep,
         )
         self.cache = out[self.cache_arg] if self.cache_arg in out else out["past_key_values"]
         return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -67,6 +71,13 @@ class Decoder:
         self.cache.batch_repeat_interleave(times)
         self.attention_mask = self.attention_mask.repeat_interleave(times, dim=0)
         self.last_position = self.last_position.repeat_interleave(times, dim=0)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every row not in `rows` (indices, in order) from the batch and its cache: finished rows stop
+        costing compute."""
+        self.cache.batch_select_indices(rows.to(self.attention_mask.device))
+        self.attention_mask = self.attention_mask[rows]
+        self.last_position = self.last_position[rows]
 
     def append(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; returns (and keeps) the log-probs of the token after it."""
@@ -81,24 +92,48 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
 
 
+def generate(model, prompt_ids: list[list[int]], pick, stop_ids: set[int], pad_id: int, max_new_tokens: int,
+             copies: int = 1) -> list[tuple[list[int], bool]]:
+    """Continue each prompt `copies` times (row r*copies+c is copy c of prompt r), one token per step chosen by
+    `pick(next-token log-probs of the rows still going) -> token ids`: (token ids, up to and including the
+    stop token that ended the row; whether one did within `max_new_tokens`) per row.
+
+    A prompt is scored once whatever `copies` is (its cache is repeated), and a row that emits a stop token
+    leaves the batch and its cache at once, so the rows still going are all that a step computes.
+    """
+    decoder = Decoder(model, prompt_ids, pad_id)
+    decoder.repeat(copies)
+    logprobs = decoder.next_logprobs.repeat_interleave(copies, dim=0)  # `repeat` copies the cache, not these
+    stop = torch.tensor(sorted(stop_ids), device=logprobs.device)
+    active = torch.arange(logprobs.size(0), device=logprobs.device)  # which row each decoder row is
+    tokens: list[list[int]] = [[] for _ in range(logprobs.size(0))]
+    ended = [False] * logprobs.size(0)
+    for step in range(max_new_tokens):
+        chosen = pick(logprobs)
+        stopped = torch.isin(chosen, stop)
+        for row, token, done in zip(active.tolist(), chosen.tolist(), stopped.tolist()):
+            tokens[row].append(token)
+            ended[row] = done
+        if step == max_new_tokens - 1 or bool(stopped.all()):
+            break
+        if bool(stopped.any()):
+            going = (~stopped).nonzero().flatten()
+            decoder.keep_rows(going)
+            active, chosen = active[going], chosen[going]
+        logprobs = decoder.append(chosen)
+    return list(zip(tokens, ended))
+
+
 def greedy_decode(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 256,
                   stop_ids: set[int] | None = None):
     """Greedy continuations of each prompt, as token ids up to and including the first stop token (EOS by
     default; a chat model's end-of-turn token too, see `spo_ray.tasks.gsm8k`) or `max_new_tokens`."""
-    stop = torch.tensor(sorted(stop_ids if stop_ids is not None else {tokenizer.eos_token_id}))
+    stop_ids = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
     responses = []
     with evaluating(model):
         for start in range(0, len(prompts), batch_size):
-            decoder = Decoder(model, encode_prompts(tokenizer, prompts[start : start + batch_size]), tokenizer.pad_token_id)
-            batch = [[] for _ in range(decoder.next_logprobs.shape[0])]
-            finished = torch.zeros(len(batch), dtype=torch.bool)
-            for step in range(max_new_tokens):
-                next_ids = decoder.next_logprobs.argmax(dim=-1)
-                for row in (~finished).nonzero().flatten().tolist():
-                    batch[row].append(next_ids[row].item())
-                finished |= torch.isin(next_ids.cpu(), stop)
-                if finished.all() or step == max_new_tokens - 1:
-                    break
-                decoder.append(next_ids)
-            responses.extend(batch)
+            rows = generate(model, encode_prompts(tokenizer, prompts[start : start + batch_size]),
+                            lambda logprobs: logprobs.argmax(dim=-1), stop_ids, tokenizer.pad_token_id,
+                            max_new_tokens)
+            responses.extend(ids for ids, _ in rows)
     return responses

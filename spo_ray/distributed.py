@@ -176,6 +176,68 @@ def install_cluster_lock() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Sampled pairs: a sample table generated across the cluster
+
+class Sampler:
+    """A Ray actor holding one copy of the sampler model; `sample(batch numbers)` returns their table rows."""
+
+    def __init__(self, job, threads: int, use_gpu: bool):
+        import torch
+        torch.set_num_threads(threads)
+        self.job = job
+        self.model = job.load_sampler("cuda" if use_gpu else "cpu")
+
+    def sample(self, batch_numbers: list[int]) -> list[dict]:
+        from spo_ray.sampling import sample_rows
+        return sample_rows(self.model, self.job.tokenizer, self.job.texts(), self.job.sampling, self.job.stop_ids,
+                           batch_numbers)
+
+
+def sample_on_cluster(job, directory: str, sweep: SweepConfig) -> None:
+    """Generate `job`'s sample table (`spo_ray.tasks.sampled.SamplingJob`) on the cluster and write it into
+    `directory`: one `Sampler` actor per worker slot the cluster has free (a trial worker's resources each),
+    each loading the model once, fed the generation batches one at a time through `ray.util.ActorPool`, so a
+    fast worker takes more batches and the driver shows progress batch by batch.
+
+    Why actors and not Ray Data's `map_batches`: the input is a few hundred prompts and the output a few
+    thousand short text rows; Ray Data's streaming executor, its operator start-up and its object-store
+    materialisation buy nothing at that size, and it is another dependency (`ray[data]`). An actor pool is the
+    part of it that matters here: the model loaded once per worker, batches handed to whichever worker is free.
+    The rows do not depend on which worker sampled which batch (`spo_ray.sampling`: one generator per batch).
+    """
+    import ray
+    from ray.util import ActorPool
+    from tqdm.auto import tqdm
+
+    from spo_ray.decoding import encode_prompts
+    from spo_ray.sampling import generation_figures, plan_batches, table_path, write_samples
+
+    batches = plan_batches([len(ids) for ids in encode_prompts(job.tokenizer, job.texts())], job.sampling)
+    per_worker = {k: v for k, v in worker_resources(sweep).items() if v}
+    available = ray.available_resources()
+    slots = min(int(available.get(k, 0) // v) for k, v in per_worker.items())
+    slots = max(1, min(slots, len(batches)))
+    threads = max(1, int(sweep.scaling.cpus_per_worker))
+    options = {"num_cpus": sweep.scaling.cpus_per_worker, "num_gpus": per_worker.get("GPU", 0),
+               "resources": {k: v for k, v in per_worker.items() if k not in ("CPU", "GPU")}}
+    print(f"sampling {len(job.prompts)} prompts × {job.sampling.samples_per_prompt} ({len(batches)} batches) "
+          f"on {slots} worker(s) into {table_path(directory, job.key)}")
+    started = time.perf_counter()
+    actor = ray.remote(Sampler).options(**options)
+    samplers = [actor.remote(job, threads, sweep.scaling.use_gpu) for _ in range(slots)]
+    rows = []
+    with tqdm(total=len(job.prompts), desc="sampling", unit="prompt") as bar:
+        for batch_rows in ActorPool(samplers).map_unordered(lambda a, b: a.sample.remote([b]), range(len(batches))):
+            rows += batch_rows
+            bar.update(len({row["prompt"] for row in batch_rows}))
+    for handle in samplers:  # their CPUs go to the trials
+        ray.kill(handle)
+    rows.sort(key=lambda row: (row["prompt"], row["sample"]))
+    # The wall time includes starting the workers and loading the model: what the sweep waited.
+    write_samples(table_path(directory, job.key), rows, generation_figures(rows, time.perf_counter() - started, slots))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Checkpoints: the trainer's state as a torch file in a directory
 
 def save_state(state: dict, directory: str) -> None:

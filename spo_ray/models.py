@@ -114,17 +114,19 @@ def _tokenize_examples(examples: list[dict], tokenizer) -> tuple[torch.Tensor, t
 
 
 def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed: int, *, progress: bool = True,
-                       description: str = "train") -> list[float]:
+                       description: str = "train", learning_rate: float = LEARNING_RATE,
+                       batch_size: int = BATCH_SIZE) -> list[float]:
     """Plain next-token training on the response tokens (and EOS) of `{"prompt", "response"}` examples.
 
     Only the answer carries the loss: the operands in a prompt are random, so predicting them teaches
     nothing and would spend capacity on noise; what the inits must learn (and be biased in) is the
-    distribution of answers given a question. AdamW at `LEARNING_RATE`, `BATCH_SIZE` examples a step drawn
-    with replacement, linear warm-up then cosine decay to 10%. Returns the loss of every step.
+    distribution of answers given a question. AdamW at `learning_rate` (default `LEARNING_RATE`, for the
+    small models built from scratch), `batch_size` examples a step drawn with replacement, linear warm-up
+    then cosine decay to 10%. Returns the loss of every step.
     """
     input_ids, attention_mask, labels = _tokenize_examples(examples, tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
     warmup = min(WARMUP_STEPS, max(1, steps // 10))
 
     def lr_factor(step: int) -> float:
@@ -138,7 +140,7 @@ def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed:
     losses = []
     bar = tqdm(range(steps), desc=description, disable=not progress)
     for step in bar:
-        batch = torch.randint(len(input_ids), (BATCH_SIZE,), generator=generator)
+        batch = torch.randint(len(input_ids), (batch_size,), generator=generator)
         loss = model(input_ids=input_ids[batch], attention_mask=attention_mask[batch], labels=labels[batch]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

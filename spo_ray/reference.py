@@ -108,16 +108,12 @@ def table_path(cache_dir: str | Path, key: str) -> str:
 def cached_reference_logps(cache_dir: str | Path, key: str, dataset: PairDataset, compute) -> tuple[dict, bool]:
     """Load the table for `key`, or build it with `compute()` under a lock. Returns (logps, was_hit)."""
     path = table_path(cache_dir, key)
-    logps = read_table(path, len(dataset))
-    if logps is not None:
-        return logps, True
-    with storage.build_lock(f"reflogps-{key}", near=cache_dir):
-        logps = read_table(path, len(dataset))  # another trial may have built it while we waited
-        if logps is not None:
-            return logps, True
+
+    def build() -> dict:
         logps = compute()
         write_table(path, logps)
-        return logps, False
+        return logps
+    return storage.built_once(f"reflogps-{key}", cache_dir, lambda: read_table(path, len(dataset)), build)
 
 
 def cached_reference_logps_together(cache_dir: str | Path, key: str, dataset: PairDataset, compute, *,

@@ -28,7 +28,10 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 REMOTE_MARKER = ".remote"      # in a local mirror: the URI it mirrors
 LOCAL_CACHE_ENV = "SPO_RAY_LOCAL_CACHE"
@@ -217,3 +220,17 @@ def build_lock(name: str, near: str | Path | None = None):
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+
+def built_once(name: str, near: str | Path, read: Callable[[], T | None], build: Callable[[], T]) -> tuple[T, bool]:
+    """A shared artefact, built by one process only: `read()` it (None: missing or unreadable), else take
+    `build_lock(name)`, read again (another process may have built it meanwhile) and else `build()` it —
+    `build` writes it where `read` looks. Returns (the artefact, whether it was read rather than built)."""
+    found = read()
+    if found is not None:
+        return found, True
+    with build_lock(name, near=near):
+        found = read()
+        if found is not None:
+            return found, True
+        return build(), False

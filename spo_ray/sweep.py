@@ -40,7 +40,7 @@ from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, in
 
 EXIT_INTERRUPTED = 130
 RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
-METRIC_PREFIXES = ("eval/", "train/", "probe/")
+METRIC_PREFIXES = ("eval/", "train/", "probe/", "sampler/")
 #: Shown in Tune's progress table next to the swept parameters.
 PROGRESS_METRICS = {"step": "step", "train/loss": "train loss", "eval/accuracy": "eval acc",
                     "eval/chosen_logp_delta": "Δ logp(y_w)", "eval/rejected_logp_delta": "Δ logp(y_l)"}
@@ -99,9 +99,10 @@ def print_trial_table(rows: list[dict], sweep: SweepConfig) -> None:
           f"experiment directory {experiment_dir(sweep)}")
 
 
-def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> None:
+def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> list:
     """Load the task of every grid point once, before Ray starts: build the built-in initializations it
-    needs and read and validate its pair data.
+    needs and read and validate its pair data. Returns the run configs of the points whose pairs are
+    sampled (`data.sampled_pairs`), for `prepare_samples` once Ray is up.
 
     Two trials that found an init missing would both build it (minutes each, on the CPUs the other trials
     need); building them here uses the whole machine for one copy. A bad data file (a missing column, a
@@ -111,24 +112,65 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> Non
     cache that trials on this machine then read. Points whose model or data sections are sampled at random
     are left to the trials.
     """
-    from spo_ray.tasks import load_task
+    from spo_ray.tasks import load_task, sampling_job
 
     if any(k.startswith(("model.", "data.")) and "grid" not in s for k, s in spaces.items()):
-        return
+        return []
     train_pairs: dict[str, int] = {}
-    for point in grid_points(raw, spaces) or [{}]:
-        concrete = copy.deepcopy(raw)
-        for key, value in point.items():
-            set_dotted(concrete, key, value)
-        config = validate_run({k: v for k, v in concrete.items()}).run_config()
+    sampled = []
+    for config in point_configs(raw, spaces):
         identity = json.dumps([to_plain(config.model), to_plain(config.data)], sort_keys=True)
         if identity not in train_pairs:
             hub = config.data.source == "hub"
             if hub:
                 print(f"reading hub dataset {config.data.path} (a download, unless cached)")
             with quiet_datasets() if hub else nullcontext():  # no per-split bars before an error line
-                train_pairs[identity] = len(load_task(config, cache_dir=sweep.cache_dir, progress=True).train_pairs)
-        check_batch_size(config.train, train_pairs[identity], sweep.scaling.num_workers)
+                task = load_task(config, cache_dir=sweep.cache_dir, progress=True)
+            train_pairs[identity] = len(task.train_pairs)
+            if config.data.sampled_pairs is not None:
+                sampling_job(task, config, sweep.cache_dir)  # a source that cannot check answers: exit 2 now
+                sampled.append(config)
+        if config.data.sampled_pairs is None:  # sampled pairs are counted once they exist (prepare_samples)
+            check_batch_size(config.train, train_pairs[identity], sweep.scaling.num_workers)
+    return sampled
+
+
+def point_configs(raw: dict, spaces: dict[str, dict]) -> list:
+    """The run config of every grid point, in grid order."""
+    configs = []
+    for point in grid_points(raw, spaces) or [{}]:
+        concrete = copy.deepcopy(raw)
+        for key, value in point.items():
+            set_dotted(concrete, key, value)
+        configs.append(validate_run(concrete).run_config())
+    return configs
+
+
+def prepare_samples(configs: list, sweep: SweepConfig) -> None:
+    """Sample every table the sweep's trials will read, before the first trial starts, spread over the
+    cluster (`spo_ray.distributed.sample_on_cluster`), then build each grid point's pairs once: a sampler
+    that yields none, or fewer than a batch, is bad input (exit 2) before any trial runs. An SFT-on-samples
+    init (`model.sft_steps`) is built here too, with the driver's whole machine."""
+    from spo_ray.distributed import reference_cache_dir, sample_on_cluster
+    from spo_ray.sampling import read_samples, table_path
+    from spo_ray.tasks import load_task, sampling_job
+
+    directory = reference_cache_dir(sweep)
+    done: set[str] = set()
+    checked: set[str] = set()
+    for config in configs:
+        job = sampling_job(load_task(config, cache_dir=sweep.cache_dir), config, sweep.cache_dir)
+        if job.key not in done and read_samples(table_path(directory, job.key)) is None:
+            sample_on_cluster(job, directory, sweep)
+        done.add(job.key)
+        identity = json.dumps([to_plain(config.model), to_plain(config.data)], sort_keys=True)
+        if identity not in checked:
+            checked.add(identity)
+            task = load_task(config, cache_dir=sweep.cache_dir, progress=True, samples_dir=directory)
+            print(f"sampled pairs: {int(task.metrics['sampler/pairs'])} training pairs from "
+                  f"{int(task.metrics['sampler/prompts'])} prompts (samples {task.metrics['sampler/sample_accuracy']:.0%} "
+                  f"correct; {task.metrics['sampler/prompts_with_pair']:.0%} of the prompts gave a pair)")
+            check_batch_size(config.train, len(task.train_pairs), sweep.scaling.num_workers)
 
 
 @contextmanager
@@ -235,7 +277,8 @@ class ResultTables:
             steps[:] = [row for row in steps if row["step"] < metrics["step"]]
         steps.append({"trial_id": trial.trial_id, **metrics})
         row = self.rows[trial.trial_id]
-        row.update(metrics)
+        # A per-question list (e.g. eval/answers_correct) is history's, not a cell of results.csv.
+        row.update({k: v for k, v in metrics.items() if not isinstance(v, (list, tuple))})
         row.update(status=result.get(TRIAL_STATUS_KEY, "RUNNING"), error=result.get(ERROR_KEY, ""))
         self.write(soon=True)
 
@@ -442,13 +485,14 @@ def main(argv=None) -> int:
     if not args.resume and exists:
         raise ConfigError(f"{directory}: this experiment exists; pass --resume to continue it, or --name to "
                           f"start another")
-    prepare_tasks(raw, spaces, sweep)
+    sampled = prepare_tasks(raw, spaces, sweep)
     storage.make_dirs(directory)
     write_sweep_file(sweep, spaces, directory)
 
     start_ray()
     start_build_locks()
     stop_on_sigterm()
+    prepare_samples(sampled, sweep)
     tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
     tuner.fit()
     return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))

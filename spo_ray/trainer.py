@@ -32,6 +32,7 @@ from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, 
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
+from spo_ray.init_evaluation import evaluation_key, shared_initial_evaluation
 from spo_ray.memory import check_run_fits
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
@@ -342,6 +343,14 @@ def _autocast_factory(device: torch.device, mixed_precision: str):
     return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
 
+def initial_evaluator(task, config: RunConfig, directory: str, context: WorkerContext) -> Callable | None:
+    """The task's evaluation of the starting weights, shared by the trials that start from them
+    (`spo_ray.init_evaluation`); a sharded model's workers evaluate together, so they compute their own."""
+    if task.evaluate is None or context.sharded:
+        return task.evaluate
+    return shared_initial_evaluation(task.evaluate, directory, evaluation_key(task.policy_path, config))
+
+
 def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,
           context: WorkerContext | None = None,
           report: Report | None = None, resume: dict | None = None,
@@ -360,8 +369,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     torch.manual_seed(cfg.seed)
     device = context.device
 
-    # 1. The task: tokenizer, pairs, initial weights, task evaluator.
-    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0)
+    # 1. The task: tokenizer, pairs (sampled ones read from, or sampled into, the shared folder), initial
+    # weights, task evaluator.
+    shared_dir = reference_dir or cache_dir
+    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0, samples_dir=shared_dir)
     tokenizer = task.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs, _ = tokenize_pairs(task.train_pairs, tokenizer, config.data.max_length)
@@ -429,6 +440,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         step = resume["step"]
+    initial_evaluation = initial_evaluator(task, config, shared_dir, context)
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
     probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
 
@@ -462,8 +474,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
                                       cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens))
             if task.evaluate is not None:
+                evaluate = initial_evaluation if step == 0 else task.evaluate
                 with autocast():
-                    row.update({f"eval/{k}": v for k, v in task.evaluate(unwrap(model)).items()})
+                    row.update({f"eval/{k}": v for k, v in evaluate(unwrap(model)).items()})
+            row.update(task.metrics)  # what the data are (e.g. the sampler's figures), with every evaluation
         return row
 
     # 4. The loop (after step 0's evaluation, when asked: the "before training" row of every curve).

@@ -60,8 +60,8 @@ def test_columns_map_user_names_onto_prompt_chosen_rejected(tmp_path):
     path = write_jsonl(tmp_path / "mine.jsonl", rows)
     train, _, _ = load_pairs(files_config(path, columns={"prompt": "question", "chosen": "good", "rejected": "bad"}))
     assert set(train[0]) == {"prompt", "chosen", "rejected"}
-    with pytest.raises(ConfigError, match=r"data.columns.answer: unknown key"):
-        load_pairs(files_config(path, columns={"answer": "good"}))
+    with pytest.raises(ConfigError, match=r"data.columns.reward: unknown key"):
+        load_pairs(files_config(path, columns={"reward": "good"}))
 
 
 def test_hub_path_loads_a_dataset_folder_with_its_splits(tmp_path):

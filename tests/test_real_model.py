@@ -112,7 +112,7 @@ def test_chat_template_option_follows_the_tokenizer():
 @needs_gsm8k
 def test_the_chat_template_renders_gsm8k_pairs_with_the_response_cut_out_exactly(smollm2_cache, smollm2):
     _, tokenizer = smollm2
-    train, _, _, _ = gsm8k.gsm8k_splits(smollm2_run(smollm2_cache, max_train_pairs=8, max_eval_pairs=2,
+    train, _, _, _, _ = gsm8k.gsm8k_splits(smollm2_run(smollm2_cache, max_train_pairs=8, max_eval_pairs=2,
                                                     retention_answers=0), tokenizer)
     pair = train[0]
     question = next(q for q in gsm8k.gsm8k_questions() if q["question"] in pair["prompt"])
@@ -124,7 +124,7 @@ def test_the_chat_template_renders_gsm8k_pairs_with_the_response_cut_out_exactly
     [tokenized], _ = tokenize_pairs([pair], tokenizer)
     whole = tokenizer(pair["prompt"] + pair["chosen"])["input_ids"]
     assert tokenized.prompt_ids + tokenized.chosen_ids == whole + [tokenizer.eos_token_id]
-    plain, _, _, _ = gsm8k.gsm8k_splits(smollm2_run(smollm2_cache, max_train_pairs=8, max_eval_pairs=2,
+    plain, _, _, _, _ = gsm8k.gsm8k_splits(smollm2_run(smollm2_cache, max_train_pairs=8, max_eval_pairs=2,
                                                     retention_answers=0, chat_template=False), tokenizer)
     assert plain[0]["prompt"].startswith("Question: ") and plain[0]["prompt"].endswith("\nAnswer:")
 

@@ -137,7 +137,7 @@ SWEEP_CASES = {
                                                        for p in text_pairs())}),
     "cell of the wrong type": Case(on_files("pairs.jsonl"), "pairs.jsonl line 3 column chosen: expected text",
                                    files={"pairs.jsonl": jsonl(text_pairs(2) + [{**text_pairs(1)[0], "chosen": 7}])}),
-    "unknown data.columns key": Case(on_files("pairs.jsonl", "data.columns={answer: x}"), "data.columns.answer:",
+    "unknown data.columns key": Case(on_files("pairs.jsonl", "data.columns={reward: x}"), "data.columns.reward:",
                                      files={"pairs.jsonl": jsonl(text_pairs())}),
     "nothing left after filtering": Case(on_files("pairs.jsonl"), "pairs.jsonl: no training pairs left after filtering",
                                          files={"pairs.jsonl": jsonl({**p, "rejected": p["chosen"]}

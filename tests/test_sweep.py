@@ -128,6 +128,24 @@ def test_result_tables_keep_one_row_per_trial_and_replace_rerun_steps(tmp_path):
     assert [row["step"] for row in reloaded.history["t1"]] == [2, 4]
 
 
+def test_per_question_lists_go_to_history_and_sampler_figures_to_both_tables(tmp_path):
+    from spo_ray.sweep import ResultTables
+    tables = ResultTables(str(tmp_path), ["loss.name"])
+    trial = FakeTrial("t1", {"loss": {"name": "dpo"}})
+    tables.result(trial, {"step": 0, "eval/accuracy": 0.5, "eval/answers_correct": [1, 0], "sampler/pairs": 12.0})
+    tables.result(trial, {"step": 4, "eval/accuracy": 1.0, "eval/answers_correct": [1, 1], "sampler/pairs": 12.0})
+    tables.complete(trial)
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert "eval/answers_correct" not in results and results.loc[0, "sampler/pairs"] == 12.0
+    history = pd.read_parquet(tmp_path / "history.parquet")
+    assert [list(v) for v in history["eval/answers_correct"]] == [[1, 0], [1, 1]]
+    reloaded = ResultTables(str(tmp_path), ["loss.name"])
+    reloaded.load()  # the lists survive a resumed sweep's rewrite of the table
+    reloaded.result(trial, {"step": 8, "eval/accuracy": 1.0})
+    assert [list(v) if v is not None else None for v in pd.read_parquet(tmp_path / "history.parquet")
+            ["eval/answers_correct"]] == [[1, 0], [1, 1], None]
+
+
 @pytest.mark.parametrize("statuses, expected, code, counts", [
     (["TERMINATED", "TERMINATED"], 2, 0, "2 trials: 2 TERMINATED"),
     (["TERMINATED"], 2, 130, "2 trials: 1 TERMINATED, 1 not started"),   # interrupted before Tune made it

@@ -63,6 +63,23 @@ def test_eval_on_start_reports_the_initial_weights_as_step_0_and_leaves_training
     assert [strip(r) for r in rows[1:]] == [strip(r) for r in plain]  # the same training, step for step
 
 
+def test_the_initial_evaluation_is_computed_once_and_read_by_the_trials_that_start_there(tmp_path, init_cache,
+                                                                                         capsys):
+    shared = str(tmp_path / "shared")
+    _, dpo = run(tiny_run(train={"eval_on_start": True}), init_cache, reference_dir=shared)
+    assert "evaluation of the initial weights: computed into" in capsys.readouterr().out
+    _, spo = run(tiny_run(loss={"name": "spo"}, train={"eval_on_start": True, "seed": 3}), init_cache,
+                 reference_dir=shared)
+    assert "evaluation of the initial weights: read from" in capsys.readouterr().out
+    task_metrics = ("eval/accuracy", "eval/mass_correct", "eval/mass_mistake", "eval/mass_other")
+    assert [spo[0][k] for k in task_metrics] == [dpo[0][k] for k in task_metrics]
+    # Other evaluation questions are another evaluation: computed, not read.
+    fewer = tiny_run(train={"eval_on_start": True})
+    fewer["data"]["arithmetic"] = {**fewer["data"]["arithmetic"], "eval_problems": 8}
+    run(fewer, init_cache, reference_dir=shared)
+    assert "evaluation of the initial weights: computed into" in capsys.readouterr().out
+
+
 def test_trainer_lowers_the_dpo_loss_on_a_fixed_batch(init_cache):
     # 16 training pairs and a batch of 16: every step sees the same batch.
     raw = tiny_run(train={"max_steps": 30, "log_every": 1, "eval_every": 30, "probe_every": 30,

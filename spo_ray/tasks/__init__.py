@@ -2,10 +2,14 @@
 
     arithmetic.py   data.source arithmetic: the built-in task: generated pairs, character tokenizer,
                     the built-in inits (scratch, base, sft_short, sft_long) and the exact evaluator
+    chat_arithmetic.py  data.source chat_arithmetic: arithmetic questions as chat for instruct models,
+                    answers read by their final number, greedy accuracy
     gsm8k.py        data.source gsm8k: GSM8K pairs and split, the `gsm8k-local-small` model, accuracy
     pairs.py        data.source files | hub: TRL-style pair files or hub datasets, validated and split
                     (GSM8K's pairs go through the same validation)
     task.py         the `Task` every source returns
+    sampled.py      data.sampled_pairs on any source that can check answers: the model's own samples,
+                    verified and paired (and the SFT-on-own-samples init)
 
 Each source has `load_task(config, policy_path, reference_path) -> Task`. To add one, copy the closest
 module, add its name to `SOURCES` below and to `DataConfig.source` in `spo_ray/config.py`; a model that a
@@ -18,11 +22,12 @@ from __future__ import annotations
 from spo_ray.config import ConfigError, RunConfig
 from spo_ray.models import gguf_init, is_gguf
 from spo_ray.storage import local_mirror
-from spo_ray.tasks import arithmetic, gsm8k, pairs
+from spo_ray.tasks import arithmetic, chat_arithmetic, gsm8k, pairs, sampled
 from spo_ray.tasks.task import Task
 
 # data.source → the module whose `load_task` makes that source's Task.
-SOURCES = {"arithmetic": arithmetic, "gsm8k": gsm8k, "files": pairs, "hub": pairs}
+SOURCES = {"arithmetic": arithmetic, "chat_arithmetic": chat_arithmetic, "gsm8k": gsm8k, "files": pairs,
+           "hub": pairs}
 
 
 def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress: bool = False) -> str:
@@ -46,15 +51,28 @@ def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress:
     return name
 
 
-def load_task(config: RunConfig, cache_dir: str, progress: bool = False) -> Task:
+def load_task(config: RunConfig, cache_dir: str, progress: bool = False, samples_dir: str | None = None) -> Task:
     """The `Task` of a run config: its starting weights (built into `cache_dir` where a source builds them;
     a storage URI is used through this node's local mirror of it) and `data.source`'s pairs, tokenizer and
-    evaluator."""
+    evaluator. With `data.sampled_pairs`, the pairs are the sampler's, read from (or sampled into)
+    `samples_dir`; without a `samples_dir`, the source's own pairs (the sweep driver samples separately)."""
     cache_dir = local_mirror(cache_dir)
     policy_path = model_path(config.model.init, "model.init", config, cache_dir, progress)
     reference_path = (model_path(config.model.reference, "model.reference", config, cache_dir, progress)
                       if config.model.reference else policy_path)
-    return SOURCES[config.data.source].load_task(config, policy_path, reference_path)
+    task = SOURCES[config.data.source].load_task(config, policy_path, reference_path)
+    if config.data.sampled_pairs is None or samples_dir is None:
+        return task
+    job = sampling_job(task, config, cache_dir, progress)
+    return sampled.with_sampled_pairs(task, config, job, samples_dir, cache_dir, progress)
+
+
+def sampling_job(task: Task, config: RunConfig, cache_dir: str, progress: bool = False) -> sampled.SamplingJob:
+    """The sample table `data.sampled_pairs` asks of `task` (see `spo_ray.tasks.sampled`)."""
+    spec = config.data.sampled_pairs
+    sampler = spec.sampler or config.model.init
+    path = model_path(sampler, "data.sampled_pairs.sampler", config, local_mirror(cache_dir), progress)
+    return sampled.sampling_job(task, config, path)
 
 
 def evaluate_init(config: RunConfig, cache_dir: str) -> tuple[Task, dict[str, float]]:
@@ -70,4 +88,4 @@ def evaluate_init(config: RunConfig, cache_dir: str) -> tuple[Task, dict[str, fl
         return task, task.evaluate(model)
 
 
-__all__ = ["SOURCES", "Task", "load_task", "model_path", "evaluate_init", "ConfigError"]
+__all__ = ["SOURCES", "Task", "load_task", "sampling_job", "model_path", "evaluate_init", "ConfigError"]

@@ -35,6 +35,7 @@ from spo_ray.config import RunConfig
 from spo_ray.decoding import Decoder, encode_prompts, evaluating, greedy_decode
 from spo_ray.models import (cached_init, create_small_lm, load_init, resolved_model_kwargs, save_to_cache,
                             small_lm_kwargs, train_on_responses)
+from spo_ray.sampling import SamplePrompt, SamplingSource
 from spo_ray.tasks.task import Task
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -589,12 +590,24 @@ def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
     task_cfg = task_config(config)
     tokenizer = make_tokenizer()
     problems = eval_problems(task_cfg)
+    train_pairs, eval_pairs = preference_pairs(task_cfg, "train"), preference_pairs(task_cfg, "eval")
     return Task(
         name="arithmetic",
         tokenizer=tokenizer,
-        train_pairs=preference_pairs(task_cfg, "train"),
-        eval_pairs=preference_pairs(task_cfg, "eval"),
+        train_pairs=train_pairs,
+        eval_pairs=eval_pairs,
         policy_path=policy_path,
         reference_path=reference_path,
         evaluate=lambda model: evaluate_task(model, tokenizer, problems, task_cfg),
+        sampling=sampling_source(task_cfg, tokenizer, train_pairs, eval_pairs),
     )
+
+
+def sampling_source(cfg: ArithmeticConfig, tokenizer, train_pairs: list[dict], eval_pairs: list[dict]) -> SamplingSource:
+    """For data.sampled_pairs: the distinct prompts of the training and the held-out pairs, an answer judged
+    as the evaluator judges it (`parse_answer`: exact, and it must end with EOS), the correct response as
+    the gold one."""
+    train, held_out = (list({p["prompt"]: SamplePrompt(text=p["prompt"], answer=p["answer"], gold=p["chosen"])
+                             for p in pairs}.values()) for pairs in (train_pairs, eval_pairs))
+    return SamplingSource(train=train, eval=held_out, check=lambda reply, answer: parse_answer(reply, cfg) == answer,
+                          response_text=lambda prompt, reply: reply, stop_ids={tokenizer.eos_token_id})

@@ -43,11 +43,13 @@ import time
 from pathlib import Path
 
 from spo_ray import decoding
+from spo_ray.answers import final_number
 from spo_ray.config import ConfigError, DataConfig, RunConfig
 from spo_ray.models import cached_init, create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
-from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, cap, eval_keys, finish_splits, pair_task,
-                                 render_messages, render_response, retention_evaluator, rows_to_pairs,
-                                 task_tokenizer)
+from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, assistant_turn, cap, chat_prompt, end_of_turn_id,
+                                 eval_keys, finish_splits, pair_task, render_response, retention_evaluator,
+                                 rows_to_pairs, task_tokenizer, user_turn, uses_chat_template)
+from spo_ray.sampling import SamplePrompt, SamplingSource
 from spo_ray.tasks.task import Task
 
 MODEL_KEYS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -66,7 +68,6 @@ _ANNOTATION = re.compile(r"<<[^<>\n]*(?:>>|$)", re.MULTILINE)
 _NUMBER = r"(?P<sign>-)?\s*\$?\s*(?P<digits>\d[\d,]*(?:\.\d+)?|\.\d+)"
 # `####` anywhere; `A:` only at a line start, because solutions say things like "Job A: 2000 hours".
 _ANSWER = re.compile(r"(?:####|^[ \t]*A:)[ \t]*" + _NUMBER, re.MULTILINE)
-_ANY_NUMBER = re.compile(_NUMBER)
 
 
 def data_dir() -> Path:
@@ -117,9 +118,15 @@ def extract_answer(text: str) -> int | float | None:
 
 
 def last_number(text: str) -> int | float | None:
-    """The last number in the text: lm-eval's "flexible extract", for models that skip the `A:` marker."""
-    matches = list(_ANY_NUMBER.finditer(text))
-    return _number(matches[-1]) if matches else None
+    """The final number of the text (`spo_ray.answers.final_number`: the last one no "not" rules out):
+    lm-eval's "flexible extract", for models that skip the `A:` marker."""
+    return final_number(text)
+
+
+def stated_answer(text: str) -> int | float | None:
+    """What a sampled solution answers: its marked answer (`extract_answer`), else its final number."""
+    marked = extract_answer(text)
+    return final_number(text) if marked is None else marked
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -153,42 +160,6 @@ def gsm8k_sft_examples(folder: str | Path | None = None) -> list[dict]:
     rows = _read_jsonl(Path(folder or data_dir()) / "train.jsonl")
     return [{"question": r["question"].strip(), "prompt": format_prompt(r["question"]),
              "response": format_solution(r["answer"])} for r in rows]
-
-
-# ----------------------------------------------------------------------------------------------- chat
-
-def user_turn(question: str) -> list[dict]:
-    return [{"role": "user", "content": question}]
-
-
-def assistant_turn(solution: str) -> list[dict]:
-    # No leading space: in a chat the reply starts its own turn (the space is for joined plain text).
-    return [{"role": "assistant", "content": solution.strip()}]
-
-
-def uses_chat_template(data_cfg: DataConfig, tokenizer) -> bool:
-    """`data.chat_template`: auto → whether the tokenizer has a chat template (instruct models do)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if data_cfg.chat_template is True and not has_template:
-        raise ConfigError("data.chat_template: true, but the tokenizer has no chat template (set it to auto or "
-                          "false, or data.tokenizer to one that has)")
-    return has_template if data_cfg.chat_template == "auto" else data_cfg.chat_template
-
-
-def chat_prompt(tokenizer, question: str) -> str:
-    """A question as the chat template renders it for the model to answer (with the generation prompt)."""
-    return render_messages(tokenizer, user_turn(question), add_generation_prompt=True)
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`, Llama 3's
-    `<|eot_id|>`): the first token the template writes after a reply. None where it writes nothing."""
-    reply = "4"
-    prompt = chat_prompt(tokenizer, "2+2?")
-    full = render_messages(tokenizer, user_turn("2+2?") + assistant_turn(reply), add_generation_prompt=False)
-    after = full[len(prompt):].split(reply, 1)[-1] if full.startswith(prompt) else ""
-    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-    return ids[0] if ids else None
 
 
 # ------------------------------------------------------------------------------------------ accuracy
@@ -345,11 +316,33 @@ def gsm8k_splits(config: RunConfig, tokenizer):
                                        report) for side in (False, True))
     train, eval_pairs, report = finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
     eval_questions = [q for q in questions if q["prompt"] in held_out][:data_cfg.eval_questions]
-    return train, eval_pairs, report, gsm8k_evaluator(config, tokenizer, eval_questions, folder, chat)
+    sampling = sampling_source(tokenizer, chat, [q for q in questions if q["prompt"] not in held_out],
+                               [q for q in questions if q["prompt"] in held_out])
+    return train, eval_pairs, report, gsm8k_evaluator(config, tokenizer, eval_questions, folder, chat), sampling
+
+
+def sampling_source(tokenizer, chat: bool, train: list[dict], held_out: list[dict]) -> SamplingSource:
+    """For data.sampled_pairs: the questions of each side, a sample judged by its stated answer
+    (`stated_answer`: the `A:`/`####` answer, else the final number), the ground truth as the gold one."""
+    def render(question: str, solution: str) -> str:
+        if chat:
+            return render_response(tokenizer, user_turn(question), assistant_turn(solution), "gsm8k")["response"]
+        return " " + solution.strip()
+
+    def prompts(side: list[dict]) -> list[SamplePrompt]:
+        return [SamplePrompt(text=chat_prompt(tokenizer, q["question"]) if chat else q["prompt"], answer=q["answer"],
+                             gold=render(q["question"], q["chosen"]), question=q["question"]) for q in side]
+
+    stop_ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} - {None} if chat else set())
+    return SamplingSource(train=prompts(train), eval=prompts(held_out),
+                          check=lambda reply, answer: stated_answer(reply) == answer,
+                          response_text=lambda prompt, reply: render(prompt.question, reply), stop_ids=stop_ids)
 
 
 def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
     """GSM8K's pairs with the policy's tokenizer (or `data.tokenizer`), and its accuracy as the evaluator."""
     tokenizer = task_tokenizer(config, policy_path)
-    train, eval_pairs, report, evaluate = gsm8k_splits(config, tokenizer)
-    return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)
+    train, eval_pairs, report, evaluate, sampling = gsm8k_splits(config, tokenizer)
+    task = pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)
+    task.sampling = sampling
+    return task

@@ -34,10 +34,13 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spo_ray.answers import matches
 from spo_ray.config import ConfigError, DataConfig, RunConfig
+from spo_ray.sampling import SamplePrompt, SamplingSource
 from spo_ray.tasks.task import Task
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+ANSWER_COLUMN = "answer"  # a reference answer per prompt: what data.sampled_pairs checks samples against
 # The split and the caps do not depend on the trial's seed: every trial of a sweep must train and evaluate
 # on the same pairs to be comparable (and to share one reference log-prob cache).
 SPLIT_SEED = 0
@@ -142,9 +145,10 @@ def _missing_message(where: str, missing: list[str], present) -> str:
 
 def user_columns(data_cfg: DataConfig) -> dict[str, str]:
     """Our column name → the dataset's, from `data.columns`."""
-    unknown = [k for k in data_cfg.columns if k not in PAIR_COLUMNS]
+    known = PAIR_COLUMNS + (ANSWER_COLUMN,)
+    unknown = [k for k in data_cfg.columns if k not in known]
     if unknown:
-        raise ConfigError(f"data.columns.{unknown[0]}: unknown key (expected {', '.join(PAIR_COLUMNS)})")
+        raise ConfigError(f"data.columns.{unknown[0]}: unknown key (expected {', '.join(known)})")
     return {name: data_cfg.columns.get(name, name) for name in PAIR_COLUMNS}
 
 
@@ -183,6 +187,40 @@ def render_conversation(tokenizer, prompt: list[dict], chosen: list[dict], rejec
                               f"response follows it, so the response cannot be cut out")
         pair[name] = full[len(prompt_text):]
     return pair
+
+
+def user_turn(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def assistant_turn(solution: str) -> list[dict]:
+    # No leading space: in a chat the reply starts its own turn (the space is for joined plain text).
+    return [{"role": "assistant", "content": solution.strip()}]
+
+
+def uses_chat_template(data_cfg: DataConfig, tokenizer) -> bool:
+    """`data.chat_template`: auto → whether the tokenizer has a chat template (instruct models do)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if data_cfg.chat_template is True and not has_template:
+        raise ConfigError("data.chat_template: true, but the tokenizer has no chat template (set it to auto or "
+                          "false, or data.tokenizer to one that has)")
+    return has_template if data_cfg.chat_template == "auto" else data_cfg.chat_template
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """A question as the chat template renders it for the model to answer (with the generation prompt)."""
+    return render_messages(tokenizer, user_turn(question), add_generation_prompt=True)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with (ChatML's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`): the first token the template writes after a reply. None where it writes nothing."""
+    reply = "4"
+    prompt = chat_prompt(tokenizer, "2+2?")
+    full = render_messages(tokenizer, user_turn("2+2?") + assistant_turn(reply), add_generation_prompt=False)
+    after = full[len(prompt):].split(reply, 1)[-1] if full.startswith(prompt) else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return ids[0] if ids else None
 
 
 def rows_to_pairs(rows: list[tuple[str, dict]], source: str, columns: dict[str, str], tokenizer,
@@ -264,22 +302,24 @@ def finish_splits(train: list[dict], eval_pairs: list[dict], data_cfg: DataConfi
     return train, eval_pairs, report
 
 
-def read_pairs(data_cfg: DataConfig, which: str = "train", tokenizer=None,
-               report: PairReport | None = None) -> tuple[list[dict], PairReport]:
-    """The validated text pairs of one side: `which="train"` reads `data.path` (`data.split` on the hub),
+def read_rows(data_cfg: DataConfig, which: str, columns: list[str]) -> tuple[str, list[tuple[str, dict]]]:
+    """(source name, rows) of one side: `which="train"` reads `data.path` (`data.split` on the hub),
     `which="eval"` reads `data.eval_path` and/or `data.eval_split`."""
-    report = report or PairReport()
-    columns = user_columns(data_cfg)
     path = data_cfg.path if which == "train" else (data_cfg.eval_path or data_cfg.path)
     if not path:
         raise ConfigError(f"data.path: required for data.source {data_cfg.source}")
     if data_cfg.source == "hub":
         split = data_cfg.split if which == "train" else (data_cfg.eval_split or data_cfg.split)
-        source = f"{path}:{split}"
-        rows = read_hub_rows(path, split, data_cfg, list(dict.fromkeys(columns.values())))
-    else:
-        source = str(path)
-        rows = read_file_rows(path)
+        return f"{path}:{split}", read_hub_rows(path, split, data_cfg, list(dict.fromkeys(columns)))
+    return str(path), read_file_rows(path)
+
+
+def read_pairs(data_cfg: DataConfig, which: str = "train", tokenizer=None,
+               report: PairReport | None = None) -> tuple[list[dict], PairReport]:
+    """The validated text pairs of one side (`read_rows`)."""
+    report = report or PairReport()
+    columns = user_columns(data_cfg)
+    source, rows = read_rows(data_cfg, which, list(columns.values()))
     report.sources.append(source)
     return rows_to_pairs(rows, source, columns, tokenizer, report), report
 
@@ -297,6 +337,80 @@ def load_pairs(data_cfg: DataConfig, tokenizer=None) -> tuple[list[dict], list[d
     else:
         train, eval_pairs = split_by_prompt(train, data_cfg.eval_fraction) if train else ([], [])
     return finish_splits(train, eval_pairs, data_cfg, tokenizer, report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts with reference answers, for data.sampled_pairs
+
+def rows_to_prompts(rows: list[tuple[str, dict]], source: str, data_cfg: DataConfig, tokenizer) -> list[SamplePrompt]:
+    """Rows with a prompt and an answer column (and, optionally, a chosen one: the gold response) → prompts
+    to sample. A conversational prompt is rendered with the chat template and kept for rendering replies."""
+    columns = user_columns(data_cfg)
+    prompt_column, answer_column = columns["prompt"], data_cfg.columns.get(ANSWER_COLUMN, ANSWER_COLUMN)
+    prompts = []
+    for label, row in rows:
+        where = f"{source} {label}"
+        missing = [c for c in (prompt_column, answer_column) if c not in row]
+        if missing:
+            raise ConfigError(_missing_message(where, missing, list(row)) + "; data.sampled_pairs checks samples "
+                              "against a reference answer per prompt")
+        prompt, answer, gold = row[prompt_column], row[answer_column], row.get(columns["chosen"])
+        if not (isinstance(answer, (int, float, str)) and not isinstance(answer, bool)) or _is_blank(str(answer)):
+            raise ConfigError(f"{where} column {answer_column}: expected a number or text, got {answer!r}")
+        if _is_messages(prompt):
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(f"{where}: holds chat messages, but the tokenizer has no chat template")
+            text = render_messages(tokenizer, prompt, add_generation_prompt=True)
+            if _is_messages(gold):
+                gold = render_conversation(tokenizer, prompt, gold, gold, where)["chosen"]
+            prompts.append(SamplePrompt(text=text, answer=answer, gold=gold if isinstance(gold, str) else None,
+                                        question=tuple(tuple(sorted(m.items())) for m in prompt)))
+        elif isinstance(prompt, str) and prompt.strip():
+            prompts.append(SamplePrompt(text=prompt, answer=answer, gold=gold if isinstance(gold, str) else None))
+        else:
+            raise ConfigError(f"{where} column {prompt_column}: expected text or a list of {{role, content}} messages")
+    return prompts
+
+
+def load_prompts(data_cfg: DataConfig, tokenizer) -> tuple[list[SamplePrompt], list[SamplePrompt]]:
+    """(training prompts, held-out prompts) of `data.source` files or hub, split like the pairs."""
+    columns = [*user_columns(data_cfg).values(), data_cfg.columns.get(ANSWER_COLUMN, ANSWER_COLUMN)]
+    optional = user_columns(data_cfg)["rejected"], user_columns(data_cfg)["chosen"]
+    if data_cfg.source == "hub":  # a hub split is read by column: ask only for what prompts need
+        columns = [c for c in columns if c not in optional]
+    source, rows = read_rows(data_cfg, "train", columns)
+    train = rows_to_prompts(rows, source, data_cfg, tokenizer)
+    if data_cfg.eval_path or data_cfg.eval_split:
+        source, rows = read_rows(data_cfg, "eval", columns)
+        return train, rows_to_prompts(rows, source, data_cfg, tokenizer)
+    held_out = eval_keys([p.text for p in train], data_cfg.eval_fraction)
+    return [p for p in train if p.text not in held_out], [p for p in train if p.text in held_out]
+
+
+def reply_renderer(tokenizer):
+    """A sampled reply as a pair's response: after a conversational prompt, through the chat template (the
+    response is what the template adds after the prompt); after a text prompt, the completion as sampled."""
+    def response_text(prompt: SamplePrompt, completion: str) -> str:
+        if prompt.question is None:
+            return completion
+        messages = [dict(m) for m in prompt.question]
+        return render_response(tokenizer, messages, [{"role": "assistant", "content": completion.strip()}],
+                               "sampled reply")["response"]
+    return response_text
+
+
+def prompt_task(config: RunConfig, policy_path: str, reference_path: str, tokenizer, evaluate=None) -> Task:
+    """The Task of files/hub prompts for data.sampled_pairs: no pairs yet (the sampler makes them), the
+    prompts with their answers (checked by `spo_ray.answers.matches`: a number by the reply's final number,
+    text by the reply's end)."""
+    train, held_out = load_prompts(config.data, tokenizer)
+    stop_ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} - {None}
+                                            if getattr(tokenizer, "chat_template", None) else set())
+    sampling = SamplingSource(train=train, eval=held_out, check=matches, response_text=reply_renderer(tokenizer),
+                              stop_ids=stop_ids)
+    print(f"prompts from {config.data.path}: {len(train)} train / {len(held_out)} held out, with answers")
+    return Task(name=config.data.source, tokenizer=tokenizer, train_pairs=[], eval_pairs=[], policy_path=policy_path,
+                reference_path=reference_path, evaluate=evaluate, sampling=sampling)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,9 +491,11 @@ def load_task(config: RunConfig, policy_path: str, reference_path: str) -> Task:
     """The `Task` of `data.source` files or hub: validated pairs and the policy's tokenizer; the evaluator
     logs retention when `data.retention_path` names reference answers."""
     tokenizer = task_tokenizer(config, policy_path)
-    train, eval_pairs, report = load_pairs(config.data, tokenizer)
     evaluate = None
     if config.data.retention_path and config.data.retention_answers:
         examples = read_retention_examples(config.data.retention_path, tokenizer, config.data.retention_answers)
         evaluate = retention_evaluator(examples, tokenizer, config)
+    if config.data.sampled_pairs is not None:  # prompts and answers; the sampler makes the pairs
+        return prompt_task(config, policy_path, reference_path, tokenizer, evaluate)
+    train, eval_pairs, report = load_pairs(config.data, tokenizer)
     return pair_task(config, policy_path, reference_path, tokenizer, train, eval_pairs, report, evaluate)

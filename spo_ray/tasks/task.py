@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from spo_ray.sampling import SamplingSource
+
 
 @dataclass
 class Task:
@@ -21,3 +23,5 @@ class Task:
     reference_path: str               # the frozen reference (by default the same weights)
     evaluate: Callable | None = None  # model -> {"accuracy": ..., ...}, logged as eval/*
     notes: list[str] = field(default_factory=list)
+    sampling: SamplingSource | None = None   # prompts with answers and a checker: data.sampled_pairs can run
+    metrics: dict[str, float] = field(default_factory=dict)  # about the data (e.g. sampler/*), in every reported row
