@@ -18,7 +18,8 @@ import pandas as pd
 
 from analysis import plots
 from analysis.collect import Experiment, ExperimentError, is_uri, load_experiment
-from analysis.tables import best_configs, config_columns, paired_differences, summary_table, to_markdown, write_table
+from analysis.tables import (before_after, best_configs, config_columns, paired_differences, summary_table,
+                             to_markdown, write_table)
 
 REPORT_FILE = "report.md"
 LOGP_METRICS = ("eval/chosen_logp_delta", "eval/rejected_logp_delta")
@@ -49,6 +50,7 @@ def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
     lower_is_better = metric.endswith("loss")
     tables["best_configs"] = best_configs(results, metric, config=by, higher_is_better=not lower_is_better)
     tables["paired_spo_dpo"] = paired_differences(results, metric)
+    tables["before_after"] = before_after(results, exp.history, metric, by=by)
     if exp.all_results is not None and "loss" in exp.all_results.columns:
         counts = pd.crosstab(exp.all_results["loss"], exp.all_results["status"])
         tables["status_counts"] = counts.reset_index().rename_axis(columns=None)
@@ -129,6 +131,10 @@ def render_markdown(
     section("Paired SPO − DPO differences", "paired_spo_dpo", "No SPO and DPO runs sharing β, init and seed.",
             f"`{metric}` of SPO minus DPO on runs matched by β, init and seed; 95% percentile-bootstrap interval "
             "(10 000 resamples, seed 0). Rows with β = all pool every pair.")  # fmt: skip
+    section("Before and after training", "before_after", f"No runs with `{metric}` at step 0 (train.eval_on_start).",
+            f"`{metric}` of the initial weights (step 0) and at the end, per configuration; the change's 95% "
+            "bootstrap interval resamples seeds and, where each question's outcome was logged "
+            "(`eval/answers_correct`), the questions too, pairing every question with itself.")  # fmt: skip
     if "status_counts" in tables:
         section("Trial status by loss (all trials)", "status_counts", "No trials.")
 

@@ -176,6 +176,85 @@ def paired_differences(
     return pd.DataFrame(rows, columns=columns)
 
 
+def _item_vector(value) -> np.ndarray | None:
+    """A per-question outcome list from history (a list or array cell), or None."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return np.asarray(list(value), dtype=float)
+
+
+def start_and_end(results: pd.DataFrame, history: pd.DataFrame, metric: str,
+                  items: str | None = "eval/answers_correct") -> pd.DataFrame:
+    """One row per run that reported `metric` at step 0 (the initial weights, `train.eval_on_start`): its
+    parameters, `before` (step 0), `after` (its final value in results.csv) and, where the history holds the
+    per-question outcomes `items`, the outcome vectors `before items` / `after items` (first and last step)."""
+    params = parameter_columns(results)
+    if metric not in results.columns or metric not in history.columns or "step" not in history.columns:
+        return pd.DataFrame(columns=[*params, "before", "after"])
+    rows = []
+    for trial_id, steps in history.sort_values("step").groupby("trial_id", sort=False):
+        start = steps.loc[steps["step"] == 0, metric].dropna()
+        final = results.loc[results["trial_id"] == trial_id]
+        if start.empty or final.empty or pd.isna(final[metric].iloc[0]):
+            continue
+        row = {**final[params].iloc[0].to_dict(), "trial_id": trial_id, "before": float(start.iloc[0]),
+               "after": float(final[metric].iloc[0])}
+        if items and items in steps.columns:
+            outcomes = [(step, _item_vector(v)) for step, v in zip(steps["step"], steps[items])]
+            outcomes = [(step, v) for step, v in outcomes if v is not None]
+            if len(outcomes) >= 2 and outcomes[0][0] == 0 and outcomes[0][1].shape == outcomes[-1][1].shape:
+                row["before items"], row["after items"] = outcomes[0][1], outcomes[-1][1]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_change_interval(changes: np.ndarray, n_resamples: int = 10_000, confidence: float = 0.95,
+                           seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the mean change over a (runs × questions) matrix of after − before outcomes:
+    each resample draws runs (seeds) and questions with replacement, the same questions for every run, so
+    both the seed-to-seed spread and the finite question set are in the interval, while each question is
+    compared with itself before and after (the pairing)."""
+    changes = np.atleast_2d(np.asarray(changes, dtype=float))
+    runs, questions = changes.shape
+    if changes.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    run_weights = np.stack([np.bincount(r, minlength=runs) for r in rng.integers(0, runs, (n_resamples, runs))])
+    item_weights = np.stack([np.bincount(q, minlength=questions)
+                             for q in rng.integers(0, questions, (n_resamples, questions))])
+    means = np.einsum("ri,ij,rj->r", run_weights, changes, item_weights) / (runs * questions)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def before_after(results: pd.DataFrame, history: pd.DataFrame, metric: str = "eval/accuracy",
+                 by: Sequence[str] = DEFAULT_BY, items: str | None = "eval/answers_correct",
+                 n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """`metric` before training (step 0) and after, per configuration (the `by` columns; runs differ in seed):
+    the means, the mean change and its paired bootstrap interval — over runs and questions where the history
+    holds each question's outcome (`paired_change_interval`), else over runs (`bootstrap_interval`).
+    Columns: the `by` columns, `n`, `questions`, `before mean`, `after mean`, `change mean`, `ci low`, `ci high`."""
+    runs = start_and_end(results, history, metric, items)
+    keys = [k for k in by if k in runs.columns]
+    columns = [*keys, "n", "questions", "before mean", "after mean", "change mean", "ci low", "ci high"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for key, frame in _groups(runs, keys):
+        paired = "after items" in frame.columns and frame["after items"].notna().all()
+        if paired:
+            changes = np.stack([a - b for a, b in zip(frame["after items"], frame["before items"])])
+            low, high = paired_change_interval(changes, n_resamples, confidence, seed)
+        else:
+            changes = (frame["after"] - frame["before"]).to_numpy()[:, None]
+            low, high = bootstrap_interval(changes[:, 0], n_resamples, confidence, seed)
+        rows.append({**key, "n": len(frame), "questions": changes.shape[1] if paired else float("nan"),
+                     "before mean": frame["before"].mean(), "after mean": frame["after"].mean(),
+                     "change mean": (frame["after"] - frame["before"]).mean(), "ci low": low, "ci high": high})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _groups(frame: pd.DataFrame, keys: list[str]):
     """Yield ({column: value}, rows) per group; one group of everything when there are no keys."""
     if not keys:

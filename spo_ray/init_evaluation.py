@@ -4,8 +4,8 @@ Greedy accuracy of a 135M-parameter model on a few hundred questions takes about
 and every trial of a sweep that starts from one init would spend it on the same numbers: the evaluation of
 the initial weights is a pure function of (those weights, the task's data and evaluation settings, the model
 settings). So, like the reference log-probs (`spo_ray.reference`), it is computed by the first trial that
-needs it — the others wait on the build lock — and stored as a JSON file beside the reference tables, under
-a key of those inputs. Only the task's own evaluator is shared this way; the preference metrics of step 0
+needs it — the others wait on the build lock — and stored as a JSON file in the shared cache beside the
+inits (`<cache_dir>/evaluations/`), under a key of those inputs; a later sweep from the same init reads it too. Only the task's own evaluator is shared this way; the preference metrics of step 0
 depend on the trial's loss and are computed by each trial (they are cheap).
 """
 
@@ -26,6 +26,10 @@ def evaluation_key(policy_path: str, config: RunConfig) -> str:
     asked and judged), the model section (dtype, attention) and the evaluation batch budget."""
     return fingerprint(model_identity(policy_path), to_plain(config.data), to_plain(config.model),
                        config.train.eval_batch_tokens, FORMAT)
+
+
+def evaluations_dir(cache_dir: str) -> str:
+    return storage.join(cache_dir, "evaluations")
 
 
 def evaluation_path(directory: str, key: str) -> str:

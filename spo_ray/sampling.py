@@ -12,8 +12,10 @@ winner where no sample is correct, questions without a loser dropped. This modul
    it N times) and finished samples stop costing compute (`generate` keeps stepping them until the longest
    one ends): `benchmarks/sampling.py` measures the two against each other.
 2. **The table** (`cached_samples`): the samples are a pure function of (sampler weights, prompts, sampling
-   settings, seed), so they are stored once per key as a Parquet table beside the reference log-probs (a
-   local folder or a bucket, `spo_ray.storage`) and read by every trial, on every node and after `--resume`.
+   settings, seed), so they are stored once per key as a Parquet table in the sweep's shared cache, beside
+   the inits it was sampled from (`<cache_dir>/samples/`: a local folder or a bucket, `spo_ray.storage`), and
+   read by every trial, on every node, after `--resume` — and by the next sweep under the same storage path
+   that asks for the same samples (a follow-up sweep over another loss does not sample again).
    Prompts go through in fixed batches (a token budget, prompt order), each with its own generator seeded by
    (seed, batch number): the samples do not depend on how many workers shared the batches
    (`spo_ray.distributed.sample_on_cluster` spreads them over a Ray cluster) — only on the CPU's or GPU's
@@ -159,6 +161,11 @@ def sample_rows(model, tokenizer, prompts: list[str], sampling: Sampling, stop_i
 
 # ---------------------------------------------------------------------------------------------------
 # 2. The table, once per key
+
+def samples_dir(cache_dir: str) -> str:
+    """Where sample tables live: the `samples` folder of the shared cache (a local folder or a URI)."""
+    return storage.join(cache_dir, "samples")
+
 
 def samples_key(sampler_identity: str, prompts: list[SamplePrompt], sampling: Sampling, stop_ids: set[int]) -> str:
     """The table's key: the sampler's weights, every prompt's text, the settings and the stop tokens."""

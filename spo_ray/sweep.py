@@ -151,11 +151,11 @@ def prepare_samples(configs: list, sweep: SweepConfig) -> None:
     cluster (`spo_ray.distributed.sample_on_cluster`), then build each grid point's pairs once: a sampler
     that yields none, or fewer than a batch, is bad input (exit 2) before any trial runs. An SFT-on-samples
     init (`model.sft_steps`) is built here too, with the driver's whole machine."""
-    from spo_ray.distributed import reference_cache_dir, sample_on_cluster
-    from spo_ray.sampling import read_samples, table_path
+    from spo_ray.distributed import sample_on_cluster
+    from spo_ray.sampling import read_samples, samples_dir, table_path
     from spo_ray.tasks import load_task, sampling_job
 
-    directory = reference_cache_dir(sweep)
+    directory = samples_dir(sweep.cache_dir)
     done: set[str] = set()
     checked: set[str] = set()
     for config in configs:

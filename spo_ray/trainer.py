@@ -30,13 +30,14 @@ import torch.distributed as dist
 from spo_ray import storage
 from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
+from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_initial_evaluation
 from spo_ray.logprobs import concatenated_forward, sequence_logps
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
-from spo_ray.init_evaluation import evaluation_key, shared_initial_evaluation
 from spo_ray.memory import check_run_fits
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity, table_path)
+from spo_ray.sampling import samples_dir
 from spo_ray.sharding import full_state, is_sharded, load_full_state, local, per_pair_tables, shard_model
 
 Report = Callable[[dict, dict | None], None]  # (metrics, checkpoint state or None)
@@ -369,10 +370,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     torch.manual_seed(cfg.seed)
     device = context.device
 
-    # 1. The task: tokenizer, pairs (sampled ones read from, or sampled into, the shared folder), initial
+    # 1. The task: tokenizer, pairs (sampled ones read from, or sampled into, the shared cache), initial
     # weights, task evaluator.
-    shared_dir = reference_dir or cache_dir
-    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0, samples_dir=shared_dir)
+    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0,
+                     samples_dir=samples_dir(cache_dir))
     tokenizer = task.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs, _ = tokenize_pairs(task.train_pairs, tokenizer, config.data.max_length)
@@ -440,7 +441,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         step = resume["step"]
-    initial_evaluation = initial_evaluator(task, config, shared_dir, context)
+    initial_evaluation = initial_evaluator(task, config, evaluations_dir(cache_dir), context)
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
     probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
 

@@ -19,9 +19,11 @@ from analysis import plots
 from analysis.collect import load_experiment
 from analysis.report import write_report
 from analysis.tables import (
+    before_after,
     best_configs,
     bootstrap_interval,
     paired_differences,
+    paired_change_interval,
     paired_runs,
     summary_table,
     to_latex,
@@ -206,6 +208,38 @@ def parse_latex(text: str) -> list[dict[str, str]]:
 def mean_std(cell: str, separator: str) -> tuple[float, float]:
     mean, std = cell.strip("$").split(separator)
     return float(mean), float(std)
+
+
+def test_the_paired_change_interval_resamples_runs_and_questions_as_a_loop_would():
+    changes = np.array([[1, 0, -1, 1, 0], [0, 0, 1, 1, -1], [1, 1, 0, 0, 0]], dtype=float)
+    low, high = paired_change_interval(changes, n_resamples=400, seed=3)
+    rng = np.random.default_rng(3)  # the same draws, averaged the plain way: rows and columns picked by index
+    runs, questions = rng.integers(0, 3, (400, 3)), rng.integers(0, 5, (400, 5))
+    means = [changes[np.ix_(r, q)].mean() for r, q in zip(runs, questions)]
+    assert (low, high) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+    assert paired_change_interval(np.full((2, 4), 0.25), n_resamples=50) == (0.25, 0.25)
+
+
+def test_before_after_pairs_each_run_with_its_step_0_and_each_question_with_itself():
+    results = pd.DataFrame([{"trial_id": t, "status": "TERMINATED", "loss": loss, "seed": seed, "eval/accuracy": acc}
+                            for t, loss, seed, acc in [("a", "dpo", 0, 0.25), ("b", "dpo", 1, 0.5),
+                                                       ("c", "spo", 0, 1.0), ("d", "spo", 1, 0.75)]])
+    start = [1, 0, 0, 1]  # the init's outcome on 4 questions: accuracy 0.5
+    ends = {"a": [0, 0, 0, 1], "b": [1, 0, 0, 1], "c": [1, 1, 1, 1], "d": [1, 1, 0, 1]}
+    history = pd.DataFrame([{"trial_id": t, "step": step, "eval/accuracy": sum(v) / 4 if v else np.nan,
+                             "eval/answers_correct": v}  # step 4: a row without an evaluation
+                            for t in ends for step, v in ((0, start), (4, None), (8, ends[t]))])
+    table = before_after(results, history, by=["loss"], n_resamples=2000)
+    dpo, spo = table.to_dict("records")
+    assert (dpo["loss"], dpo["n"], dpo["questions"]) == ("dpo", 2, 4)
+    assert (dpo["before mean"], dpo["after mean"], dpo["change mean"]) == (0.5, 0.375, -0.125)
+    assert (spo["before mean"], spo["after mean"], spo["change mean"]) == (0.5, 0.875, 0.375)
+    # SPO's changes are [0, 1, 1, 0] and [0, 1, 0, 0]: every resample lies in [0, 1]; DPO's in [-1, 0].
+    assert 0 <= spo["ci low"] <= 0.375 <= spo["ci high"] <= 1 and -1 <= dpo["ci low"] <= -0.125 <= dpo["ci high"] <= 0
+    # Without per-question outcomes: runs alone, the usual bootstrap of the mean change over seeds.
+    plain = before_after(results, history.drop(columns="eval/answers_correct"), by=["loss"])
+    assert plain.loc[1, "change mean"] == 0.375 and np.isnan(plain.loc[1, "questions"])
+    assert (plain.loc[1, "ci low"], plain.loc[1, "ci high"]) == bootstrap_interval(np.array([0.5, 0.25]))
 
 
 def test_markdown_and_latex_tables_parse_back_to_the_numbers(results):

@@ -154,6 +154,18 @@ SWEEP_CASES = {
                                                                              for p in text_pairs())}),
     "model without a tokenizer": Case(on_files("pairs.jsonl", "model.init={tmp}/no_model"),
                                       "model.init: cannot load a tokenizer", files={"pairs.jsonl": jsonl(text_pairs())}),
+    # sampled pairs
+    "sampled pairs from prompts without answers": Case(on_files("pairs.jsonl", "data.sampled_pairs={}"),
+                                                       "pairs.jsonl line 1: missing column(s) 'answer'",
+                                                       files={"pairs.jsonl": jsonl(text_pairs())}),
+    "sft on samples without sampled pairs": Case([SMOKE, "--set", "model.sft_steps=4"],
+                                                 "model.sft_steps: SFT on the sampler's own correct answers needs "
+                                                 "data.sampled_pairs"),
+    "sampler samples too few": Case([SMOKE, "--set", "data.sampled_pairs={samples_per_prompt: 1}"],
+                                    "data.sampled_pairs.samples_per_prompt:"),
+    "chat arithmetic operands the wrong way round": Case([SMOKE, "--set", "data.source=chat_arithmetic",
+                                                          "data.chat_arithmetic.operands=[9, 2]"],
+                                                         "data.chat_arithmetic.operands: needs [low, high]"),
 }
 
 
@@ -173,6 +185,30 @@ def test_bad_sweep_input_is_one_line_naming_the_culprit_and_exit_2(case, tmp_pat
     from spo_ray.sweep import main
     assert main(case.prepare(tmp_path, tokenizer_dir)) == 2
     assert case.says in the_error_line(capsys.readouterr().err)
+
+
+def test_a_sampler_that_gives_no_pairs_stops_the_sweep_before_any_trial(tmp_path, capsys, monkeypatch):
+    """The driver samples every table before the first trial (here in-process instead of on Ray's workers) and
+    builds the pairs: none (an untrained model is never right, and no gold fallback) is one line, exit 2."""
+    import spo_ray.distributed
+    import spo_ray.sweep
+    from spo_ray.sampling import write_samples, table_path
+
+    def sample_here(job, directory, sweep):
+        write_samples(table_path(directory, job.key), *job.generate())
+    monkeypatch.setattr(spo_ray.sweep, "start_ray", lambda: None)
+    monkeypatch.setattr(spo_ray.sweep, "start_build_locks", lambda: None)
+    monkeypatch.setattr(spo_ray.sweep, "stop_on_sigterm", lambda: None)
+    monkeypatch.setattr(spo_ray.distributed, "sample_on_cluster", sample_here)
+    monkeypatch.setattr(spo_ray.sweep, "build_tuner", lambda *args: pytest.fail("a trial was about to start"))
+    code = spo_ray.sweep.main([SMOKE, "--storage-path", str(tmp_path), "--set", *TINY,
+                               "data.sampled_pairs={samples_per_prompt: 2, prompts: 6, gold_fallback: false, "
+                               "max_new_tokens: 4}"])
+    assert code == 2
+    stderr = capsys.readouterr().err  # after the model's loading bars (the sampler ran): the one error line
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(
+        "error: data.sampled_pairs: the sampler gave no pairs: 0 of 12 samples correct over 6 prompts (0 prompts "
+        "always right, 6 never right)")
 
 
 def check_through_the_command(module: str, cases: dict[str, Case], tmp_path: Path, tokenizer_dir: Path) -> None:

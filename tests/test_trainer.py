@@ -63,20 +63,18 @@ def test_eval_on_start_reports_the_initial_weights_as_step_0_and_leaves_training
     assert [strip(r) for r in rows[1:]] == [strip(r) for r in plain]  # the same training, step for step
 
 
-def test_the_initial_evaluation_is_computed_once_and_read_by_the_trials_that_start_there(tmp_path, init_cache,
-                                                                                         capsys):
-    shared = str(tmp_path / "shared")
-    _, dpo = run(tiny_run(train={"eval_on_start": True}), init_cache, reference_dir=shared)
+def test_the_initial_evaluation_is_computed_once_and_read_by_the_trials_that_start_there(tmp_path, capsys):
+    shared = str(tmp_path / "cache")  # the untrained init costs nothing to build
+    _, dpo = run(tiny_run(train={"eval_on_start": True}), shared)
     assert "evaluation of the initial weights: computed into" in capsys.readouterr().out
-    _, spo = run(tiny_run(loss={"name": "spo"}, train={"eval_on_start": True, "seed": 3}), init_cache,
-                 reference_dir=shared)
+    _, spo = run(tiny_run(loss={"name": "spo"}, train={"eval_on_start": True, "seed": 3}), shared)
     assert "evaluation of the initial weights: read from" in capsys.readouterr().out
     task_metrics = ("eval/accuracy", "eval/mass_correct", "eval/mass_mistake", "eval/mass_other")
     assert [spo[0][k] for k in task_metrics] == [dpo[0][k] for k in task_metrics]
     # Other evaluation questions are another evaluation: computed, not read.
     fewer = tiny_run(train={"eval_on_start": True})
     fewer["data"]["arithmetic"] = {**fewer["data"]["arithmetic"], "eval_problems": 8}
-    run(fewer, init_cache, reference_dir=shared)
+    run(fewer, shared)
     assert "evaluation of the initial weights: computed into" in capsys.readouterr().out
 
 

@@ -7,7 +7,7 @@ do; files and hub datasets do when their rows carry an `answer` column. Asking a
 pairs is bad input (exit 2).
 
 The samples of one (sampler weights, prompts, sampling settings, seed) are one table (`SamplingJob.key`),
-stored beside the reference log-probs. A sweep's driver samples every table before its first trial
+stored in the shared cache beside the inits (`spo_ray.sampling.samples_dir`). A sweep's driver samples every table before its first trial
 (`spo_ray.sweep.prepare_samples`, spread over the cluster by `spo_ray.distributed.sample_on_cluster`);
 a trial, or `python -m spo_ray.train`, reads it — or samples it in-process where it is missing, under the
 build lock, so one process samples each table. The pairs are built from the table each time (cheap): the

@@ -1,0 +1,136 @@
+"""Generation for sampled pairs: spo-ray's sampler against transformers' `generate`, same model, prompts and
+settings.
+
+    .venv/bin/python benchmarks/sampling.py                 # SmolLM2-135M-Instruct, 32 prompts × 8 samples
+    .venv/bin/python benchmarks/sampling.py --prompts 64 --rounds 3 --threads 1
+
+Both sample `--samples` answers of at most `--max-new-tokens` tokens to each of `--prompts` chat-arithmetic
+questions ("What is a + b? Answer with just the number.", operands 0-20, rendered with the model's chat
+template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
+
+  (a) spo-ray       `spo_ray.sampling.sample_rows`: each prompt scored once on a key/value cache, its cache
+                    repeated for the samples, finished samples dropped from the batch as they end;
+  (b) transformers  `model.generate(do_sample=True, num_return_sequences=N)` on the same left-padded batch:
+                    the prompt repeated N times before the first forward, every row stepped until the longest
+                    one ends (finished rows are padded, not removed).
+
+Each round runs (a) then (b) on the same batches (`--batch-prompts` prompts each), interleaved so that a load
+change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
+(padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
+what the two sampled: the share of samples whose final number is right and that ended, which must agree
+within sampling noise (the same distribution, different random streams). Last line:
+`speedup_vs_generate=… tokens_per_s_spo_ray=… tokens_per_s_generate=… accuracy_spo_ray=… accuracy_generate=…`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+from spo_ray.answers import matches  # noqa: E402
+from spo_ray.models import gguf_init, load_init  # noqa: E402
+from spo_ray.sampling import Sampling, sample_rows  # noqa: E402
+from spo_ray.tasks.chat_arithmetic import question, solve  # noqa: E402
+from spo_ray.tasks.pairs import chat_prompt, end_of_turn_id  # noqa: E402
+from spo_ray.config import ChatArithmeticConfig  # noqa: E402
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-prompts", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=None, help="init cache for the converted GGUF (default: a temp folder)")
+    return parser.parse_args()
+
+
+def prompts_and_answers(tokenizer, count: int):
+    cfg = ChatArithmeticConfig()
+    problems = [(a, b, "+") for a in range(0, 21) for b in range(0, 21)]
+    step = max(1, len(problems) // count)
+    chosen = problems[::step][:count]
+    return [chat_prompt(tokenizer, question(cfg, p)) for p in chosen], [solve(*p) for p in chosen]
+
+
+def run_spo_ray(model, tokenizer, prompts, args, stop_ids, seed):
+    sampling = Sampling(samples_per_prompt=args.samples, temperature=0.8, max_new_tokens=args.max_new_tokens,
+                        seed=seed, batch_tokens=10**9)
+    rows = []
+    for start in range(0, len(prompts), args.batch_prompts):
+        batch = sample_rows(model, tokenizer, prompts[start:start + args.batch_prompts], sampling, stop_ids)
+        rows += [{**r, "prompt": r["prompt"] + start} for r in batch]
+    tokens = sum(r["tokens"] + r["ended"] for r in rows)
+    return tokens, [(r["prompt"], r["completion"], r["ended"]) for r in rows]
+
+
+@torch.no_grad()
+def run_generate(model, tokenizer, prompts, args, stop_ids, seed):
+    torch.manual_seed(seed)
+    tokenizer.padding_side = "left"
+    samples, tokens = [], 0
+    for start in range(0, len(prompts), args.batch_prompts):
+        batch = tokenizer(prompts[start:start + args.batch_prompts], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+        out = model.generate(**batch, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+                             max_new_tokens=args.max_new_tokens, num_return_sequences=args.samples,
+                             eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+        generated = out[:, batch["input_ids"].shape[1]:].tolist()
+        for row, ids in enumerate(generated):
+            end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+            kept = ids if end is None else ids[:end]
+            tokens += len(kept) + (end is not None)
+            samples.append((start + row // args.samples, tokenizer.decode(kept, skip_special_tokens=True),
+                            end is not None))
+    return tokens, samples
+
+
+def accuracy(samples, answers) -> float:
+    return sum(ended and matches(text, answers[p]) for p, text, ended in samples) / len(samples)
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    cache = args.cache or tempfile.mkdtemp(prefix="sampling-bench-")
+    model, tokenizer = load_init(gguf_init("smollm2-135m-instruct", "float32", cache))
+    model.generation_config.top_k = None  # sample from the whole vocabulary, as (a) does
+    stop_ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    prompts, answers = prompts_and_answers(tokenizer, args.prompts)
+    print(f"{len(prompts)} prompts × {args.samples} samples, ≤ {args.max_new_tokens} new tokens, batches of "
+          f"{args.batch_prompts} prompts, {args.threads} thread(s), torch {torch.__version__}", flush=True)
+    best = {"spo-ray": 0.0, "generate": 0.0}
+    seen = {"spo-ray": [], "generate": []}
+    for round_number in range(args.rounds):
+        for name, run in (("spo-ray", run_spo_ray), ("generate", run_generate)):
+            started = time.perf_counter()
+            tokens, samples = run(model, tokenizer, prompts, args, stop_ids, seed=round_number)
+            seconds = time.perf_counter() - started
+            best[name] = max(best[name], tokens / seconds)
+            seen[name] += samples
+            print(f"round {round_number + 1} {name:9s} {tokens:6d} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} "
+                  f"tokens/s, samples right {accuracy(samples, answers):.3f}", flush=True)
+    acc = {name: accuracy(samples, answers) for name, samples in seen.items()}
+    n = len(seen["spo-ray"])
+    noise = 2 * math.sqrt(2 * max(acc["spo-ray"] * (1 - acc["spo-ray"]), 1e-9) / n)
+    print(f"check: samples right {acc['spo-ray']:.3f} (spo-ray) vs {acc['generate']:.3f} (generate), "
+          f"{n} samples each; two standard errors of the difference {noise:.3f}")
+    print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
+          f"tokens_per_s_generate={best['generate']:.1f} accuracy_spo_ray={acc['spo-ray']:.3f} "
+          f"accuracy_generate={acc['generate']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
