@@ -279,7 +279,8 @@ def build_pairs(prompts: list[SamplePrompt], rows: list[dict], check: Callable[[
 
 def sampler_figures(counts: list[dict], generation: dict) -> dict[str, float]:
     """What the sampler did, as `sampler/*` metrics: the samples' accuracy, the shares of prompts that gave
-    a pair, that were always right or always wrong, pairs built, gold winners used, generation tokens/s."""
+    a pair, whose samples were both right and wrong, always right or never right, pairs built, gold winners
+    used, generation tokens/s."""
     prompts = max(1, len(counts))
     samples = sum(c["samples"] for c in counts)
     return {
@@ -288,6 +289,8 @@ def sampler_figures(counts: list[dict], generation: dict) -> dict[str, float]:
         "sampler/sample_accuracy": sum(c["correct"] for c in counts) / max(1, samples),
         "sampler/ended_share": sum(c["ended"] for c in counts) / max(1, samples),
         "sampler/prompts_with_pair": sum(c["pairs"] > 0 for c in counts) / prompts,
+        # the prompts whose own samples hold a right and a wrong answer (a pair without the gold fallback)
+        "sampler/prompts_right_and_wrong": sum(0 < c["correct"] < c["samples"] for c in counts) / prompts,
         "sampler/prompts_all_correct": sum(c["samples"] > 0 and c["correct"] == c["samples"] for c in counts) / prompts,
         "sampler/prompts_none_correct": sum(c["correct"] == 0 for c in counts) / prompts,
         "sampler/gold_used": float(sum(c["gold"] for c in counts)),

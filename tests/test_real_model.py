@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -227,3 +228,43 @@ def test_two_training_steps_through_the_train_command_then_the_reference_cache_i
               "train": {**raw["train"], "max_steps": 1, "eval_every": 1, "probe_every": 1}}
     final = trainer.train(validate_run(second).run_config(), cache_dir=str(smollm2_cache), reference_dir=str(output))
     assert final["step"] == 1 and sorted(output.glob("reflogps-*.parquet")) == tables
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_the_real_model_samples_chat_arithmetic_answers_that_the_checker_and_pairs_read_right(smollm2_cache, smollm2,
+                                                                                             tmp_path):
+    """SmolLM2 answering "What is a + b?" as a chat, 4 samples each at temperature 0.8: the table, its
+    judgement (a sample is right when it ended and its final number is the sum) and the pairs built from it."""
+    from spo_ray.answers import final_number
+    from spo_ray.tasks import load_task, sampling_job
+
+    config = validate_run({"model": {"init": NAME}, "cache_dir": str(smollm2_cache),
+                           "data": {"source": "chat_arithmetic", "eval_fraction": 0.5, "eval_questions": 8,
+                                    "retention_answers": 0,
+                                    "sampled_pairs": {"prompts": 6, "eval_prompts": 2, "samples_per_prompt": 4,
+                                                      "max_new_tokens": 24, "pairs_per_prompt": 2}}})
+    task = load_task(config, str(smollm2_cache), samples_dir=str(tmp_path))
+    job = sampling_job(load_task(config, str(smollm2_cache)), config, str(smollm2_cache))
+    [table] = tmp_path.glob("samples-*.parquet")
+    rows = pd.read_parquet(table).to_dict("records")
+    assert len(rows) == 8 * 4 and all(isinstance(r["completion"], str) for r in rows)
+    assert sum(r["ended"] for r in rows) >= 16  # short answers end within 24 tokens
+    assert rows == job.generate()[0]  # the same seed, the same samples
+    counts = pd.read_csv(next(tmp_path.glob("samples-*-k2-gold.csv")))
+    train = counts[counts["split"] == "train"].reset_index(drop=True)
+    for index, prompt in enumerate(job.prompts[:6]):
+        mine = [r for r in rows if r["prompt"] == index]
+        right = sum(r["ended"] and final_number(r["completion"]) == prompt.answer for r in mine)
+        assert train.loc[index, "correct"] == right
+    rendered = {}  # a pair's response text → the samples it renders
+    for r in rows:
+        prompt = job.prompts[r["prompt"]]
+        rendered.setdefault((prompt.text, task.sampling.response_text(prompt, r["completion"])), []).append(r)
+    answers = {p.text: p.answer for p in job.prompts}
+    for pair in task.train_pairs:  # chosen states the sum (sampled, or gold); rejected is a wrong or cut-off sample
+        assert pair["chosen"].endswith("<|im_end|>\n") and pair["rejected"].endswith("<|im_end|>\n")
+        assert final_number(pair["chosen"].removesuffix("<|im_end|>\n")) == answers[pair["prompt"]]
+        losers = rendered[(pair["prompt"], pair["rejected"])]
+        assert all(not r["ended"] or final_number(r["completion"]) != answers[pair["prompt"]] for r in losers)
+    assert task.metrics["sampler/samples"] == 24 and 0 < task.metrics["sampler/pairs"] <= 12

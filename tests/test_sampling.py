@@ -89,6 +89,7 @@ def test_pairs_cycle_drop_prompts_without_a_loser_and_fall_back_to_the_gold_answ
     figures = sampler_figures(counts, {"tokens_per_s": 10.0, "seconds": 2.0})
     assert figures["sampler/sample_accuracy"] == 5 / 12
     assert figures["sampler/prompts_with_pair"] == 2 / 4
+    assert figures["sampler/prompts_right_and_wrong"] == 1 / 4  # p0 only: p2's pairs are the gold answer's
     assert (figures["sampler/prompts_all_correct"], figures["sampler/prompts_none_correct"]) == (1 / 4, 2 / 4)
     assert (figures["sampler/pairs"], figures["sampler/gold_used"]) == (6.0, 1.0)
 

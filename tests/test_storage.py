@@ -95,6 +95,26 @@ def test_a_reference_table_in_s3_is_computed_once_and_read_back_equal(s3_bucket)
     assert stored["rejected_logps"].tolist() == [-3.0, -4.5, -6.0]
 
 
+def test_a_sample_table_in_s3_is_sampled_once_and_read_back_by_every_later_trial(s3_bucket):
+    from spo_ray.sampling import cached_samples, samples_dir
+    bucket, client = s3_bucket
+    rows = [{"prompt": 0, "sample": s, "ended": s != 2, "tokens": 3 + s, "completion": f"it is {s}"} for s in range(3)]
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return rows, {"seconds": 2.0, "tokens": 12, "tokens_per_s": 6.0, "workers": 2}
+
+    location = samples_dir(f"s3://{bucket}/results/.cache")
+    first = cached_samples(location, "k9", generate)
+    second = cached_samples(location, "k9", generate)
+    assert (first[2], second[2], len(calls)) == (False, True, 1) and second[:2] == (rows, first[1])
+    [key] = objects(client, bucket)
+    assert key == "results/.cache/samples/samples-k9.parquet"
+    stored = pd.read_parquet(io.BytesIO(objects(client, bucket)[key]))
+    assert stored["completion"].tolist() == ["it is 0", "it is 1", "it is 2"] and stored["ended"].tolist() == [True, True, False]
+
+
 def test_an_init_built_on_one_node_is_fetched_not_rebuilt_on_another(s3_bucket, tmp_path, monkeypatch, capsys):
     """Two 'nodes' (two local cache roots) share a cache URI: the first builds the init and uploads it, the
     second downloads it without building, and both copies give the reference tables the same key."""

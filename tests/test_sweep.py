@@ -2,7 +2,8 @@
 
 The slow tests each start a local Ray cluster (~15 s here) and train tiny models, so there are few of them:
 one sweep through Tune in-process trials, one 2-worker DDP trial through Ray Train checked against the
-in-process trainer, and one interrupted-then-resumed sweep.
+in-process trainer, one interrupted-then-resumed sweep, and one sweep of sampled pairs (the driver samples on
+Ray workers before the trials).
 """
 
 import os
@@ -214,6 +215,41 @@ def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_
     plot = directory / "plots" / "logp_evolution.png"
     assert "(plots/logp_evolution.png)" in text
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_sweep_samples_its_pairs_on_ray_workers_once_and_every_trial_reads_them(tmp_path):
+    """Two trials of sampled pairs: the driver samples the table on two Ray actors before the first trial,
+    with the rows an in-process sampler gives for the same seed; both trials train on the pairs built from it
+    and report the sampler's figures; the initial evaluation is computed once."""
+    from spo_ray.config import validate_run
+    from spo_ray.sampling import read_samples, table_path
+    from spo_ray.tasks import load_task, sampling_job
+
+    sampled = {"samples_per_prompt": 4, "prompts": 32, "eval_prompts": 8, "temperature": 1.0, "max_new_tokens": 4,
+               "batch_tokens": 400}
+    path = tiny_sweep(tmp_path, loss={"name": {"grid": ["dpo", "spo"]}}, data={"sampled_pairs": sampled},
+                      train={"eval_on_start": True})
+    result = run_cli(path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 2 worker(s)" in result.stdout + result.stderr
+    cache = tmp_path / "results" / ".cache"
+    [table] = (cache / "samples").glob("samples-*.parquet")
+    [_] = (cache / "evaluations").glob("init-eval-*.json")
+
+    raw = yaml.safe_load(path.read_text())
+    raw["loss"]["name"] = "dpo"
+    config = validate_run(raw).run_config()
+    job = sampling_job(load_task(config, str(cache)), config, str(cache))
+    assert table == Path(table_path(str(cache / "samples"), job.key))
+    rows, generation = read_samples(str(table))
+    assert rows == sorted(job.generate()[0], key=lambda r: (r["prompt"], r["sample"]))  # sharing changed nothing
+    assert generation["workers"] == 2
+
+    results = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
+    assert len(set(results["sampler/pairs"])) == 1 and results["sampler/pairs"].iloc[0] > 0
+    trial = load_task(config, str(cache), samples_dir=str(cache / "samples"))
+    assert results["sampler/pairs"].iloc[0] == len(trial.train_pairs) and set(results["status"]) == {"TERMINATED"}
 
 
 @pytest.mark.slow
