@@ -16,10 +16,11 @@ validated sweep into Tune's objects:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 from contextlib import contextmanager
+
+import yaml
 
 from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
@@ -28,7 +29,9 @@ from ray.tune.search import Repeater
 from spo_ray import storage
 from spo_ray.config import SEED_KEY, SweepConfig, get_dotted, seed_values, set_dotted, to_plain
 
-PBT_STATE_FILE = "pbt_state.json"
+# Not .json: Tune copies the experiment's .json and .pkl files into its staging folder on a resume and uploads
+# them back later, which would overwrite the state written since with the one the sweep was resumed from.
+PBT_STATE_FILE = "pbt_state.yaml"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ class SweepPBT(PopulationBasedTraining):
     - no perturbation at a run's last step (exploiting a finished run would restart it with nothing to do);
     - its own random state, seeded by `tune.seed`, for the choice of donors and the mutations;
     - its state (each trial's last perturbation, the next synchronisation step, the random state) written to
-      `pbt_state.json` in the experiment directory after every perturbation and read back when the sweep is
+      `pbt_state.yaml` in the experiment directory after every perturbation and read back when the sweep is
       resumed: Tune saves no scheduler state, and a fresh PBT would perturb every resumed trial at once.
     """
 
@@ -199,9 +202,9 @@ class SweepPBT(PopulationBasedTraining):
         return decision
 
     def save(self) -> None:
-        from spo_ray.results import write_json
+        from spo_ray.results import write_yaml
         version, internal, gauss = self.random_state
-        write_json({"next_perturbation_sync": self._next_perturbation_sync,
+        write_yaml({"next_perturbation_sync": self._next_perturbation_sync,
                     "num_perturbations": self._num_perturbations,
                     "random_state": [version, list(internal), gauss],
                     "trials": {trial.trial_id: {"last_perturbation_time": s.last_perturbation_time,
@@ -212,7 +215,7 @@ class SweepPBT(PopulationBasedTraining):
         self.saved_trials = {}
         if not storage.exists(self.state_path):
             return
-        state = json.loads(storage.read_bytes(self.state_path))
+        state = yaml.safe_load(storage.read_bytes(self.state_path))
         self._next_perturbation_sync = state["next_perturbation_sync"]
         self._num_perturbations = state["num_perturbations"]
         version, internal, gauss = state["random_state"]

@@ -407,7 +407,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
         search_alg = search.searcher(raw, sweep, spaces)
     if cfg.scheduler == "pbt":
         space, checkpoints = search.pbt_space(space, sweep, spaces), search.pbt_checkpoints_to_keep(sweep)
-    if resume:  # Tune restores the searcher's state; SweepPBT reads its own back (pbt_state.json)
+    if resume:  # Tune restores the searcher's state; SweepPBT reads its own back (pbt_state.yaml)
         return tune.Tuner.restore(directory, trial_fn, resume_errored=True, param_space=space)
 
     if cfg.scheduler == "asha":
