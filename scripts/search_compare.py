@@ -6,8 +6,9 @@
 1. runs sweeps/search_{grid,random,tpe,pbt}.yaml (24 trials × 100 steps each; an experiment that exists is
    resumed, a finished one kept) and times each run;
 2. takes each search's best: the grid's, random's and TPE's configuration with the best mean over its two
-   seeds; PBT's best trial's path (its lineage, as a `schedule:`), and that path's final values held
-   constant from step 0;
+   seeds; PBT's best trial's path (its lineage, as a `schedule:`) and, where that path changed values,
+   its first and its last values held constant from step 0; when the best trial kept its values, the
+   same for the best trial whose path did change (`pbt_schedule`);
 3. re-runs each with four fresh seeds (sweeps/search_rerun.yaml, seeds 100–103);
 4. prints a Markdown table (search, best found in the search, re-run mean ± std, values, wall times), writes
    results/search_compare.json, and draws best found against steps spent (`--figures`/best_so_far.png)
@@ -81,6 +82,29 @@ def best_path(store: Path) -> tuple[pd.DataFrame, float, int, pd.DataFrame]:
     return table, score, int(exp.results["step"].sum()), search.population_best(exp.history, METRIC)
 
 
+def best_schedule(store: Path) -> tuple[str, pd.DataFrame, float] | None:
+    """PBT's best trial among those whose path changed values on the way (an exploit in its lineage)."""
+    exp = load_experiment(store / "search_pbt")
+    for trial in exp.results.sort_values(METRIC, ascending=False)["trial_id"]:
+        table = search.schedule(exp.history, trial)
+        if len(table) > 1:
+            return trial, table, float(exp.results.set_index("trial_id").loc[trial, METRIC])
+    return None
+
+
+def path_reruns(name: str, table: pd.DataFrame, score: float, spent: int) -> dict[str, dict]:
+    """A PBT path re-run as its `schedule:`, and (when it changed values) its first and its last values
+    held constant from step 0: does the change over training matter, or only where it ended?"""
+    schedule = search.schedule_yaml(table, list(KEYS.values()))
+    first, last = ({c: row[c] for c in KEYS} for row in (table.iloc[0], table.iloc[-1]))
+    entries = {name: {"values": first, "search_score": score, "steps": spent, "schedule": schedule,
+                      "segments": table.to_dict("records"),
+                      "overrides": values_override(first) + [f"schedule={json.dumps(schedule)}"]}}
+    if len(table) > 1:
+        for which, values in (("first", first), ("last", last)):
+            entries[f"{name}_{which}_constant"] = {"values": values, "search_score": None, "steps": spent,
+                                                   "overrides": values_override(values)}
+    return entries
 def rerun_score(store: Path, name: str) -> tuple[float, float, int]:
     results = load_experiment(store / name).results
     return float(results[METRIC].mean()), float(results[METRIC].std()), len(results)
@@ -106,13 +130,11 @@ def main(argv=None) -> int:
                        "overrides": values_override(values)}
         curves[name] = search.configurations(load_experiment(store / f"search_{name}").results, METRIC)
     table, score, spent, population = best_path(store)
-    schedule = search.schedule_yaml(table, list(KEYS.values()))
-    first, last = table.iloc[0], table.iloc[-1]
-    found["pbt"] = {"values": {c: first[c] for c in KEYS}, "search_score": score, "steps": spent,
-                    "schedule": schedule, "segments": table.to_dict("records"),
-                    "overrides": values_override({c: first[c] for c in KEYS}) + [f"schedule={json.dumps(schedule)}"]}
-    found["pbt_final_constant"] = {"values": {c: last[c] for c in KEYS}, "search_score": None, "steps": spent,
-                                   "overrides": values_override({c: last[c] for c in KEYS})}
+    found.update(path_reruns("pbt", table, score, spent))
+    scheduled = best_schedule(store)
+    if scheduled is not None and len(table) == 1:  # the best trial kept its values: take the best whose path changed
+        trial, scheduled_table, scheduled_score = scheduled
+        found.update(path_reruns("pbt_schedule", scheduled_table, scheduled_score, spent))
     curves["pbt"] = population.rename(columns={"best": "best_so_far"})
 
     reruns = {}
@@ -128,22 +150,25 @@ def main(argv=None) -> int:
     plots.plot_best_so_far(curves, figures / "best_so_far.png", METRIC, reruns)
     exp = load_experiment(store / "search_pbt")
     final = dict(zip(exp.results["trial_id"], exp.results[METRIC]))
-    plots.plot_pbt_lineage(exp.history, final, figures / "pbt_lineage.png", METRIC, table)
+    plots.plot_pbt_lineage(exp.history, final, figures / "pbt_lineage.png", METRIC,
+                           table if len(table) > 1 or scheduled is None else scheduled[1])
     (store / "search_compare.json").write_text(json.dumps({"found": found, "times": times}, indent=2, default=float))
 
     print(f"\n| search | best in the search (mean over its seeds) | re-run, seeds 100–103 (mean ± std) | "
-          f"λ | β | learning rate | sweep wall time |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"λ | β | learning rate | search wall time | re-run wall time |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, best in found.items():
         v = best["values"]
         in_search = "–" if best["search_score"] is None else f"{best['search_score']:.3f}"
-        wall = times.get(f"search_{name}")
+        walls = [times.get(f"search_{name}"), times.get(f"rerun_{name}")]
         print(f"| {name} | {in_search} | {best['rerun_mean']:.3f} ± {best['rerun_std']:.3f} (n={best['rerun_n']}) | "
               f"{v['spo_lambda']:.3g} | {v['beta']:.3g} | {v['learning_rate']:.3g} | "
-              f"{'–' if wall is None else f'{wall:.0f} s'} |")
-    print("\nPBT's best path:\n")
-    print(to_markdown(pd.DataFrame(found["pbt"]["segments"]), decimals=4))
-    print("\nschedule:", yaml.safe_dump(schedule, default_flow_style=True).strip())
+              + " | ".join("–" if wall is None else f"{wall:.0f} s" for wall in walls) + " |")
+    for name in ("pbt", "pbt_schedule"):
+        if name in found:
+            print(f"\n{name}: the path\n")
+            print(to_markdown(pd.DataFrame(found[name]["segments"]), decimals=4))
+            print("\nschedule:", yaml.safe_dump(found[name]["schedule"], default_flow_style=True).strip())
     print("\nwall times:", json.dumps(times))
     return 0
 

@@ -112,6 +112,20 @@ def optuna_sweep(seed=0, startup_trials=2, points=()):
     return raw, sweep, spaces
 
 
+def test_optuna_takes_ray_train_trials_where_pbt_refuses_them(tmp_path):
+    """A searcher needs only each trial's final metric, which Ray Train trials report like in-process ones;
+    PBT needs Tune to hold each trial's checkpoint, which Train V2's Tune callback does not hand over."""
+    from spo_ray.config import ConfigError, validate_sweep
+    raw, _, _ = optuna_sweep()
+    raw["scaling"] = {"num_workers": 2}
+    sweep, _ = validate_sweep(raw)
+    assert sweep.scaling.ray_train and sweep.tune.search == "optuna"
+    raw, _, _ = pbt_sweep(tmp_path)
+    raw["scaling"] = {"num_workers": 2}
+    with pytest.raises(ConfigError, match="tune.scheduler: pbt cannot run Ray Train trials"):
+        validate_sweep(raw)
+
+
 def ready_searcher(raw, sweep, spaces):
     """The searcher as Tune sets it up: metric, mode and the param space (seed grid removed)."""
     from spo_ray import search
