@@ -231,19 +231,22 @@ def plot_best_so_far(curves: dict[str, pd.DataFrame], path: str | Path, metric: 
     axes = figure.subplots(1, 2 if with_trials else 1, sharey=True)
     axes = list(axes) if with_trials else [axes]
     colors = _loss_colors(curves)
+    styles = dict(zip(curves, ["-", "--", ":", "-.", (0, (5, 1))] * len(curves)))  # identical curves stay visible
     if with_trials:
         for name, frame in with_trials.items():
             axes[0].step(frame["trials_so_far"], frame["best_so_far"], where="post", marker="o", markersize=3,
-                         color=colors[name], label=name)
+                         color=colors[name], linestyle=styles[name], label=name)
         axes[0].set_xlabel("trials run")
         axes[0].set_ylabel(f"best {metric} so far")
     steps_axis = axes[-1]
-    for name, frame in curves.items():
+    spread = max(float(frame["steps_so_far"].max()) for frame in curves.values()) * 0.012
+    for i, (name, frame) in enumerate(curves.items()):
         steps_axis.step(frame["steps_so_far"], frame["best_so_far"], where="post", marker="o", markersize=3,
-                        color=colors[name], label=name)
+                        color=colors[name], linestyle=styles[name], label=name)
         if reruns and name in reruns:
             spent, mean, std = reruns[name]
-            steps_axis.errorbar([spent], [mean], yerr=[std], marker="D", markersize=7, capsize=4,
+            shift = (i - (len(curves) - 1) / 2) * spread  # side by side where several searches spent the same
+            steps_axis.errorbar([spent + shift], [mean], yerr=[std], marker="D", markersize=7, capsize=4,
                                 color=colors[name], markeredgecolor="black", linestyle="none")
     steps_axis.set_xlabel("training steps spent")
     if not with_trials:
@@ -255,7 +258,7 @@ def plot_best_so_far(curves: dict[str, pd.DataFrame], path: str | Path, metric: 
 
 
 def plot_pbt_lineage(history: pd.DataFrame, final: dict[str, float], path: str | Path, metric: str,
-                     best_path: pd.DataFrame | None = None) -> Path | None:
+                     best_path: pd.DataFrame | None = None, best_label: str = "best trial's path") -> Path | None:
     """PBT's population over training: one panel per mutated value (hp/*), one line per trial coloured by
     its final `metric`, each exploit marked (×) where the trial took over another's checkpoint, with a dotted
     line from the donor's value there; `best_path` (analysis.search.schedule) drawn in black."""
@@ -289,7 +292,7 @@ def plot_pbt_lineage(history: pd.DataFrame, final: dict[str, float], path: str |
             name = column.removeprefix("hp/")
             steps = [best_path["from_step"].iloc[0], *best_path["to_step"]]
             ax.step(steps, [best_path[name].iloc[0], *best_path[name]], where="pre", color="black", linewidth=2.2,
-                    label="best trial's path")
+                    label=best_label)
             ax.legend(fontsize=8)
         values = history[column].dropna()
         if (values > 0).all() and values.max() / values.min() >= 10:

@@ -150,8 +150,9 @@ def main(argv=None) -> int:
     plots.plot_best_so_far(curves, figures / "best_so_far.png", METRIC, reruns)
     exp = load_experiment(store / "search_pbt")
     final = dict(zip(exp.results["trial_id"], exp.results[METRIC]))
-    plots.plot_pbt_lineage(exp.history, final, figures / "pbt_lineage.png", METRIC,
-                           table if len(table) > 1 or scheduled is None else scheduled[1])
+    drawn, label = (table, "best trial's path") if len(table) > 1 or scheduled is None else (
+        scheduled[1], f"path of {scheduled[0]}, the best trial whose values changed")
+    plots.plot_pbt_lineage(exp.history, final, figures / "pbt_lineage.png", METRIC, drawn, label)
     (store / "search_compare.json").write_text(json.dumps({"found": found, "times": times}, indent=2, default=float))
 
     print(f"\n| search | best in the search (mean over its seeds) | re-run, seeds 100–103 (mean ± std) | "
