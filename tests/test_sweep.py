@@ -146,6 +146,17 @@ def test_the_exit_code_counts_grid_points_that_never_got_a_trial(tmp_path, capsy
     assert ("--resume" in err) == (code == 130)
 
 
+def test_the_driver_loads_the_task_of_a_sweep_with_random_spaces_on_run_keys(tmp_path):
+    """prepare_tasks takes each grid point's task; a random space elsewhere (here β) is not a value to set
+    (it once was: every sweep with a random loss or train key stopped with exit 2 before Ray)."""
+    from spo_ray.config import validate_sweep
+    from spo_ray.sweep import prepare_tasks
+    raw = tiny_run(loss={"beta": {"loguniform": [0.01, 1]}, "name": {"grid": ["dpo", "spo"]}})
+    raw["cache_dir"] = str(tmp_path)
+    sweep, spaces = validate_sweep(raw)
+    prepare_tasks(raw, spaces, sweep)  # raised ConfigError: "loss.beta: input should be a valid number"
+
+
 def test_one_line_error_unwraps_to_the_innermost_message():
     from spo_ray.distributed import one_line_error
     try:
