@@ -172,7 +172,7 @@ class TuneConfig(Section):
     scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
     metric: str = "eval/accuracy"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(1, gt=0)            # repeats of the grid, each drawing the random spaces anew
+    num_samples: int = Field(1, gt=0)            # repeats of the grid, each drawing the random spaces anew (optuna: suggestions)
     max_concurrent_trials: int | None = Field(None, gt=0)
     grace_period: int = Field(1, gt=0)           # asha: evaluations before a trial may be stopped
     reduction_factor: float = Field(2, gt=1)
