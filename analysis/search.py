@@ -103,7 +103,8 @@ def schedule(history: pd.DataFrame, trial_id: str) -> pd.DataFrame:
         first = rows.sort_values("step").iloc[0]
         row = {"from_step": start, "to_step": end, "trial_id": owner,
                **{c.removeprefix(HP_PREFIX): first[c] for c in values}}
-        if table and all(table[-1][c.removeprefix(HP_PREFIX)] == row[c.removeprefix(HP_PREFIX)] for c in values):
+        names = [c.removeprefix(HP_PREFIX) for c in values]
+        if table and all(table[-1][name] == row[name] for name in names):
             table[-1]["to_step"] = end
             table[-1]["trial_id"] = f"{table[-1]['trial_id']}, {owner}"
         else:

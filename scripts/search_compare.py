@@ -50,7 +50,8 @@ def run_sweep(store: Path, name: str, sweep: str, overrides: list[str], times: d
         if len(results) and set(results["status"]) <= {"TERMINATED", "DIVERGED"}:
             return
     resume = ["--resume"] if (directory / "tuner.pkl").exists() else []
-    command = [sys.executable, "-m", "spo_ray.sweep", sweep, "--storage-path", str(store), "--name", name, *resume]
+    command = [sys.executable, "-m", "spo_ray.sweep", sweep, "--storage-path", str(store), "--name", name,
+               *resume]
     if overrides:
         command += ["--set", *overrides]
     start = time.perf_counter()
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
     drawn, label = (table, "best trial's path") if len(table) > 1 or scheduled is None else (
         scheduled[1], f"path of {scheduled[0]}, the best trial whose values changed")
     plots.plot_pbt_lineage(exp.history, final, figures / "pbt_lineage.png", METRIC, drawn, label)
-    (store / "search_compare.json").write_text(json.dumps({"found": found, "times": times}, indent=2, default=float))
+    summary = json.dumps({"found": found, "times": times}, indent=2, default=float)
+    (store / "search_compare.json").write_text(summary)
 
     print(f"\n| search | best in the search (mean over its seeds) | re-run, seeds 100–103 (mean ± std) | "
           f"λ | β | learning rate | search wall time | re-run wall time |")
@@ -162,7 +164,8 @@ def main(argv=None) -> int:
         v = best["values"]
         in_search = "–" if best["search_score"] is None else f"{best['search_score']:.3f}"
         walls = [times.get(f"search_{name}"), times.get(f"rerun_{name}")]
-        print(f"| {name} | {in_search} | {best['rerun_mean']:.3f} ± {best['rerun_std']:.3f} (n={best['rerun_n']}) | "
+        rerun = f"{best['rerun_mean']:.3f} ± {best['rerun_std']:.3f} (n={best['rerun_n']})"
+        print(f"| {name} | {in_search} | {rerun} | "
               f"{v['spo_lambda']:.3g} | {v['beta']:.3g} | {v['learning_rate']:.3g} | "
               + " | ".join("–" if wall is None else f"{wall:.0f} s" for wall in walls) + " |")
     for name in ("pbt", "pbt_schedule"):

@@ -172,7 +172,7 @@ class TuneConfig(Section):
     scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
     metric: str = "eval/accuracy"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(1, gt=0)            # repeats of the grid, each drawing the random spaces anew (optuna: suggestions)
+    num_samples: int = Field(1, gt=0)            # grid repeats, random spaces drawn anew (optuna: suggestions)
     max_concurrent_trials: int | None = Field(None, gt=0)
     grace_period: int = Field(1, gt=0)           # asha: evaluations before a trial may be stopped
     reduction_factor: float = Field(2, gt=1)
@@ -183,7 +183,7 @@ class TuneConfig(Section):
     # optuna
     sampler: Literal["tpe", "random"] = "tpe"    # random: seeded random draws, scored over seeds like TPE's
     startup_trials: int = Field(10, ge=0)        # tpe: random suggestions before the model takes over
-    points_to_evaluate: list[dict[str, Any]] = []  # suggestions to run first: {dotted key: value} for every searched key
+    points_to_evaluate: list[dict[str, Any]] = []  # run first: {dotted key: value} naming every searched key
     # pbt (synchronous: every trial stops at each perturbation step, the bottom quantile copies the top's)
     perturbation_interval: int | None = Field(None, gt=0)  # steps between exploit/explore rounds
     mutations: dict[str, dict] = {}              # dotted key -> {uniform|loguniform: [low, high]} or {choice: [...]}
@@ -200,9 +200,9 @@ class WandbConfig(Section):
 
 #: Keys whose value may change between two steps of a run (a PBT mutation, a `schedule` entry): numbers that
 #: the loss reads every step, or the optimizer takes from its next step on (spo_ray.trainer.apply_optimizer_settings).
-CHANGEABLE_KEYS = ("loss.beta", "loss.spo_lambda", "loss.spo_epsilon", "loss.spo_inner_lr", "loss.label_smoothing",
-                   "loss.gamma", "loss.dpop_kappa", "loss.nll_weight", "train.learning_rate", "train.weight_decay",
-                   "train.max_grad_norm")
+CHANGEABLE_KEYS = ("loss.beta", "loss.spo_lambda", "loss.spo_epsilon", "loss.spo_inner_lr",
+                   "loss.label_smoothing", "loss.gamma", "loss.dpop_kappa", "loss.nll_weight",
+                   "train.learning_rate", "train.weight_decay", "train.max_grad_norm")
 
 
 class RunConfig(Section):
@@ -222,7 +222,8 @@ class RunConfig(Section):
     def schedule_of_changeable_keys(cls, schedule: dict) -> dict:
         for key, entries in schedule.items():
             if key not in CHANGEABLE_KEYS:
-                raise ValueError(f"{key} cannot change during a run; a schedule takes {', '.join(CHANGEABLE_KEYS)}")
+                raise ValueError(f"{key} cannot change during a run; a schedule takes "
+                                 f"{', '.join(CHANGEABLE_KEYS)}")
             steps = [step for step, _ in entries]
             if not entries or steps != sorted(set(steps)) or steps[0] < 0:
                 raise ValueError(f"{key} needs [step, value] entries with distinct steps ≥ 0 in increasing order")
@@ -506,8 +507,8 @@ def _check_searcher(raw: dict, spaces: dict[str, dict], tune: TuneConfig) -> Non
         where = f"tune.points_to_evaluate[{i}]"
         if set(point) != set(searched):
             missing, extra = sorted(set(searched) - set(point)), sorted(set(point) - set(searched))
-            raise ConfigError(f"{where}: " + (f"{extra[0]} is not a searched key" if extra else
-                                              f"gives no value for {missing[0]} (a point names every searched key)"))
+            raise ConfigError(f"{where}: " + (f"{extra[0]} is not a searched key" if extra else f"gives no value "
+                                              f"for {missing[0]} (a point names every searched key)"))
         for key, value in point.items():
             kind, spec = next(iter(spaces[key].items()))
             inside = value in spec if kind == "choice" else (

@@ -70,7 +70,8 @@ def searcher(raw: dict, sweep: SweepConfig, spaces: dict[str, dict]) -> SeedRepe
     cfg = sweep.tune
     if cfg.sampler == "tpe":
         # constant_liar: trials still running count as bad, so parallel suggestions spread out.
-        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials, constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials,
+                                             constant_liar=True)
     else:
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,7 +142,8 @@ def pbt_space(space: dict, sweep: SweepConfig, spaces: dict[str, dict]) -> dict:
         if key in spaces:
             kind, spec = next(iter(spaces[key].items()))
             if kind in ("grid", "choice"):
-                set_dotted(space, key, (tune.grid_search if kind == "grid" else tune.choice)([float(v) for v in spec]))
+                values = [float(v) for v in spec]
+                set_dotted(space, key, tune.grid_search(values) if kind == "grid" else tune.choice(values))
         else:
             set_dotted(space, key, float(get_dotted(resolved, key)))
     return space
