@@ -212,3 +212,97 @@ def plot_mass_split(results: pd.DataFrame, path: str | Path) -> Path | None:
     ax.set_ylabel("mean probability mass")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars reach 1.0
     return _save(figure, path)
+
+
+def plot_best_so_far(curves: dict[str, pd.DataFrame], path: str | Path, metric: str,
+                     reruns: dict[str, tuple[float, float, float]] | None = None) -> Path | None:
+    """The best score found so far against trials run and against training steps spent, one line per search.
+
+    `curves`: a name → frame with `steps_so_far` and `best_so_far` (and `trials_so_far` for searchers, from
+    `analysis.search.configurations`; PBT's `population_best` frames only go into the steps panel).
+    `reruns`: name → (steps spent, mean, std) of the best configuration re-run with fresh seeds, drawn as
+    markers with error bars at the steps the search spent.
+    """
+    curves = {name: frame for name, frame in curves.items() if not frame.empty}
+    if not curves:
+        return None
+    with_trials = {name: frame for name, frame in curves.items() if "trials_so_far" in frame.columns}
+    figure = _new_figure(10.0 if with_trials else 6.4, 4.2)
+    axes = figure.subplots(1, 2 if with_trials else 1, sharey=True)
+    axes = list(axes) if with_trials else [axes]
+    colors = _loss_colors(curves)
+    styles = dict(zip(curves, ["-", "--", ":", "-.", (0, (5, 1))] * len(curves)))  # identical curves stay visible
+    if with_trials:
+        for name, frame in with_trials.items():
+            axes[0].step(frame["trials_so_far"], frame["best_so_far"], where="post", marker="o", markersize=3,
+                         color=colors[name], linestyle=styles[name], label=name)
+        axes[0].set_xlabel("trials run")
+        axes[0].set_ylabel(f"best {metric} so far")
+    steps_axis = axes[-1]
+    spread = max(float(frame["steps_so_far"].max()) for frame in curves.values()) * 0.012
+    for i, (name, frame) in enumerate(curves.items()):
+        steps_axis.step(frame["steps_so_far"], frame["best_so_far"], where="post", marker="o", markersize=3,
+                        color=colors[name], linestyle=styles[name], label=name)
+        if reruns and name in reruns:
+            spent, mean, std = reruns[name]
+            shift = (i - (len(curves) - 1) / 2) * spread  # side by side where several searches spent the same
+            steps_axis.errorbar([spent + shift], [mean], yerr=[std], marker="D", markersize=7, capsize=4,
+                                color=colors[name], markeredgecolor="black", linestyle="none")
+    steps_axis.set_xlabel("training steps spent")
+    if not with_trials:
+        steps_axis.set_ylabel(f"best {metric} so far")
+    steps_axis.legend(fontsize=8)
+    if reruns:
+        steps_axis.set_title("◆ best configuration re-run with fresh seeds (mean ± std)", fontsize=9)
+    return _save(figure, path)
+
+
+def plot_pbt_lineage(history: pd.DataFrame, final: dict[str, float], path: str | Path, metric: str,
+                     best_path: pd.DataFrame | None = None, best_label: str = "best trial's path") -> Path | None:
+    """PBT's population over training: one panel per mutated value (hp/*), one line per trial coloured by
+    its final `metric`, each exploit marked (×) where the trial took over another's checkpoint, with a dotted
+    line from the donor's value there; `best_path` (analysis.search.schedule) drawn in black."""
+    columns = [c for c in history.columns if c.startswith("hp/") and history[c].notna().any()]
+    if not columns or not _has(history, "trial_id", "step"):
+        return None
+    import matplotlib
+
+    scores = [v for v in final.values() if v == v]
+    low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
+    norm = matplotlib.colors.Normalize(vmin=low, vmax=high if high > low else low + 1e-9)
+    cmap = matplotlib.colormaps["viridis"]
+    figure = _new_figure(4.2 * len(columns) + 1.2, 4.2)
+    axes = figure.subplots(1, len(columns), squeeze=False)[0]
+    by_trial = {trial: rows.sort_values("step") for trial, rows in history.groupby("trial_id")}
+    for ax, column in zip(axes, columns):
+        for trial, rows in by_trial.items():
+            score = final.get(trial, float("nan"))
+            color = cmap(norm(score)) if score == score else "#bbbbbb"
+            # A row's value is the one its steps trained with: it holds from the previous row to this one.
+            ax.step(rows["step"], rows[column], where="pre", color=color, linewidth=1.0, alpha=0.9)
+            exploits = rows.dropna(subset=["exploit/step"]) if "exploit/step" in rows else rows.iloc[:0]
+            for _, row in exploits.iterrows():
+                donor = by_trial.get(str(row["exploit/donor"]))
+                at = donor[donor["step"] <= row["exploit/step"]] if donor is not None else None
+                if at is not None and not at.empty:
+                    ax.plot([row["exploit/step"], row["exploit/step"]], [at[column].iloc[-1], row[column]],
+                            linestyle=":", color="black", linewidth=0.8)
+                ax.plot([row["exploit/step"]], [row[column]], marker="x", color="black", markersize=5)
+        if best_path is not None and not best_path.empty and column.removeprefix("hp/") in best_path:
+            name = column.removeprefix("hp/")
+            steps = [best_path["from_step"].iloc[0], *best_path["to_step"]]
+            ax.step(steps, [best_path[name].iloc[0], *best_path[name]], where="pre", color="black", linewidth=2.2,
+                    label=best_label)
+            ax.legend(fontsize=8)
+        values = history[column].dropna()
+        if (values > 0).all() and values.max() / values.min() >= 10:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title({"hp/spo_lambda": "λ (spo_lambda)", "hp/beta": "β"}.get(column, column.removeprefix("hp/")),
+                     fontsize=10)
+    mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+    figure.colorbar(mappable, ax=list(axes), label=f"final {metric}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")  # no tight_layout: it fights the shared colorbar
+    return path

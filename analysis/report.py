@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import plots
-from analysis.collect import Experiment, ExperimentError, is_uri, load_experiment
+from analysis import plots, search
+from analysis.collect import CONFIG_FILE, Experiment, ExperimentError, is_uri, load_experiment
 from analysis.tables import (before_after, best_configs, config_columns, paired_differences, summary_table,
                              to_markdown, write_table)
 
@@ -30,7 +30,23 @@ PLOTS = {
     "beta_lambda_heatmap": ("SPO β × λ grid", "SPO runs on at least two (β, λ) cells"),
     "init_sensitivity": ("Initialization sensitivity", "at least two initializations"),
     "mass_split": ("Where the probability mass goes", "eval/mass_* metrics"),
+    # only in reports of searcher and PBT sweeps:
+    "best_so_far": ("Best configuration so far (mean over seeds)", "finished trials with the metric"),
+    "pbt_lineage": ("PBT lineage: mutated values over training, coloured by the final metric (× an exploit)",
+                    "history with hp/* columns"),
 }
+
+
+def tune_settings(exp: Experiment) -> dict:
+    """The sweep's `tune` section from sweep.yaml (empty when the file or section is missing)."""
+    import yaml
+
+    path = exp.path / CONFIG_FILE
+    try:
+        tune = (yaml.safe_load(path.read_text()) or {}).get("tune") if path.is_file() else None
+    except (yaml.YAMLError, AttributeError):
+        tune = None
+    return tune if isinstance(tune, dict) else {}
 
 
 def report_configs(results: pd.DataFrame) -> list[str]:
@@ -54,6 +70,11 @@ def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
     if exp.all_results is not None and "loss" in exp.all_results.columns:
         counts = pd.crosstab(exp.all_results["loss"], exp.all_results["status"])
         tables["status_counts"] = counts.reset_index().rename_axis(columns=None)
+    if tune_settings(exp).get("search") == "optuna":
+        tables["best_so_far"] = search.configurations(results, metric, not lower_is_better)
+    best = search.best_trial(results, metric, not lower_is_better)
+    if search.is_population(exp.history) and best is not None:
+        tables["pbt_schedule"] = search.schedule(exp.history, best)
     return tables
 
 
@@ -67,7 +88,24 @@ def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path |
         ),
         "init_sensitivity": plots.plot_init_sensitivity(exp.results, plot_dir / "init_sensitivity.png", metric),
         "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png"),
+        **search_plots(exp, plot_dir, metric),
     }
+
+
+def search_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
+    """A searcher's best-so-far curves; a PBT population's lineage with the best trial's path."""
+    higher = not metric.endswith("loss")
+    figures = {}
+    if tune_settings(exp).get("search") == "optuna":
+        curve = search.configurations(exp.results, metric, higher)
+        figures["best_so_far"] = plots.plot_best_so_far({exp.path.name: curve}, plot_dir / "best_so_far.png", metric)
+    if search.is_population(exp.history):
+        best = search.best_trial(exp.results, metric, higher)
+        final = dict(zip(exp.results["trial_id"], exp.results[metric])) if metric in exp.results else {}
+        path = search.schedule(exp.history, best) if best is not None else None
+        figures["pbt_lineage"] = plots.plot_pbt_lineage(exp.history, final, plot_dir / "pbt_lineage.png", metric,
+                                                        path)
+    return figures
 
 
 def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3,
@@ -137,6 +175,21 @@ def render_markdown(
             "(`eval/answers_correct`), the questions too, pairing every question with itself.")  # fmt: skip
     if "status_counts" in tables:
         section("Trial status by loss (all trials)", "status_counts", "No trials.")
+    if "best_so_far" in tables:
+        section("Searcher: best so far", "best_so_far", f"No finished trials with `{metric}`.",
+                f"Configurations in the order the searcher suggested them, each scored by the mean `{metric}` "
+                "over its seeds; `best_so_far` against the trials and training steps spent up to it.")
+    if "pbt_schedule" in tables:
+        section("PBT: the best trial's schedule", "pbt_schedule", "No lineage.",
+                "The values the best trial's final weights were trained with, step range by step range, and "
+                "the trial that trained each range (an exploit hands over a checkpoint: the ranges before it "
+                "were the donor's). As a `schedule:` section it re-runs this path with other seeds.")
+        keys = list(tune_settings(exp).get("mutations") or {})
+        if keys and not tables["pbt_schedule"].empty:
+            import json  # a JSON list is a YAML flow sequence: one line per key
+
+            section = search.schedule_yaml(tables["pbt_schedule"], keys)
+            lines.extend(["", "```yaml", "schedule:", *(f"  {k}: {json.dumps(v)}" for k, v in section.items()), "```"])
 
     lines.extend(["", "## Figures", ""])
     for name, path in figures.items():

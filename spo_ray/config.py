@@ -10,8 +10,9 @@ A sweep YAML is a run configuration in which any leaf may be a search space:
 
 Search spaces: grid, choice, uniform, loguniform, randint. `validate_sweep` checks every key and every
 value a search space can produce before anything starts, and reports the first problem in one line that
-names the key (with "did you mean" for typos). User errors raise `ConfigError`; the CLIs turn it into
-exit code 2 without a traceback.
+names the key (with "did you mean" for typos); `check_tune` then checks that the `tune` section's searcher
+(`search: optuna`) or scheduler (`scheduler: pbt`) can run this sweep at all. User errors raise
+`ConfigError`; the CLIs turn it into exit code 2 without a traceback.
 """
 
 from __future__ import annotations
@@ -209,18 +210,36 @@ class ScalingConfig(Section):
     force_ray_train: bool = False                # run 1-worker trials through TorchTrainer too
     strategy: Literal["ddp", "fsdp"] = "ddp"     # fsdp: shard weights, gradients and optimizer state over workers
 
+    @property
+    def ray_train(self) -> bool:
+        """Trials run as Ray Train jobs (a TorchTrainer per trial), not in their Tune actor."""
+        return self.num_workers > 1 or self.force_ray_train
+
 
 class TuneConfig(Section):
-    scheduler: Literal["fifo", "asha"] = "fifo"
+    # basic: Tune's variant generator (grids crossed, random spaces drawn anew per trial); optuna: a model-based
+    # searcher over the random spaces, each suggestion run for every train.seed of a seed grid (check_tune).
+    search: Literal["basic", "optuna"] = "basic"
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
     metric: str = "eval/accuracy"
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(1, gt=0)            # repeats of the grid, each drawing the random spaces anew
+    num_samples: int = Field(1, gt=0)            # grid repeats, random spaces drawn anew (optuna: suggestions)
     max_concurrent_trials: int | None = Field(None, gt=0)
     grace_period: int = Field(1, gt=0)           # asha: evaluations before a trial may be stopped
     reduction_factor: float = Field(2, gt=1)
     max_failures: int = Field(1, ge=0)           # retries of a trial whose worker died
     keep_checkpoints: int = Field(1, gt=0)
     reuse_actors: bool = True                    # run the next trial in a finished trial's process (no re-import)
+    seed: int = 0                                # the searcher's sampler and PBT's mutations
+    # optuna
+    sampler: Literal["tpe", "random"] = "tpe"    # random: seeded random draws, scored over seeds like TPE's
+    startup_trials: int = Field(10, ge=0)        # tpe: random suggestions before the model takes over
+    points_to_evaluate: list[dict[str, Any]] = []  # run first: {dotted key: value} naming every searched key
+    # pbt (synchronous: every trial stops at each perturbation step, the bottom quantile copies the top's)
+    perturbation_interval: int | None = Field(None, gt=0)  # steps between exploit/explore rounds
+    mutations: dict[str, dict] = {}              # dotted key -> {uniform|loguniform: [low, high]} or {choice: [...]}
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # share of trials that copy / are copied
+    resample_probability: float = Field(0.25, ge=0, le=1)  # explore by a fresh draw, else × 0.8 or × 1.2
 
 
 class WandbConfig(Section):
@@ -228,6 +247,13 @@ class WandbConfig(Section):
     project: str = "spo-ray"
     entity: str | None = None
     tags: list[str] = []
+
+
+#: Keys whose value may change between two steps of a run (a PBT mutation, a `schedule` entry): numbers that
+#: the loss reads every step, or the optimizer takes from its next step on (spo_ray.trainer.apply_optimizer_settings).
+CHANGEABLE_KEYS = ("loss.beta", "loss.spo_lambda", "loss.spo_epsilon", "loss.spo_inner_lr",
+                   "loss.label_smoothing", "loss.gamma", "loss.dpop_kappa", "loss.nll_weight",
+                   "train.learning_rate", "train.weight_decay", "train.max_grad_norm")
 
 
 class RunConfig(Section):
@@ -238,6 +264,48 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     reference: ReferenceConfig = ReferenceConfig()
     wandb: WandbConfig = WandbConfig()
+    # Piecewise-constant values over training: {dotted key: [[from_step, value], ...]}, e.g. a λ schedule PBT
+    # found. An entry [k, v] sets the key to v for every step after the k-th (the key's own value before).
+    schedule: dict[str, list[tuple[int, float]]] = {}
+
+    @field_validator("schedule")
+    @classmethod
+    def schedule_of_changeable_keys(cls, schedule: dict) -> dict:
+        for key, entries in schedule.items():
+            if key not in CHANGEABLE_KEYS:
+                raise ValueError(f"{key} cannot change during a run; a schedule takes "
+                                 f"{', '.join(CHANGEABLE_KEYS)}")
+            steps = [step for step, _ in entries]
+            if not entries or steps != sorted(set(steps)) or steps[0] < 0:
+                raise ValueError(f"{key} needs [step, value] entries with distinct steps ≥ 0 in increasing order")
+            for _, value in entries:
+                check_changed_value(key, value, RunConfig())
+        return schedule
+
+
+def check_changed_value(key: str, value: Any, config: "RunConfig") -> None:
+    """Raise a one-line ValueError when `value` is out of range for `key` (one of CHANGEABLE_KEYS)."""
+    section, name = key.split(".")
+    try:
+        setattr(getattr(config, section).model_copy(), name, value)  # validate_assignment checks the range
+    except ValidationError as error:
+        raise ValueError(f"{key}: {error.errors()[0]['msg'][0].lower()}{error.errors()[0]['msg'][1:]}, "
+                         f"got {value!r}") from None
+
+
+def config_at(config: RunConfig, step: int) -> RunConfig:
+    """The config in force for the step after `step` completed steps: each `schedule` key at its last entry
+    at or before `step` (the config itself without a schedule)."""
+    if not config.schedule:
+        return config
+    updates: dict[str, dict] = {}
+    for key, entries in config.schedule.items():
+        due = [value for from_step, value in entries if from_step <= step]
+        if due:
+            section, name = key.split(".")
+            updates.setdefault(section, {})[name] = due[-1]
+    return config.model_copy(update={section: getattr(config, section).model_copy(update=values)
+                                     for section, values in updates.items()})
 
 
 #: Query keys of a storage URI that carry credentials (pyarrow's S3 and GCS options).
@@ -284,11 +352,17 @@ def column_name(key: str) -> str:
     return COLUMN_NAMES.get(key, key.rsplit(".", 1)[-1])
 
 
+#: Mappings whose values are search spaces for something other than Tune's sampling (PBT's mutations).
+NOT_SWEPT = ("tune.mutations",)
+
+
 def find_spaces(raw: dict, prefix: str = "") -> dict[str, dict]:
     """Dotted key → search space, for every search space in a raw config dict."""
     spaces = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
+        if dotted in NOT_SWEPT:
+            continue
         if is_space(value):
             spaces[dotted] = value
         elif isinstance(value, dict):
@@ -420,10 +494,132 @@ def validate_sweep(raw: dict) -> tuple[SweepConfig, dict[str, dict]]:
     values = {key: _space_values(key, space) for key, space in spaces.items()}  # every space's shape first
     for key, space_values in values.items():
         for value in space_values:
-            point = copy.deepcopy(raw)
-            set_dotted(point, key, value)
-            validate_run(first_point(point))
-    return validate_run(first_point(raw)), spaces
+            check_value(raw, key, value)
+    sweep = validate_run(first_point(raw))
+    check_tune(raw, sweep, spaces)
+    return sweep, spaces
+
+
+def check_value(raw: dict, key: str, value: Any) -> None:
+    """Validate the sweep with `key` set to `value` (every other space at its first value)."""
+    point = copy.deepcopy(raw)
+    set_dotted(point, key, value)
+    validate_run(first_point(point))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tune section: can its searcher or scheduler run this sweep?
+
+SEED_KEY = "train.seed"
+MUTATION_KINDS = ("uniform", "loguniform", "choice")
+
+
+def searched_keys(spaces: dict[str, dict]) -> list[str]:
+    """The keys a searcher chooses values for: every search space but the seed grid."""
+    return [key for key, space in spaces.items() if key != SEED_KEY]
+
+
+def seed_values(raw: dict, sweep: SweepConfig) -> list[int]:
+    """The seeds each suggestion runs for: the train.seed grid, or the one seed."""
+    space = find_spaces(raw).get(SEED_KEY)
+    return list(space["grid"]) if space else [sweep.train.seed]
+
+
+def check_tune(raw: dict, sweep: SweepConfig, spaces: dict[str, dict]) -> None:
+    """`tune.search: optuna` and `tune.scheduler: pbt` ask things of the rest of the sweep; say which one is
+    missing, in one line naming the key, before Ray starts (Tune would fail later, with a trace)."""
+    tune = sweep.tune
+    if tune.search == "optuna":
+        _check_searcher(raw, spaces, tune)
+    elif tune.points_to_evaluate:
+        raise ConfigError("tune.points_to_evaluate: only tune.search: optuna evaluates points")
+    if tune.scheduler == "pbt":
+        _check_pbt(raw, sweep)
+    elif tune.mutations or tune.perturbation_interval:
+        key = "tune.mutations" if tune.mutations else "tune.perturbation_interval"
+        raise ConfigError(f"{key}: only tune.scheduler: pbt perturbs trials (the scheduler is {tune.scheduler})")
+
+
+def _check_searcher(raw: dict, spaces: dict[str, dict], tune: TuneConfig) -> None:
+    for key, space in spaces.items():
+        kind = next(iter(space))
+        if key == SEED_KEY and kind != "grid":
+            raise ConfigError(f"{key}: a searcher must not search the seed (a lucky seed would pass for a good "
+                              f"configuration); make it a grid: each suggestion runs for every seed")
+        if key != SEED_KEY and kind == "grid":
+            raise ConfigError(f"{key}: tune.search: optuna cannot take a grid axis (only train.seed may be a grid: "
+                              f"each suggestion runs for every seed); use choice, uniform, loguniform or randint")
+    searched = searched_keys(spaces)
+    if not searched:
+        raise ConfigError("tune.search: optuna needs a search space to search (choice, uniform, loguniform or "
+                          "randint on a loss, model, data, train or reference key)")
+    if tune.scheduler == "pbt":
+        raise ConfigError("tune.scheduler: pbt cannot run with tune.search: optuna (PBT mutates its own "
+                          "population); use tune.search: basic")
+    for i, point in enumerate(tune.points_to_evaluate):
+        where = f"tune.points_to_evaluate[{i}]"
+        if set(point) != set(searched):
+            missing, extra = sorted(set(searched) - set(point)), sorted(set(point) - set(searched))
+            raise ConfigError(f"{where}: " + (f"{extra[0]} is not a searched key" if extra else f"gives no value "
+                                              f"for {missing[0]} (a point names every searched key)"))
+        for key, value in point.items():
+            kind, spec = next(iter(spaces[key].items()))
+            inside = value in spec if kind == "choice" else (
+                is_finite_number(value) and spec[0] <= value <= spec[1]
+                and (kind != "randint" or (isinstance(value, int) and value < spec[1])))
+            if not inside:
+                raise ConfigError(f"{where}.{key}: {value!r} is outside its search space {spaces[key]}")
+            check_value(raw, key, value)
+
+
+def _check_pbt(raw: dict, sweep: SweepConfig) -> None:
+    tune, train = sweep.tune, sweep.train
+    if sweep.scaling.ray_train:
+        raise ConfigError(f"tune.scheduler: pbt cannot run Ray Train trials (scaling.num_workers: "
+                          f"{sweep.scaling.num_workers}): Train V2's Tune callback hands Tune no checkpoint to copy "
+                          f"into another trial; use scaling.num_workers: 1 (and force_ray_train: false)")
+    if not tune.mutations:
+        raise ConfigError("tune.mutations: tune.scheduler: pbt needs at least one key to mutate, e.g. "
+                          "{loss.spo_lambda: {loguniform: [0.1, 10]}}")
+    for key, space in tune.mutations.items():
+        where = f"tune.mutations.{key}"
+        if key not in CHANGEABLE_KEYS:
+            known = key in _known_keys(SweepConfig)
+            close = difflib.get_close_matches(key, CHANGEABLE_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close and not known else ""
+            raise ConfigError(f"{where}: {'cannot be mutated' if known else 'unknown key'}{hint}; PBT mutates "
+                              f"numeric keys a run can change between steps: {', '.join(CHANGEABLE_KEYS)}")
+        if not is_space(space) or next(iter(space)) not in MUTATION_KINDS:
+            raise ConfigError(f"{where}: a mutation is {{uniform: [low, high]}}, {{loguniform: [low, high]}} or "
+                              f"{{choice: [values in order]}}, got {space!r}")
+        for value in _space_values(where, space):
+            if not is_finite_number(value):
+                raise ConfigError(f"{where}: PBT mutates numbers, got {value!r}")
+            try:
+                check_value(raw, key, value)
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {value!r} is out of range ({error})") from None
+        if key in sweep.schedule:
+            raise ConfigError(f"{where}: the key also has a schedule; PBT's mutations would override it")
+    interval = tune.perturbation_interval
+    if interval is None:
+        raise ConfigError("tune.perturbation_interval: tune.scheduler: pbt needs the steps between perturbations")
+    if interval >= train.max_steps:
+        raise ConfigError(f"tune.perturbation_interval: {interval} steps is not below train.max_steps "
+                          f"({train.max_steps}): PBT would never perturb")
+    if not train.checkpoint_every or interval % train.checkpoint_every:
+        raise ConfigError(f"train.checkpoint_every: PBT copies a trial's checkpoint into another at every "
+                          f"perturbation, so it needs one there: set it to a divisor of tune.perturbation_interval "
+                          f"({interval}), got {train.checkpoint_every}")
+    every = {"eval/": ("train.eval_every", train.eval_every), "probe/": ("train.probe_every", train.probe_every)}
+    for prefix, (key, value) in every.items():
+        if tune.metric.startswith(prefix) and interval % value:
+            raise ConfigError(f"tune.perturbation_interval: {interval} is not a multiple of {key} ({value}): PBT "
+                              f"compares trials by {tune.metric}, which is measured only every {value} steps")
+    if tune.max_concurrent_trials is not None:
+        raise ConfigError("tune.max_concurrent_trials: PBT needs its whole population alive (Tune would make a "
+                          "trial only when another ends); leave it unset: the CPUs each trial reserves "
+                          "(scaling.cpus_per_worker) limit how many train at once")
 
 
 def first_point(raw: dict) -> dict:

@@ -32,11 +32,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from spo_ray import storage
-from spo_ray.config import ConfigError, SweepConfig, validate_run
+from spo_ray.config import ConfigError, SweepConfig, column_name, get_dotted, to_plain, validate_run
 
 #: Keys of the last row of a trial that ended without training to the end (see the module docstring).
 TRIAL_STATUS_KEY, ERROR_KEY = "trial_status", "error"
 CHECKPOINT_FILE = "trainer_state.pt"
+WRITER_KEY = "trial_id"  # in a checkpoint's state: the trial that wrote it (PBT copies checkpoints between trials)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def reference_cache_dir(sweep: SweepConfig) -> str:
 
 
 def uses_ray_train(sweep: SweepConfig) -> bool:
-    return sweep.scaling.num_workers > 1 or sweep.scaling.force_ray_train
+    return sweep.scaling.ray_train
 
 
 def worker_resources(sweep: SweepConfig) -> dict[str, float]:
@@ -245,18 +246,34 @@ def save_state(state: dict, directory: str) -> None:
     torch.save(state, Path(directory) / CHECKPOINT_FILE)
 
 
-def load_state(checkpoint, announce: bool = True) -> dict | None:
-    """The trainer state in a Ray checkpoint (or None). The state holds only tensors, numbers and lists
-    (model, AdamW and LambdaLR state dicts, the step), so `weights_only=True` loads it. A retried or
-    resumed trial says where it picks up (`announce`: one worker of a group says it)."""
+def load_state(checkpoint, announce: bool = True, trial_id: str | None = None) -> dict | None:
+    """The trainer state in a Ray checkpoint (or None). The state holds only tensors, numbers, strings and
+    lists (model, AdamW and LambdaLR state dicts, the step, the trial that wrote it), so `weights_only=True`
+    loads it. A retried or resumed trial says where it picks up (`announce`: one worker of a group says it);
+    so does a trial that PBT restarted from another trial's checkpoint."""
     if checkpoint is None:
         return None
     import torch
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
     if announce:
-        print(f"resuming from the checkpoint of step {state['step']} ({checkpoint.path})")
+        donor = state.get(WRITER_KEY)
+        whose = f"trial {donor}'s" if trial_id and donor and donor != trial_id else "the"
+        print(f"resuming from {whose} checkpoint of step {state['step']} ({checkpoint.path})")
     return state
+
+
+def population_columns(sweep: SweepConfig, trial_id: str, resume: dict | None) -> tuple[dict, dict]:
+    """What a PBT trial adds to its rows: on every row the value of each mutated key in force (`hp/<column>`,
+    e.g. hp/spo_lambda), and on its first row after an exploit — a start from a checkpoint another trial
+    wrote — that trial and the checkpoint's step (`exploit/donor`, `exploit/step`). Nothing without PBT."""
+    if sweep.tune.scheduler != "pbt":
+        return {}, {}
+    plain = to_plain(sweep)
+    every = {f"hp/{column_name(key)}": get_dotted(plain, key) for key in sweep.tune.mutations}
+    donor = (resume or {}).get(WRITER_KEY)
+    first = {"exploit/donor": donor, "exploit/step": resume["step"]} if donor and donor != trial_id else {}
+    return every, first
 
 
 def report_with_checkpoint(report_fn, checkpoint_cls, metrics: dict, state: dict | None, *,
@@ -354,21 +371,28 @@ def _run_in_process(sweep: SweepConfig) -> None:
 
     context = tune.get_context()
     tracker = start_tracking(sweep, context.get_trial_name(), 0)
-    _train_and_report(sweep, tune.report, tune.Checkpoint, tracker,
-                      context=WorkerContext(cpus=max(1, int(sweep.scaling.cpus_per_worker))),
-                      resume=load_state(tune.get_checkpoint()))
+    trial_id = context.get_trial_id()
+    resume = load_state(tune.get_checkpoint(), trial_id=trial_id)
+    _train_and_report(sweep, tune.report, tune.Checkpoint, tracker, trial_id=trial_id,
+                      extra_columns=population_columns(sweep, trial_id, resume),
+                      context=WorkerContext(cpus=max(1, int(sweep.scaling.cpus_per_worker))), resume=resume)
 
 
-def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *, write_checkpoints: bool = True,
+def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *, trial_id: str,
+                      write_checkpoints: bool = True, extra_columns: tuple[dict, dict] = ({}, {}),
                       **train_kwargs) -> None:
-    """Run the trainer, forwarding rows (and checkpoints) to `report_fn`. A divergence or a rejected config
-    ends the run with one last row (see the module docstring); any other error propagates."""
+    """Run the trainer, forwarding rows (and checkpoints, marked with `trial_id`) to `report_fn`, with the
+    `extra_columns` (on every row, on the first row) added. A divergence or a rejected config ends the run
+    with one last row (see the module docstring); any other error propagates."""
     from spo_ray.trainer import Diverged, train
 
     last: dict = {}
+    every_row, first_row = extra_columns
 
     def report(metrics: dict, state: dict | None) -> None:
+        metrics = {**metrics, **every_row, **({} if last else first_row)}
         last.update(metrics)
+        state = {**state, WRITER_KEY: trial_id} if state is not None else None
         report_with_checkpoint(report_fn, checkpoint_cls, metrics, state, write=write_checkpoints)
 
     try:
@@ -403,7 +427,8 @@ def _run_with_ray_train(sweep: SweepConfig, trial_config: dict) -> None:
     resources = worker_resources(sweep)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"sweep": trial_config, "trial_name": context.get_trial_name()},
+        train_loop_config={"sweep": trial_config, "trial_name": context.get_trial_name(),
+                           "trial_id": context.get_trial_id()},
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(
@@ -432,7 +457,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = start_tracking(sweep, loop_config["trial_name"], rank) if rank == 0 else None
     # Every rank calls ray.train.report (it synchronises the workers); only rank 0 uploads checkpoints:
     # the DDP replicas hold the same weights, and under FSDP rank 0 gathers the full state.
-    _train_and_report(sweep, ray.train.report, ray.train.Checkpoint, tracker, write_checkpoints=rank == 0,
+    _train_and_report(sweep, ray.train.report, ray.train.Checkpoint, tracker, trial_id=loop_config["trial_id"],
+                      write_checkpoints=rank == 0,
                       context=context, wrap_model=None if context.sharded else ray.train.torch.prepare_model,
                       resume=load_state(ray.train.get_checkpoint(), announce=rank == 0))
 

@@ -8,7 +8,8 @@ Runs a sweep through Ray Tune, in this order:
   3. load each grid point's task once: build the built-in initializations into the shared init cache,
      read and validate pair data files (bad data is exit code 2 too, before Ray starts);
   4. start Ray (`ray.init()`: a local cluster, or the one `RAY_ADDRESS` names) and run the trials
-     (`spo_ray.distributed.run_trial`) with a FIFO or ASHA scheduler;
+     (`spo_ray.distributed.run_trial`): grid and random points (Tune's variant generator) or Optuna's
+     suggestions, each for every seed (`tune.search`), under a FIFO, ASHA or PBT scheduler (`spo_ray.search`);
   5. while results arrive, rewrite `results.csv` (one row per trial) and `history.parquet` (every
      reported row) in the experiment directory `<storage_path>/<name>/`.
 
@@ -32,15 +33,17 @@ from pathlib import Path
 
 from spo_ray import storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
-from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name, get_dotted,
-                            grid_points, load_yaml, set_dotted, to_plain, trial_columns, validate_run,
+from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name, first_point,
+                            get_dotted, grid_points, load_yaml, set_dotted, to_plain, trial_columns, validate_run,
                             validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
                                  one_line_error, start_build_locks, uses_ray_train, worker_resources)
 
 EXIT_INTERRUPTED = 130
 RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
-METRIC_PREFIXES = ("eval/", "train/", "probe/", "sampler/")
+#: Prefixes of the values a trial reports; hp/ and exploit/ only under PBT (spo_ray.distributed.population_columns),
+#: sampler/ only with data.sampled_pairs.
+METRIC_PREFIXES = ("eval/", "train/", "probe/", "sampler/", "hp/", "exploit/")
 #: Shown in Tune's progress table next to the swept parameters.
 PROGRESS_METRICS = {"step": "step", "train/loss": "train loss", "eval/accuracy": "eval acc",
                     "eval/chosen_logp_delta": "Δ logp(y_w)", "eval/rejected_logp_delta": "Δ logp(y_l)"}
@@ -95,7 +98,13 @@ def print_trial_table(rows: list[dict], sweep: SweepConfig) -> None:
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
     path = "Ray Train (TorchTrainer)" if uses_ray_train(sweep) else "in-process"
-    print(f"{len(rows)} trials, {sweep.scaling.num_workers} worker(s) each, {path}; "
+    tune = sweep.tune
+    how = (f"; optuna ({tune.sampler}, seed {tune.seed}) suggests the random values, {tune.num_samples} suggestions "
+           f"× every seed" if tune.search == "optuna" else "")
+    if tune.scheduler == "pbt":
+        how += (f"; PBT mutates {', '.join(tune.mutations)} every {tune.perturbation_interval} steps "
+                f"(seed {tune.seed})")
+    print(f"{len(rows)} trials, {sweep.scaling.num_workers} worker(s) each, {path}{how}; "
           f"experiment directory {experiment_dir(sweep)}")
 
 
@@ -136,13 +145,14 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> lis
 
 
 def point_configs(raw: dict, spaces: dict[str, dict]) -> list:
-    """The run config of every grid point, in grid order."""
+    """The run config of every grid point, in grid order (random spaces at their first value)."""
     configs = []
     for point in grid_points(raw, spaces) or [{}]:
         concrete = copy.deepcopy(raw)
         for key, value in point.items():
-            set_dotted(concrete, key, value)
-        configs.append(validate_run(concrete).run_config())
+            if "grid" in spaces[key]:  # a random space's entry is its description; first_point takes a value
+                set_dotted(concrete, key, value)
+        configs.append(validate_run(first_point(concrete)).run_config())
     return configs
 
 
@@ -429,18 +439,29 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from spo_ray import search
     from spo_ray.distributed import trainable
 
     trial_fn = trainable(sweep)
+    cfg = sweep.tune
     space = param_space(raw, spaces)
-    if resume:
+    search_alg, num_samples, checkpoints = None, cfg.num_samples, cfg.keep_checkpoints
+    if cfg.search == "optuna":
+        space, num_samples = search.searcher_space(space, raw, sweep), search.total_trials(raw, sweep)
+        search_alg = search.searcher(raw, sweep, spaces)
+    if cfg.scheduler == "pbt":
+        space, checkpoints = search.pbt_space(space, sweep, spaces), search.pbt_checkpoints_to_keep(sweep)
+    if resume:  # Tune restores the searcher's state; SweepPBT reads its own back (pbt_state.yaml)
         return tune.Tuner.restore(directory, trial_fn, resume_errored=True, param_space=space)
 
-    cfg = sweep.tune
-    scheduler = (ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
-                               reduction_factor=cfg.reduction_factor, max_t=sweep.train.max_steps)
-                 if cfg.scheduler == "asha" else FIFOScheduler())
-    parameters = {key.replace(".", "/"): column_name(key) for key in spaces}
+    if cfg.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
+                                  reduction_factor=cfg.reduction_factor, max_t=sweep.train.max_steps)
+    elif cfg.scheduler == "pbt":
+        scheduler = search.pbt_scheduler(sweep, directory)
+    else:
+        scheduler = FIFOScheduler()
+    parameters = {key.replace(".", "/"): column_name(key) for key in [*spaces, *cfg.mutations]}
     reporter = CLIReporter(parameter_columns=parameters, metric_columns=PROGRESS_METRICS, max_report_frequency=30,
                            print_intermediate_tables=True, max_column_length=14)
     # Ray Train trials retry their workers themselves (FailureConfig in the TorchTrainer); Tune retries
@@ -449,13 +470,13 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
     return tune.Tuner(
         trial_fn,
         param_space=space,
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=default_concurrency(sweep), scheduler=scheduler,
-                                    reuse_actors=cfg.reuse_actors),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=num_samples,
+                                    search_alg=search_alg, max_concurrent_trials=default_concurrency(sweep),
+                                    scheduler=scheduler, reuse_actors=cfg.reuse_actors),
         run_config=tune.RunConfig(
             storage_path=sweep.storage_path, name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints),
             callbacks=[tables_callback(directory, list(spaces))],
             progress_reporter=reporter, verbose=1,
         ),

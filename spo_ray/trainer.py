@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from spo_ray import storage
-from spo_ray.config import LossConfig, RunConfig, check_batch_size, get_dotted, to_plain
+from spo_ray.config import LossConfig, RunConfig, TrainConfig, check_batch_size, config_at, get_dotted, to_plain
 from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
 from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_initial_evaluation
 from spo_ray.logprobs import concatenated_forward, sequence_logps
@@ -330,6 +330,34 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def restore_state(model, optimizer, scheduler, state: dict, sharded: bool) -> int:
+    """Load a checkpoint's weights, AdamW and schedule state (the run's own, or under PBT another trial's)
+    into the run; return its step. The data position follows from the step (`global_batches`)."""
+    if sharded:
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def apply_optimizer_settings(optimizer, scheduler, train_cfg: TrainConfig) -> None:
+    """Make the optimizer take `train_cfg`'s learning rate and weight decay from its next step on.
+
+    A loaded checkpoint carries the learning rate it was trained with (AdamW's param groups and the
+    schedule's base), so a PBT mutation or a `schedule` entry must replace both; the schedule's factor at
+    the current step (warm-up, decay) is kept. Changes nothing when the values already agree.
+    """
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        if group["initial_lr"] != train_cfg.learning_rate:
+            group["initial_lr"] = train_cfg.learning_rate
+            group["lr"] = train_cfg.learning_rate * factor
+        group["weight_decay"] = train_cfg.weight_decay
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
 def _mean_over_workers(values: dict[str, float], context: WorkerContext) -> dict[str, float]:
     if context.world_size == 1 or not dist.is_initialized():
         return values
@@ -432,15 +460,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                       cfg.max_steps))
-    step = 0
-    if resume:
-        if context.sharded:
-            load_full_state(model, optimizer, resume["model"], resume["optimizer"])
-        else:
-            unwrap(model).load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        step = resume["step"]
+    step = restore_state(model, optimizer, scheduler, resume, context.sharded) if resume else 0
     initial_evaluation = initial_evaluator(task, config, evaluations_dir(cache_dir), context)
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
     probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
@@ -463,7 +483,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "step": step}
 
-    def diagnostics(do_probe: bool, do_eval: bool) -> dict[str, float]:
+    def diagnostics(do_probe: bool, do_eval: bool, loss_cfg: LossConfig) -> dict[str, float]:
         """The gradient probe and the evaluation, on rank 0 — or on every rank of a sharded model, whose
         forward needs every worker (rank 0 reports them)."""
         row = {}
@@ -472,7 +492,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         if do_probe:
             row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
         if do_eval:
-            row.update(evaluate_pairs(model, eval_data, eval_reference, config.loss, pad_id,
+            row.update(evaluate_pairs(model, eval_data, eval_reference, loss_cfg, pad_id,
                                       cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens))
             if task.evaluate is not None:
                 evaluate = initial_evaluation if step == 0 else task.evaluate
@@ -491,7 +511,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     final: dict[str, float] = {}
     tokens, window_start, run_start = 0, time.perf_counter(), time.perf_counter()
     if cfg.eval_on_start and step == 0:
-        row = {**diagnostics(True, True), "step": 0, "wall_time_s": time.perf_counter() - run_start}
+        row = {**diagnostics(True, True, config.loss), "step": 0, "wall_time_s": time.perf_counter() - run_start}
         last_finite = {**row}
         final.update(row)
         if report:
@@ -500,6 +520,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     batches = global_batches(step)
     fault = injected_faults(config, reference_dir or cache_dir)  # None unless a test sets SPO_RAY_FAULT
     while step < cfg.max_steps:
+        current = config_at(config, step)  # a `schedule` changes values between steps
+        apply_optimizer_settings(optimizer, scheduler, current.train)
         poison = fault is not None and fault(step + 1)
         indices = next(batches)[context.rank * local_size:(context.rank + 1) * local_size]
         optimizer.zero_grad(set_to_none=True)
@@ -513,16 +535,16 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             with sync:
                 with autocast():
                     policy_out = concatenated_forward(model, batch)
-                loss, metrics = batch_loss(config.loss, policy_out, train_reference(batch), step, model, batch)
+                loss, metrics = batch_loss(current.loss, policy_out, train_reference(batch), step, model, batch)
                 if poison:
                     loss = metrics["loss"] = loss * float("nan")
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in metrics.items():
                 step_metrics.setdefault(k, []).append(float(v))
         # With max_grad_norm 0 this only measures the norm (an infinite bound scales the gradients by 1).
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, current.train.max_grad_norm or math.inf)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        lr = scheduler.get_last_lr()[0]
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them before any evaluation or probe
         scheduler.step()
@@ -551,7 +573,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         row["train/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         row = _mean_over_workers(row, context)
         window, tokens = {}, 0
-        row.update(diagnostics(do_probe, do_eval))
+        row.update(diagnostics(do_probe, do_eval, current.loss))
         row["step"] = step
         row["wall_time_s"] = time.perf_counter() - run_start
         last_finite = {**last_finite, **row}

@@ -84,6 +84,11 @@ def on_files(path: str, *sets: str) -> list[str]:
     return [SMOKE, "--set", "data.source=files", f"data.path={{tmp}}/{path}", "model.init={tokenizer}", *sets]
 
 
+#: The smoke sweep under Optuna (one loss, β searched) and under PBT (its smoke-sized settings, one loss).
+OPTUNA = [SMOKE, "--set", "tune.search=optuna", "loss.name=spo", "loss.beta={loguniform: [0.01, 1]}"]
+PBT = [SMOKE, "--set", "tune.scheduler=pbt", "tune.perturbation_interval=3", "train.checkpoint_every=3",
+       "tune.mutations={loss.beta: {loguniform: [0.01, 1]}}", "tune.max_concurrent_trials=null"]
+
 SWEEP_CASES = {
     # the sweep file
     "missing sweep file": Case(["{tmp}/missing.yaml"], "missing.yaml: no such file"),
@@ -119,6 +124,43 @@ SWEEP_CASES = {
     "loguniform from zero": Case([SMOKE, "--set", "loss.beta={loguniform: [0, 1]}"], "loss.beta: loguniform needs low > 0"),
     "sweeping a sweep setting": Case([SMOKE, "--set", "tune.num_samples={grid: [1, 2]}"],
                                      "tune.num_samples: cannot be swept"),
+    # searchers and PBT (tune.search, tune.scheduler: pbt): checked before Ray, whose errors are traces
+    "searcher with a grid axis": Case([SMOKE, "--set", "tune.search=optuna", "loss.beta={loguniform: [0.01, 1]}"],
+                                      "loss.name: tune.search: optuna cannot take a grid axis"),
+    "searcher searching the seed": Case(OPTUNA + ["train.seed={randint: [0, 10]}"],
+                                        "train.seed: a searcher must not search the seed"),
+    "searcher with nothing to search": Case([SMOKE, "--set", "tune.search=optuna", "loss.name=spo"],
+                                            "tune.search: optuna needs a search space"),
+    "searcher point outside its space": Case(OPTUNA + ["tune.points_to_evaluate=[{loss.beta: 5}]"],
+                                             "tune.points_to_evaluate[0].loss.beta: 5 is outside its search space"),
+    "searcher point missing a key": Case(OPTUNA + ["tune.points_to_evaluate=[{}]"],
+                                         "tune.points_to_evaluate[0]: gives no value for loss.beta"),
+    "points without a searcher": Case([SMOKE, "--set", "tune.points_to_evaluate=[{loss.beta: 0.1}]"],
+                                      "tune.points_to_evaluate: only tune.search: optuna"),
+    "PBT without checkpoints": Case(PBT + ["train.checkpoint_every=0"],
+                                    "train.checkpoint_every: PBT copies a trial's checkpoint"),
+    "PBT mutating a non-numeric key": Case(PBT + ["tune.mutations={loss.name: {choice: [dpo, spo]}}"],
+                                           "tune.mutations.loss.name: cannot be mutated"),
+    "PBT mutating a typo'd key": Case(PBT + ["tune.mutations={loss.bta: {uniform: [0.1, 1]}}"],
+                                      "tune.mutations.loss.bta: unknown key (did you mean 'loss.beta'?)"),
+    "PBT mutation out of range": Case(PBT + ["tune.mutations={loss.beta: {uniform: [0, 1]}}"],
+                                      "tune.mutations.loss.beta: 0 is out of range"),
+    "PBT mutation that is a grid": Case(PBT + ["tune.mutations={loss.beta: {grid: [0.1, 1]}}"],
+                                        "tune.mutations.loss.beta: a mutation is"),
+    "PBT comparing between evaluations": Case(PBT + ["tune.perturbation_interval=2", "train.checkpoint_every=2"],
+                                              "tune.perturbation_interval: 2 is not a multiple of train.eval_every"),
+    "PBT never perturbing": Case(PBT + ["tune.perturbation_interval=6"],
+                                 "tune.perturbation_interval: 6 steps is not below train.max_steps"),
+    "PBT with Ray Train trials": Case(PBT + ["scaling.num_workers=2"],
+                                      "tune.scheduler: pbt cannot run Ray Train trials"),
+    "PBT with a concurrency limit": Case(PBT + ["tune.max_concurrent_trials=2"],
+                                         "tune.max_concurrent_trials: PBT needs its whole population"),
+    "PBT with a searcher": Case(PBT + ["tune.search=optuna", "loss.name=spo", "loss.beta={loguniform: [0.01, 1]}"],
+                                "tune.scheduler: pbt cannot run with tune.search: optuna"),
+    "mutations without PBT": Case([SMOKE, "--set", "tune.mutations={loss.beta: {uniform: [0.1, 1]}}"],
+                                  "tune.mutations: only tune.scheduler: pbt perturbs trials"),
+    "schedule of a key a run cannot change": Case([SMOKE, "--set", "schedule={loss.name: [[0, 1]]}"],
+                                                  "schedule: loss.name cannot change during a run"),
     # paths and the experiment directory
     "name with a slash": Case([SMOKE, "--name", "a/b"], "name: 'a/b' must be a plain folder name"),
     "resume of nothing": Case([SMOKE, "--resume"], "holds no sweep to resume"),

@@ -165,6 +165,17 @@ def test_the_exit_code_counts_grid_points_that_never_got_a_trial(tmp_path, capsy
     assert ("--resume" in err) == (code == 130)
 
 
+def test_the_driver_loads_the_task_of_a_sweep_with_random_spaces_on_run_keys(tmp_path):
+    """prepare_tasks takes each grid point's task; a random space elsewhere (here β) is not a value to set
+    (it once was: every sweep with a random loss or train key stopped with exit 2 before Ray)."""
+    from spo_ray.config import validate_sweep
+    from spo_ray.sweep import prepare_tasks
+    raw = tiny_run(loss={"beta": {"loguniform": [0.01, 1]}, "name": {"grid": ["dpo", "spo"]}})
+    raw["cache_dir"] = str(tmp_path)
+    sweep, spaces = validate_sweep(raw)
+    prepare_tasks(raw, spaces, sweep)  # raised ConfigError: "loss.beta: input should be a valid number"
+
+
 def test_one_line_error_unwraps_to_the_innermost_message():
     from spo_ray.distributed import one_line_error
     try:
@@ -321,3 +332,112 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     history = pd.read_parquet(directory / "history.parquet")
     assert not history.duplicated(["trial_id", "step"]).any()
     assert sorted(history.groupby("trial_id")["step"].max()) == [60, 60]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow: search beyond the grid (issue 23)
+
+def checkpoint_states(directory: Path) -> dict[tuple[str, int], Path]:
+    """(writer trial, step) → the checkpoint file, over every trial folder of an experiment."""
+    import torch
+    found = {}
+    for path in directory.glob("run_trial_*/checkpoint_*/trainer_state.pt"):
+        state = torch.load(path, weights_only=True)
+        found[(state["trial_id"], state["step"])] = path
+    return found
+
+
+@pytest.mark.slow
+def test_pbt_hands_the_donors_checkpoint_on_and_a_resumed_sweep_keeps_its_schedulers_state(tmp_path, init_cache):
+    """A PBT sweep of 3 tiny trials (one copies another at each round), interrupted after its first exploit
+    and resumed:
+
+    - every exploit is recorded once (receiver, donor, step) and the receiver's λ changed there, in the loss
+      (train/spo_lambda) as in the recorded value (hp/spo_lambda);
+    - the receiver went on from the donor's checkpoint: the same steps trained here, from that checkpoint
+      with the receiver's new values, give its rows;
+    - the resumed scheduler counted on from the interrupted one: its count of perturbations is the number
+      of exploits in the history (a fresh PBT would start again from 0).
+    """
+    from spo_ray.config import validate_run
+    from spo_ray.trainer import train
+
+    config = tiny_sweep(tmp_path, name="pbt", loss={"name": "spo", "spo_lambda": {"loguniform": [0.1, 10]}},
+                        train={"max_steps": 12, "log_every": 2, "eval_every": 4, "checkpoint_every": 4},
+                        tune={"scheduler": "pbt", "num_samples": 3, "metric": "eval/loss", "mode": "min",
+                              "perturbation_interval": 4, "keep_checkpoints": 20,
+                              "mutations": {"loss.spo_lambda": {"loguniform": [0.1, 10]},
+                                            "train.learning_rate": {"choice": [3e-4, 1e-3, 3e-3]}}})
+    raw = yaml.safe_load(config.read_text())
+    del raw["tune"]["max_concurrent_trials"]  # PBT takes none: the CPUs limit the trials running at once
+    config.write_text(yaml.safe_dump(raw))
+    directory = tmp_path / "results" / "pbt"
+    process = subprocess.Popen([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=ROOT,
+                               env={**os.environ, "WANDB_MODE": "disabled"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline, state_file = time.time() + 180, directory / "pbt_state.yaml"
+    while time.time() < deadline and process.poll() is None:
+        if state_file.exists() and (yaml.safe_load(state_file.read_text()) or {}).get("num_perturbations", 0) >= 1:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output[-3000:]
+    interrupted = yaml.safe_load(state_file.read_text())["num_perturbations"]
+
+    result = run_cli(config, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    history = pd.read_parquet(directory / "history.parquet")
+    assert not history.duplicated(["trial_id", "step"]).any()
+    assert set(history.groupby("trial_id")["step"].max()) == {12}
+    exploits = history.dropna(subset=["exploit/step"])
+    final_count = yaml.safe_load(state_file.read_text())["num_perturbations"]
+    assert final_count > interrupted and final_count == len(exploits)
+    assert set(exploits["exploit/step"]) <= {4, 8}  # at perturbation steps, never at the end (12)
+
+    checkpoints = checkpoint_states(directory)
+    for _, receiver in exploits.iterrows():
+        rows = history[history["trial_id"] == receiver["trial_id"]].set_index("step")
+        at, first = int(receiver["exploit/step"]), int(receiver["step"])
+        before = rows[rows.index <= at]["hp/spo_lambda"].iloc[-1]
+        assert receiver["train/spo_lambda"] == pytest.approx(receiver["hp/spo_lambda"], rel=1e-6)  # in the loss
+        assert receiver["hp/spo_lambda"] != before
+
+    # One receiver's steps after its exploit, trained here from the donor's checkpoint with its new values.
+    import torch
+    receiver = exploits.iloc[0]
+    at, first = int(receiver["exploit/step"]), int(receiver["step"])
+    state = torch.load(checkpoints[(receiver["exploit/donor"], at)], weights_only=True)
+    replay = copy_with(raw, spo_lambda=float(receiver["hp/spo_lambda"]),
+                       learning_rate=float(receiver["hp/learning_rate"]))
+    rows_here = []
+    train(validate_run(replay).run_config(), cache_dir=init_cache, reference_dir=str(tmp_path / "replay_ref"),
+          resume=state, report=lambda metrics, _: rows_here.append(metrics))
+    here = {row["step"]: row for row in rows_here}
+    for column in ("train/loss", "train/chosen_logp_delta", "train/learning_rate"):
+        assert here[first][column] == pytest.approx(receiver[column], rel=1e-5, abs=1e-6), column
+
+
+def copy_with(raw: dict, spo_lambda: float, learning_rate: float) -> dict:
+    """The tiny sweep as the receiver ran after its exploit: its mutated values, no search spaces left."""
+    import copy
+    replay = copy.deepcopy(raw)
+    replay["loss"]["spo_lambda"] = spo_lambda
+    replay["train"]["learning_rate"] = learning_rate
+    del replay["tune"]
+    return replay
+
+
+@pytest.mark.slow
+def test_optuna_runs_each_suggestion_for_every_seed_through_tune(tmp_path):
+    config = tiny_sweep(tmp_path, name="optuna", loss={"name": "spo", "spo_lambda": {"loguniform": [0.1, 10]}},
+                        train={"seed": {"grid": [0, 1]}, "max_steps": 4, "eval_every": 4, "log_every": 2},
+                        tune={"search": "optuna", "num_samples": 2, "startup_trials": 1, "metric": "eval/loss",
+                              "mode": "min", "points_to_evaluate": [{"loss.spo_lambda": 1.0}]})
+    result = run_cli(config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = pd.read_csv(tmp_path / "results" / "optuna" / "results.csv", keep_default_na=False)
+    assert len(results) == 4 and set(results["status"]) == {"TERMINATED"}
+    by_lambda = results.groupby("spo_lambda")["seed"].apply(sorted)
+    assert list(by_lambda) == [[0, 1]] * 2  # two suggestions, each for both seeds
+    assert results["spo_lambda"].iloc[0] == 1.0  # points_to_evaluate first
