@@ -136,12 +136,13 @@ def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str =
 def plot_beta_lambda_heatmap(
     results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy", loss: str = "spo"
 ) -> Path | None:
-    """Mean metric over seeds on the β × λ grid of one loss (SPO); needs at least two grid cells."""
+    """Mean metric over seeds on the β × λ grid of one loss (SPO); needs at least two values on each axis
+    (one λ or one β is a line, which plot_accuracy_vs_beta draws: a one-row heatmap shows nothing)."""
     if not _has(results, "loss", "beta", "spo_lambda", metric):
         return None
     rows = results.loc[results["loss"] == loss].dropna(subset=[metric])
     grid = rows.pivot_table(index="spo_lambda", columns="beta", values=metric, aggfunc="mean")
-    if grid.size < 2:
+    if min(grid.shape) < 2:
         return None
     figure = _new_figure()
     ax = figure.subplots()

@@ -27,7 +27,7 @@ LOGP_METRICS = ("eval/chosen_logp_delta", "eval/rejected_logp_delta")
 PLOTS = {
     "logp_evolution": ("Log-prob evolution of chosen and rejected responses", "history with log-prob deltas"),
     "accuracy_vs_beta": ("Metric vs β", "at least two values of β"),
-    "beta_lambda_heatmap": ("SPO β × λ grid", "SPO runs on at least two (β, λ) cells"),
+    "beta_lambda_heatmap": ("SPO β × λ grid", "SPO runs with at least two β and two λ"),
     "init_sensitivity": ("Initialization sensitivity", "at least two initializations"),
     "mass_split": ("Where the probability mass goes", "eval/mass_* metrics"),
     # only in reports of searcher and PBT sweeps:

@@ -319,6 +319,10 @@ def test_plots_fall_back_to_eval_logp_and_return_none_when_data_is_missing(tmp_p
     assert plots.plot_logp_evolution(pd.DataFrame(columns=["trial_id", "step"]), tmp_path / "a.png") is None
     assert plots.plot_accuracy_vs_beta(one_run, tmp_path / "b.png") is None
     assert plots.plot_beta_lambda_heatmap(one_run, tmp_path / "c.png") is None
+    one_lambda = rich_results().query("spo_lambda == 0.5 or loss == 'dpo'")  # two β, one λ: the demo's grid
+    assert plots.plot_beta_lambda_heatmap(one_lambda, tmp_path / "c.png") is None
+    one_beta = rich_results().query("beta == 0.1")  # two λ, one β
+    assert plots.plot_beta_lambda_heatmap(one_beta, tmp_path / "c.png") is None
     assert plots.plot_init_sensitivity(one_run, tmp_path / "d.png") is None
     assert plots.plot_mass_split(one_run.drop(columns=[c for c in one_run if "mass" in c]), tmp_path / "e.png") is None
     assert not list(tmp_path.glob("[a-e].png"))
