@@ -111,8 +111,10 @@ def plot_logp_evolution(history: pd.DataFrame, path: str | Path) -> Path | None:
     return _save(figure, path)
 
 
-def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy") -> Path | None:
-    """Final metric vs β, one line per loss (and λ), error bars = std over seeds; needs at least two β."""
+def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy",
+                          initial: dict[str, float] | None = None) -> Path | None:
+    """Final metric vs β on a log axis (β grids are geometric), one line per loss (and λ), error bars = std
+    over seeds; `initial` (init name → the metric at step 0) as dashed reference lines. Needs two β."""
     if not _has(results, "loss", "beta", metric) or results["beta"].nunique() < 2:
         return None
     keys = line_keys(results, ("spo_lambda",))
@@ -124,9 +126,13 @@ def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str =
         loss = values[0] if isinstance(values, tuple) else values
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
                     color=colors[str(loss)], label=_label(keys, values))  # fmt: skip
-    betas = results["beta"].dropna()
-    if (betas > 0).all() and betas.max() / betas.min() >= 10:
-        ax.set_xscale("log")  # β grids are usually geometric
+    for (name, value), style in zip(sorted((initial or {}).items()), ("--", ":", "-.") * 8):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} at step 0: {value:.3g}")
+    if (results["beta"].dropna() > 0).all():
+        ax.set_xscale("log")
+        betas = sorted(results["beta"].dropna().unique())
+        ax.set_xticks(betas, [_short(b) for b in betas])
+        ax.minorticks_off()
     ax.set_xlabel("β")
     ax.set_ylabel(metric)
     ax.legend(fontsize=8)

@@ -18,8 +18,8 @@ import pandas as pd
 
 from analysis import plots, search
 from analysis.collect import CONFIG_FILE, Experiment, ExperimentError, is_uri, load_experiment
-from analysis.tables import (before_after, best_configs, config_columns, paired_differences, summary_table,
-                             to_markdown, write_table)
+from analysis.tables import (before_after, best_configs, config_columns, paired_differences, start_and_end,
+                             summary_table, to_markdown, write_table)
 
 REPORT_FILE = "report.md"
 LOGP_METRICS = ("eval/chosen_logp_delta", "eval/rejected_logp_delta")
@@ -78,11 +78,22 @@ def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def initial_values(exp: Experiment, metric: str) -> dict[str, float]:
+    """The metric of each init at step 0 (`train.eval_on_start`), averaged over the runs that start there."""
+    starts = start_and_end(exp.results, exp.history, metric, items=None)
+    if starts.empty:
+        return {}
+    if "init" not in starts.columns:
+        return {"init": float(starts["before"].mean())}
+    return {str(init): float(before) for init, before in starts.groupby("init")["before"].mean().items()}
+
+
 def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
     """Every figure by name; None where the sweep lacks what the figure needs."""
     return {
         "logp_evolution": plots.plot_logp_evolution(exp.history, plot_dir / "logp_evolution.png"),
-        "accuracy_vs_beta": plots.plot_accuracy_vs_beta(exp.results, plot_dir / "accuracy_vs_beta.png", metric),
+        "accuracy_vs_beta": plots.plot_accuracy_vs_beta(exp.results, plot_dir / "accuracy_vs_beta.png", metric,
+                                                        initial_values(exp, metric)),
         "beta_lambda_heatmap": plots.plot_beta_lambda_heatmap(
             exp.results, plot_dir / "beta_lambda_heatmap.png", metric
         ),

@@ -364,3 +364,33 @@ def test_report_cli_on_a_missing_directory_exits_2_with_one_line(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "missing") in lines[0]
     assert "Traceback" not in done.stderr
+
+
+def test_accuracy_vs_beta_draws_a_log_beta_axis_and_each_inits_step_0_value(experiment_dir, tmp_path, monkeypatch):
+    drawn = {}
+    original = plots.plot_accuracy_vs_beta
+
+    def spy(results, path, metric="eval/accuracy", initial=None):
+        drawn["initial"] = initial
+        return original(results, path, metric, initial)
+
+    monkeypatch.setattr(plots, "plot_accuracy_vs_beta", spy)
+    from analysis import report
+    exp = load_experiment(experiment_dir)
+    report.draw_plots(exp, tmp_path, "eval/accuracy")
+    assert drawn["initial"] == {}  # no run evaluated its initial weights
+    inits = sorted(exp.history["init"].unique())
+    at_start = {init: 0.25 + 0.5 * i for i, init in enumerate(inits)}  # every run from one init starts alike
+    step_0 = exp.history["step"] == 0
+    exp.history.loc[step_0, "eval/accuracy"] = exp.history.loc[step_0, "init"].map(at_start)
+    report.draw_plots(exp, tmp_path, "eval/accuracy")
+    assert drawn["initial"] == pytest.approx(at_start)
+
+    from matplotlib.figure import Figure
+    saved = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: saved.setdefault("figure", figure) and Path(path))
+    rich = rich_results()  # β 0.1 and 1.0
+    original(rich, tmp_path / "beta.png", initial={"base": 0.42})
+    ax = saved["figure"].axes[0]
+    assert isinstance(saved["figure"], Figure) and ax.get_xscale() == "log"
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.42]
