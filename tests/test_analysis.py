@@ -366,7 +366,8 @@ def test_report_cli_on_a_missing_directory_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_accuracy_vs_beta_draws_a_log_beta_axis_and_each_inits_step_0_value(experiment_dir, tmp_path, monkeypatch):
+def test_accuracy_vs_beta_draws_a_log_beta_axis_and_each_inits_step_0_value(experiment_dir, tmp_path,
+                                                                           monkeypatch):
     drawn = {}
     original = plots.plot_accuracy_vs_beta
 
