@@ -8,6 +8,7 @@ still get a report.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def plot_accuracy_vs_beta(results: pd.DataFrame, path: str | Path, metric: str =
         loss = values[0] if isinstance(values, tuple) else values
         ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
                     color=colors[str(loss)], label=_label(keys, values))  # fmt: skip
-    for (name, value), style in zip(sorted((initial or {}).items()), ("--", ":", "-.") * 8):
+    for (name, value), style in zip(sorted((initial or {}).items()), itertools.cycle(("--", ":", "-."))):
         ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} at step 0: {value:.3g}")
     if (results["beta"].dropna() > 0).all():
         ax.set_xscale("log")
