@@ -432,7 +432,7 @@ def _run_with_ray_train(sweep: SweepConfig, trial_config: dict) -> None:
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=TrainRunConfig(
-            storage_path=storage.join(experiment_dir(sweep), "ray_train"),
+            **storage.for_ray(storage.join(experiment_dir(sweep), "ray_train")),
             name=context.get_trial_id(),
             failure_config=FailureConfig(max_failures=sweep.tune.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=sweep.tune.keep_checkpoints),

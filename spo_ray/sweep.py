@@ -30,6 +30,7 @@ import signal
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 from spo_ray import storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
@@ -243,9 +244,12 @@ class ResultTables:
 
     BUCKET_WRITE_INTERVAL_S = 10.0
 
-    def __init__(self, directory: str, swept: list[str]):
+    def __init__(self, directory: str, swept: list[str], store_down: Callable | None = None):
         self.directory = directory  # a local folder or a storage URI
         self.swept = swept
+        # Called with the StoreUnavailable error when a write finds the store gone for good; then the rows
+        # stay in memory and are not written again (without it, the error is raised).
+        self.store_down, self.store_error = store_down, None
         self.rows: dict[str, dict] = {}       # trial_id -> results row
         self.history: dict[str, list[dict]] = {}
         self.min_interval_s = self.BUCKET_WRITE_INTERVAL_S if storage.is_uri(directory) else 0.0
@@ -303,16 +307,22 @@ class ResultTables:
 
         import pandas as pd
         from spo_ray.results import write_csv, write_parquet
-        if soon and time.monotonic() - self.written_at < self.min_interval_s:
+        if self.store_error or (soon and time.monotonic() - self.written_at < self.min_interval_s):
             self.unwritten = True
             return
         self.written_at, self.unwritten = time.monotonic(), False
         frame = pd.DataFrame(list(self.rows.values()))
-        write_csv(frame[_column_order(frame.columns)], storage.join(self.directory, RESULTS_FILE))
         history = [row for rows in self.history.values() for row in rows]
-        if history:
-            frame = pd.DataFrame(history)
-            write_parquet(frame[_column_order(frame.columns)], storage.join(self.directory, HISTORY_FILE))
+        try:
+            write_csv(frame[_column_order(frame.columns)], storage.join(self.directory, RESULTS_FILE))
+            if history:
+                frame = pd.DataFrame(history)
+                write_parquet(frame[_column_order(frame.columns)], storage.join(self.directory, HISTORY_FILE))
+        except storage.StoreUnavailable as error:
+            if self.store_down is None:
+                raise
+            self.store_error, self.unwritten = error, True
+            self.store_down(error)
 
     def statuses(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -351,9 +361,15 @@ def tables_callback(directory: str, swept: list[str]):
     """The Tune callback around `ResultTables` (a factory, so that importing this module needs no Ray)."""
     from ray.tune import Callback
 
+    def stop_sweep(error: storage.StoreUnavailable) -> None:
+        """The store is gone for good: stop as Ctrl+C does (Tune stops the trials and keeps its state); the
+        tables in the store hold every row up to the outage, and `--resume` reruns from the checkpoints."""
+        print(f"error: {error}; stopping the sweep", file=sys.stderr, flush=True)
+        signal.raise_signal(signal.SIGINT)
+
     class WriteResultTables(Callback):
         def __init__(self):
-            self.tables = ResultTables(directory, swept)
+            self.tables = ResultTables(directory, swept, store_down=stop_sweep)
 
         def setup(self, **info):
             self.tables.load()
@@ -452,7 +468,9 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
     if cfg.scheduler == "pbt":
         space, checkpoints = search.pbt_space(space, sweep, spaces), search.pbt_checkpoints_to_keep(sweep)
     if resume:  # Tune restores the searcher's state; SweepPBT reads its own back (pbt_state.yaml)
-        return tune.Tuner.restore(directory, trial_fn, resume_errored=True, param_space=space)
+        ray_storage = storage.for_ray(directory)
+        return tune.Tuner.restore(ray_storage["storage_path"], trial_fn, resume_errored=True, param_space=space,
+                                  storage_filesystem=ray_storage.get("storage_filesystem"))
 
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
@@ -474,7 +492,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
                                     search_alg=search_alg, max_concurrent_trials=default_concurrency(sweep),
                                     scheduler=scheduler, reuse_actors=cfg.reuse_actors),
         run_config=tune.RunConfig(
-            storage_path=sweep.storage_path, name=sweep.name,
+            **storage.for_ray(sweep.storage_path), name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints),
             callbacks=[tables_callback(directory, list(spaces))],
@@ -496,9 +514,9 @@ def main(argv=None) -> int:
 
     directory = experiment_dir(sweep)
     try:  # a bucket that does not exist, refused credentials, an unreachable endpoint: one line, exit 2
+        storage.check_writable(sweep.storage_path)  # first: it does not wait for a store that is down
         started = storage.exists(storage.join(directory, "tuner.pkl"))
         exists = started or storage.exists(storage.join(directory, RESULTS_FILE))
-        storage.check_writable(sweep.storage_path)
     except OSError as error:
         raise ConfigError(f"storage_path: cannot use {sweep.storage_path}: {' '.join(str(error).split())}") from None
     if args.resume and not started:
@@ -515,8 +533,22 @@ def main(argv=None) -> int:
     stop_on_sigterm()
     prepare_samples(sampled, sweep)
     tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
-    tuner.fit()
-    return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))
+    try:
+        tuner.fit()
+        return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))
+    except storage.StoreUnavailable as error:
+        print(f"error: the sweep stopped because the store did not answer ({error}); once it does, continue "
+              f"with: {resume_command(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def resume_command(args) -> str:
+    """The command that continues this sweep: the same overrides, or the resumed trials would run another
+    config."""
+    again = ([args.config, "--resume"] + (["--name", args.name] if args.name else [])
+             + (["--storage-path", args.storage_path] if args.storage_path else [])
+             + (["--set", *args.overrides] if args.overrides else []))
+    return f"python -m spo_ray.sweep {shlex.join(map(str, again))}"
 
 
 def summarize(directory: str, args, expected: int) -> int:
@@ -534,12 +566,8 @@ def summarize(directory: str, args, expected: int) -> int:
     unfinished = sum(counts.get(s, 0) for s in ("RUNNING", "PENDING", "PAUSED", "not started"))
     failed = counts.get("ERROR", 0) + counts.get("DIVERGED", 0)
     if unfinished:
-        # The same overrides, or the resumed trials would run another config.
-        again = ([args.config, "--resume"] + (["--name", args.name] if args.name else [])
-                 + (["--storage-path", args.storage_path] if args.storage_path else [])
-                 + (["--set", *args.overrides] if args.overrides else []))
-        print(f"interrupted with {unfinished} trials unfinished; continue with: python -m spo_ray.sweep "
-              f"{shlex.join(map(str, again))}", file=sys.stderr)
+        print(f"interrupted with {unfinished} trials unfinished; continue with: {resume_command(args)}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     if failed:
         for row in results[results["status"].isin(["ERROR", "DIVERGED"])].to_dict("records"):

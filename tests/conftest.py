@@ -89,6 +89,77 @@ def s3_bucket(s3_server, monkeypatch):
     return name, client
 
 
+class TcpProxy:
+    """127.0.0.1:`port` forwarding to 127.0.0.1:`target_port`, that can play a store gone down: `down()`
+    stops listening and cuts every open connection, so clients get "connection refused" (what a stopped
+    server or a lost route gives); `up()` listens on the same port again."""
+
+    def __init__(self, target_port: int):
+        import threading
+        self.target_port, self.port = target_port, _free_port()
+        self.lock, self.connections, self.listener = threading.Lock(), [], None
+        self.up()
+
+    def up(self) -> None:
+        import socket
+        import threading
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        import socket
+        with self.lock:
+            for sock in [self.listener, *self.connections]:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() or recv()
+                except OSError:
+                    pass
+                sock.close()
+            self.connections = []
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                if listener.fileno() == -1:
+                    return
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink) -> None:
+        import socket
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A `TcpProxy` in front of the session's S3 server: point a client at 127.0.0.1:`proxy.port`."""
+    proxy = TcpProxy(int(s3_server.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.down()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Two (or more) gloo workers on this CPU, that fail instead of hanging
 

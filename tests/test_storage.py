@@ -20,6 +20,15 @@ from spo_ray.config import validate_run
 from spo_ray.distributed import BuildLeases
 
 
+def bucket_table(client, bucket: str, key: str) -> pd.DataFrame | None:
+    """A CSV object read with boto3, or None when it is not there."""
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    return pd.read_csv(io.BytesIO(body), keep_default_na=False)
+
+
 def objects(client, bucket: str, prefix: str = "") -> dict[str, bytes]:
     """Every object under `prefix`, by key, read with boto3 (not through the code under test)."""
     listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
@@ -262,11 +271,7 @@ def test_a_sweep_into_s3_is_read_back_from_the_bucket_and_resumes_after_sigint(s
     results_key = "results/s3sweep/results.csv"
 
     def results() -> pd.DataFrame | None:
-        try:
-            body = client.get_object(Bucket=bucket, Key=results_key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            return None
-        return pd.read_csv(io.BytesIO(body), keep_default_na=False)
+        return bucket_table(client, bucket, results_key)
 
     sweep = subprocess.Popen([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -303,3 +308,111 @@ def test_a_sweep_into_s3_is_read_back_from_the_bucket_and_resumes_after_sigint(s
     runs = {k.split("/")[3] for k in keys if k.startswith("results/s3sweep/wandb/")}
     assert len(runs) >= 2 and all(run.startswith("offline-run-") for run in runs)  # one per trial attempt
     assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()
+
+
+def test_a_store_down_for_a_while_is_retried_and_one_that_stays_down_fails_each_call_after_the_budget(
+        s3_bucket, s3_proxy, monkeypatch, capsys):
+    """Through a proxy that refuses connections: a write made while the store is down for 9 s (longer than the
+    AWS SDK's own ~6 s of retries) completes once it is back (read back by boto3, around the proxy); kept down,
+    a call raises StoreUnavailable once the store has not answered for the budget (12 s) and the next fails
+    after one try (the SDK's retries); an error that retrying cannot mend is raised at once."""
+    import threading
+    bucket, client = s3_bucket
+    monkeypatch.setenv(storage.RETRY_ENV, "12")
+    uri = f"s3://{bucket}/flaky?endpoint_override=127.0.0.1:{s3_proxy.port}&scheme=http"
+    data = os.urandom(6 << 20)  # more than one 5 MiB part of a multipart upload
+
+    s3_proxy.down()
+    threading.Timer(9, s3_proxy.up).start()
+    started = time.monotonic()
+    storage.write_bytes(storage.join(uri, "a.bin"), data)
+    assert time.monotonic() - started >= 9
+    assert client.get_object(Bucket=bucket, Key="flaky/a.bin")["Body"].read() == data
+    assert storage.read_bytes(storage.join(uri, "a.bin")) == data
+    err = capsys.readouterr().err
+    assert f"storage: s3://{bucket}?endpoint_override=127.0.0.1:{s3_proxy.port}&scheme=http is not answering" in err
+    assert "NETWORK_CONNECTION" in err and "retrying for up to 12 s" in err and "answers again after" in err
+
+    s3_proxy.down()
+    started = time.monotonic()
+    with pytest.raises(storage.StoreUnavailable, match=r"did not answer for 1[2-9] s: .*NETWORK_CONNECTION"):
+        storage.read_bytes(storage.join(uri, "a.bin"))
+    assert time.monotonic() - started < 12 + 10  # the budget, then at most one more try of the SDK's (~6 s)
+    started = time.monotonic()
+    with pytest.raises(storage.StoreUnavailable):
+        storage.exists(storage.join(uri, "b.bin"))
+    assert time.monotonic() - started < 9
+    s3_proxy.up()
+    assert storage.exists(storage.join(uri, "a.bin"))
+    capsys.readouterr()
+
+    started = time.monotonic()
+    with pytest.raises(OSError) as missing_bucket:
+        storage.write_bytes(f"s3://no-such-bucket-{bucket}/x?endpoint_override=127.0.0.1:{s3_proxy.port}"
+                            f"&scheme=http", b"x")
+    assert not isinstance(missing_bucket.value, storage.StoreUnavailable) and time.monotonic() - started < 2
+    assert "not answering" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_sweep_outlives_a_30_s_store_outage_and_one_that_stays_down_stops_it_for_resume(s3_bucket, s3_proxy,
+                                                                                           tmp_path):
+    """The sweep reaches the bucket through a proxy (AWS_ENDPOINT_URL). Refused for 30 s once the first
+    checkpoint is up, the sweep waits it out; refused for good after the first trial finished, it stops with
+    exit 130 naming the store; with the store back, `--resume` finishes. Checked in the bucket around the
+    proxy (versioning on, so writes are counted): every trial once, every logged step once, checkpoints of
+    both trials, each reference table written once."""
+    import yaml
+    bucket, client = s3_bucket
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    raw = tiny_run(loss={"name": {"grid": ["dpo", "spo"]}},
+                   train={"max_steps": 30, "log_every": 5, "eval_every": 15, "checkpoint_every": 10})
+    raw.update(name="outage", storage_path=f"s3://{bucket}/results", tune={"max_concurrent_trials": 1})
+    config = tmp_path / "outage.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "SPO_RAY_LOCAL_CACHE": str(tmp_path / "local"), storage.RETRY_ENV: "45",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_proxy.port}"}
+    prefix = "results/outage/"
+
+    def keys() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+    def wait_for(condition, what: str, seconds: float = 240):
+        deadline = time.time() + seconds
+        while not condition():
+            assert sweep.poll() is None, f"{what}: the sweep ended first: {sweep.communicate()[0][-3000:]}"
+            assert time.time() < deadline, f"{what}: not in time"
+            time.sleep(0.1)
+
+    sweep = subprocess.Popen([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any("/checkpoint_" in key for key in keys()), "a first checkpoint")
+    s3_proxy.down()
+    time.sleep(30)
+    s3_proxy.up()
+    wait_for(lambda: (table := bucket_table(client, bucket, prefix + "results.csv")) is not None
+             and (table["status"] == "TERMINATED").any(), "a finished trial")
+    s3_proxy.down()
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 130, output[-3000:]
+    assert "is not answering" in output and "answers again after" in output  # the 30 s outage, waited out
+    assert "error: the sweep stopped because the store did not answer" in output and "--resume" in output
+
+    s3_proxy.up()
+    (tmp_path / "first.log").write_text(output)
+    with open(tmp_path / "resume.log", "w") as log:
+        resumed = subprocess.run([sys.executable, "-m", "spo_ray.sweep", str(config), "--resume"], cwd=tmp_path,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert resumed.returncode == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    table = bucket_table(client, bucket, prefix + "results.csv")
+    assert len(table) == 2 and table["trial_id"].is_unique and set(table["status"]) == {"TERMINATED"}
+    history = pd.read_parquet(io.BytesIO(client.get_object(Bucket=bucket, Key=prefix + "history.parquet")
+                                         ["Body"].read()))
+    assert not history.duplicated(["trial_id", "step"]).any()
+    for trial_id, steps in history.groupby("trial_id")["step"]:
+        assert set(range(5, 31, 5)) <= set(steps), (trial_id, sorted(steps))
+    for trial_id in table["trial_id"]:
+        assert any(f"{trial_id}" in key and "/checkpoint_" in key for key in keys()), trial_id
+    versions = client.list_object_versions(Bucket=bucket, Prefix=prefix + "reference_cache/reflogps-")["Versions"]
+    written = [v["Key"] for v in versions]
+    assert len(written) == 2 and len(set(written)) == 2, written  # train and eval tables, one write each
