@@ -212,15 +212,32 @@ ACCURACY_FACTOR = 4.0  # measured worst ratio 1.09 over 9 losses × {default, av
 EPS_FLOOR = 8  # for tensors where the plain path happens to land within a few eps of the oracle
 
 
-def assert_as_accurate_as_float32(got, plain, exact, name: str = "") -> None:
+def assert_as_accurate_as_float32(got, plain, exact, name: str = "", scale=None) -> None:
     """`got` (float32, the path under test) is within ACCURACY_FACTOR × (the plain float32 path's
-    distance to the float64 oracle `exact` + EPS_FLOOR float32 eps of the tensor's largest entry)."""
+    distance to the float64 oracle `exact` + EPS_FLOOR float32 eps of `scale`). `scale` is the size the
+    rounding is relative to: by default the oracle's largest entry; pass the inputs' size where `exact` is
+    a difference of larger numbers (a loss or a log-ratio from log-probs of tens of nats)."""
     import torch
 
     got, plain, exact = (torch.as_tensor(t).double() for t in (got, plain, exact))
-    scale = exact.abs().max()
+    scale = exact.abs().max() if scale is None else torch.as_tensor(float(scale)).double()
     own_error = (plain - exact).abs().max()
     allowed = ACCURACY_FACTOR * (own_error + EPS_FLOOR * FLOAT32_EPS * scale)
     error = (got - exact).abs().max()
     assert error <= allowed, (f"{name}: float32 path {error.item():.3e} from the float64 oracle, "
                               f"plain float32 {own_error.item():.3e}, allowed {allowed.item():.3e}")
+
+
+# A float32 model forward is too deep to count its roundings; it may be off by as much as the check above lets an
+# accurate path be (ACCURACY_FACTOR × EPS_FLOOR eps of its size), e.g. when two forwards of the same rows are
+# compared without an oracle.
+FORWARD_ROUNDINGS = ACCURACY_FACTOR * EPS_FLOOR
+
+
+def rounding_tolerance(scale, roundings: float, dtype=None) -> float:
+    """roundings × eps × `scale`: the most `roundings` rounding steps on values no larger than `scale` can
+    move a result that depends on each with a derivative of at most 1. Each step is off by at most eps/2
+    of its value, so this holds with a factor 2 of headroom on every CPU kernel. Float32 unless `dtype`."""
+    import torch
+
+    return roundings * torch.finfo(dtype or torch.float32).eps * float(abs(scale))

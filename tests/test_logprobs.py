@@ -1,12 +1,20 @@
-"""Response log-probs against the models' own cross-entropy; tokenization, truncation and batching of pairs."""
+"""Response log-probs against the models' own cross-entropy; tokenization, truncation and batching of pairs.
+
+"Against" is conftest's assert_as_accurate_as_float32: our float32 log-probs are no further from a float64
+oracle than the model's own float32 cross-entropy is, within a factor, on any CPU kernel.
+"""
 
 from __future__ import annotations
+
+import copy
+import math
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from conftest import assert_as_accurate_as_float32, rounding_tolerance
 from spo_ray.data import (LengthGroupedSampler, PairDataset, TokenizedPair, collate_pairs, length_sorted_batches,
                           tokenize_pairs)
 from spo_ray.logprobs import concatenated_forward, position_ids_from_mask, response_logps
@@ -52,6 +60,23 @@ def hf_response_logp(model, prompt: list[int], response: list[int]) -> float:
     return -out.loss.item() * len(response)
 
 
+def float64_response_logp(model64, prompt: list[int], response: list[int]) -> float:
+    """The oracle: log π(response | prompt) from a float64 copy's logits, log-softmaxed in float64 (the models'
+    own loss upcasts logits to float32 only, so it cannot be one)."""
+    input_ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model64(input_ids=input_ids).logits[0, len(prompt) - 1:-1], dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None]).sum().item()
+
+
+def expected_logps(model, pairs: list[TokenizedPair], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the model's own float32 cross-entropy, the float64 oracle) of each pair's `side` response."""
+    model64 = copy.deepcopy(model).double()
+    responses = [(p.prompt_ids, p.chosen_ids if side == "chosen" else p.rejected_ids) for p in pairs]
+    return (torch.tensor([hf_response_logp(model, *r) for r in responses], dtype=torch.float64),
+            torch.tensor([float64_response_logp(model64, *r) for r in responses], dtype=torch.float64))
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_concatenated_forward_matches_the_models_own_cross_entropy(make_model, padding_side):
@@ -60,10 +85,8 @@ def test_concatenated_forward_matches_the_models_own_cross_entropy(make_model, p
     with torch.no_grad():
         out = concatenated_forward(model, batch)
 
-    expected_chosen = [hf_response_logp(model, p.prompt_ids, p.chosen_ids) for p in PAIRS]
-    expected_rejected = [hf_response_logp(model, p.prompt_ids, p.rejected_ids) for p in PAIRS]
-    assert torch.allclose(out["chosen_logps"].double(), torch.tensor(expected_chosen, dtype=torch.float64), atol=1e-5, rtol=0)
-    assert torch.allclose(out["rejected_logps"].double(), torch.tensor(expected_rejected, dtype=torch.float64), atol=1e-5, rtol=0)
+    for side in ("chosen", "rejected"):
+        assert_as_accurate_as_float32(out[f"{side}_logps"], *expected_logps(model, PAIRS, side), side)
     assert out["chosen_lengths"].tolist() == [len(p.chosen_ids) for p in PAIRS]
     assert out["rejected_lengths"].tolist() == [len(p.rejected_ids) for p in PAIRS]
 
@@ -91,14 +114,13 @@ def test_only_response_scoring_positions_go_through_the_lm_head(make_model, padd
         out = concatenated_forward(model, batch)
     # 3 + 2 + 2 + 5 response tokens, each scored by exactly one position, 3 at a time.
     assert head_inputs == [(3, 32), (3, 32), (3, 32), (3, 32)]
-    expected = [hf_response_logp(model, p.prompt_ids, p.chosen_ids) for p in LONG_PROMPT_PAIRS]
-    expected += [hf_response_logp(model, p.prompt_ids, p.rejected_ids) for p in LONG_PROMPT_PAIRS]
-    got = torch.cat([out["chosen_logps"], out["rejected_logps"]]).double()
-    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
+    expected = {side: expected_logps(model, LONG_PROMPT_PAIRS, side) for side in ("chosen", "rejected")}
+    for side, (hf, exact) in expected.items():
+        assert_as_accurate_as_float32(out[f"{side}_logps"], hf, exact, side)
     # A callable that is not a module (no head to swap) gets full logits, with the same values.
     with torch.no_grad():
-        plain = concatenated_forward(lambda **kw: model(**kw), batch)
-    assert torch.allclose(plain["chosen_logps"], out["chosen_logps"], atol=1e-5)
+        full = concatenated_forward(lambda **kw: model(**kw), batch)
+    assert_as_accurate_as_float32(full["chosen_logps"], *expected["chosen"], "full logits")
     assert model.get_output_embeddings().forward.__self__ is model.get_output_embeddings()  # the head is restored
 
 
@@ -108,8 +130,12 @@ def test_left_and_right_padding_give_the_same_logps():
     with torch.no_grad():
         right = concatenated_forward(model, collate_pairs(items, PAD, "right"))
         left = concatenated_forward(model, collate_pairs(items, PAD, "left"))
+        exact = concatenated_forward(copy.deepcopy(model).double(), collate_pairs(items, PAD, "right"))
     for key in right:
-        assert torch.allclose(right[key], left[key], atol=1e-5), key
+        if key.endswith("_lengths"):
+            assert torch.equal(right[key], left[key]), key
+        else:
+            assert_as_accurate_as_float32(left[key], right[key], exact[key], key)
 
 
 def test_averaged_logps_are_sums_over_response_lengths():
@@ -120,8 +146,9 @@ def test_averaged_logps_are_sums_over_response_lengths():
     lengths_r = torch.tensor([2.0, 5.0, 2.0])
     assert torch.equal(out["chosen_lengths"], lengths_c)
     assert torch.equal(out["rejected_lengths"], lengths_r)
-    assert torch.allclose(out["chosen_avg_logps"], out["chosen_logps"] / lengths_c)
-    assert torch.allclose(out["rejected_avg_logps"], out["rejected_logps"] / lengths_r)
+    # One float32 division of the same numbers: IEEE division rounds correctly on every CPU, so bit for bit.
+    assert torch.equal(out["chosen_avg_logps"], out["chosen_logps"] / lengths_c)
+    assert torch.equal(out["rejected_avg_logps"], out["rejected_logps"] / lengths_r)
 
 
 def test_response_logps_counts_only_response_tokens_on_a_literal_example():
@@ -131,7 +158,8 @@ def test_response_logps_counts_only_response_tokens_on_a_literal_example():
     response_mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]])
     sums, counts = response_logps(logits, input_ids, response_mask)
     assert counts.tolist() == [2.0, 2.0]
-    assert torch.allclose(sums, torch.full((2,), -2 * torch.log(torch.tensor(4.0)).item()))
+    # Two float32 roundings of log 4 (one per token) in a sum of 2 log 4.
+    assert (sums.double() + 2 * math.log(4)).abs().max() <= rounding_tolerance(2 * math.log(4), roundings=2)
 
 
 def test_position_ids_count_real_tokens_only():

@@ -1,12 +1,15 @@
 """The shared reference log-prob cache (one computation per reference model × data × tokenization)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_run
+from conftest import assert_as_accurate_as_float32, tiny_run
 from spo_ray.config import validate_run
-from spo_ray.data import PairDataset, TokenizedPair
+from spo_ray.data import PairDataset, TokenizedPair, collate_pairs
+from spo_ray.logprobs import concatenated_forward
 from spo_ray.reference import (ModelReference, cached_reference_logps, compute_reference_logps,
                                dataset_fingerprint, fingerprint, model_identity)
 from spo_ray.trainer import train
@@ -76,11 +79,14 @@ def test_cached_values_equal_the_model_run_on_each_batch():
     model, data = tiny_model(0), dataset()
     # Batches of 2 run shortest first ([2, 0], [1]): the table must still be in dataset order.
     table = compute_reference_logps(model, data, pad_token_id=0, batch_size=2)
-    from spo_ray.data import collate_pairs
+    model64 = copy.deepcopy(model).double()
     for i in range(len(data)):  # one pair per batch: different padding than the cached batches
-        on_the_fly = ModelReference(model)(collate_pairs([data[i]], 0))
+        batch = collate_pairs([data[i]], 0)
+        on_the_fly = ModelReference(model)(batch)
+        with torch.no_grad():
+            exact = concatenated_forward(model64, batch)  # the float64 oracle
         for name, values in on_the_fly.items():
-            assert values.item() == pytest.approx(table[name][i].item(), abs=1e-5)
+            assert_as_accurate_as_float32(table[name][i], values, exact[name], f"{name}[{i}]")
 
 
 def test_training_with_and_without_the_cache_gives_the_same_metrics(init_cache, tmp_path):
