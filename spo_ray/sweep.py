@@ -39,6 +39,7 @@ from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_bat
                             validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
                                  one_line_error, start_build_locks, uses_ray_train, worker_resources)
+from spo_ray.tracking import resolve_mode
 
 EXIT_INTERRUPTED = 130
 RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
@@ -508,6 +509,10 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
 def main(argv=None) -> int:
     args = parse_args(argv)
     raw, sweep, spaces = resolve(load_yaml(args.config), args)
+    try:
+        resolve_mode(sweep.wandb.mode)  # a WANDB_MODE wandb does not know: one line now, not a warning per trial
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if args.dry_run:
         print_trial_table(trial_table(sweep, spaces, raw), sweep)
         return EXIT_OK

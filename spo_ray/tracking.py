@@ -110,11 +110,20 @@ def has_credentials() -> bool:
         return False
 
 
+# WANDB_MODE's own spellings of the modes, besides ours.
+ENV_MODES = {"dryrun": "offline", "run": "online"}
+
+
 def resolve_mode(mode: str | None) -> str:
-    """Turn the configured mode into the one wandb gets: `auto` becomes online or offline."""
+    """Turn the configured mode into the one wandb gets: `auto` becomes online or offline. `WANDB_MODE`,
+    where set, overrides the config, as it does for any W&B script (`WANDB_MODE=disabled` in CI, say):
+    wandb itself lets an explicit `wandb.init(mode=...)` win over it."""
+    source = "wandb.mode"
+    if os.environ.get("WANDB_MODE"):
+        source, mode = "WANDB_MODE", ENV_MODES.get(os.environ["WANDB_MODE"], os.environ["WANDB_MODE"])
     mode = mode or "auto"
     if mode not in MODES:
-        raise ValueError(f"wandb.mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
         return "online" if has_credentials() else "offline"
     return mode
@@ -129,11 +138,13 @@ def start_run(
     tags: Sequence[str] = (),
     dir: str | Path | None = None,
     rank: int = 0,
+    job_type: str | None = None,
 ) -> Tracker:
     """Start the W&B run of one trial, or return a no-op tracker (rank ≠ 0, disabled, or wandb failed).
 
     `group` is the sweep name, so the W&B UI groups a sweep's trials; the loss is added to the tags so runs
-    filter by method. `dir` is where wandb writes its `wandb/` folder (the trial's directory).
+    filter by method. `dir` is where wandb writes its `wandb/` folder (the trial's directory). `job_type`
+    tells runs of another kind apart in the group (the report's run is `report`).
     """
     settings = {**DEFAULTS, **(wandb_cfg or {})}
     mode = resolve_mode(settings["mode"])
@@ -141,7 +152,7 @@ def start_run(
         return Tracker()
     all_tags = _tags(settings["tags"], tags, config.get("loss"))
     try:
-        run = _init(settings, mode, run_name, group, config, all_tags, dir)
+        run = _init(settings, mode, run_name, group, config, all_tags, dir, job_type)
     except Exception as error:
         warn(f"wandb init failed, tracking is off for this trial: {type(error).__name__}: {error}")
         return Tracker()
@@ -157,7 +168,8 @@ def _tags(configured: Sequence[str] | None, extra: Sequence[str], loss: Any) -> 
     return list(dict.fromkeys(str(n) for n in names))
 
 
-def _init(settings: Mapping[str, Any], mode: str, run_name: str, group: str, config, tags, dir) -> Any:
+def _init(settings: Mapping[str, Any], mode: str, run_name: str, group: str, config, tags, dir,
+          job_type: str | None = None) -> Any:
     """Call wandb.init quietly; imported here so that `disabled` never loads wandb."""
     import wandb
 
@@ -169,6 +181,7 @@ def _init(settings: Mapping[str, Any], mode: str, run_name: str, group: str, con
         mode=mode,
         name=run_name,
         group=group,
+        job_type=job_type,
         tags=tags,
         config=dict(config),
         dir=str(dir) if dir is not None else None,

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny configs that train in seconds, and no W&B network traffic anywhere."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,13 @@ def tiny_run(**sections) -> dict:
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
     return raw
+
+
+def pytest_collection_modifyitems(items):
+    """The slow (Ray, multi-process) tests first, each file's in its order: parallel workers (`make test` runs
+    two) then take the long tests early and finish on the short ones together, instead of one worker being
+    left with a 5-minute test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -241,3 +249,34 @@ def rounding_tolerance(scale, roundings: float, dtype=None) -> float:
     import torch
 
     return roundings * torch.finfo(dtype or torch.float32).eps * float(abs(scale))
+
+
+# ---------------------------------------------------------------------------------------------------
+# W&B offline runs, read back
+
+def read_wandb_records(path: Path) -> list:
+    """Parse a `.wandb` transaction log: a 7-byte header, then LevelDB-style 32 KiB blocks of chunks.
+
+    Each chunk is crc32 (4 bytes), length (2), type (1: full, 2: first, 3: middle, 4: last); a block's
+    tail shorter than a chunk header is padding. wandb 0.31 ships no reader, so this is the format itself.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, pending, records = 32768, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -89,6 +89,12 @@ def test_bad_input_is_one_stderr_line_and_exit_2(args, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(message)
 
 
+def test_a_wandb_mode_wandb_does_not_know_is_one_stderr_line_and_exit_2():
+    result = run_cli("sweeps/beta.yaml", "--dry-run", env={"WANDB_MODE": "sometimes"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == "error: WANDB_MODE must be one of auto, online, offline, disabled, got 'sometimes'\n"
+
+
 def test_resume_without_a_previous_sweep_is_bad_input(tmp_path):
     result = run_cli("sweeps/smoke.yaml", "--resume", "--storage-path", tmp_path)
     assert result.returncode == 2 and "holds no sweep to resume" in result.stderr

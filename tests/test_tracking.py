@@ -7,11 +7,10 @@ directory is under tmp_path.
 from __future__ import annotations
 
 import json
-import struct
-from pathlib import Path
 
 import pytest
 
+from conftest import read_wandb_records
 from spo_ray import tracking
 from spo_ray.tracking import Tracker, WandbRun, resolve_mode, start_run
 
@@ -26,32 +25,6 @@ def isolated_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
-
-
-def read_wandb_records(path: Path) -> list:
-    """Parse a `.wandb` transaction log: a 7-byte header, then LevelDB-style 32 KiB blocks of chunks.
-
-    Each chunk is crc32 (4 bytes), length (2), type (1: full, 2: first, 3: middle, 4: last); a block's
-    tail shorter than a chunk header is padding. wandb 0.31 ships no reader, so this is the format itself.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, position, pending, records = 32768, 7, b"", []
-    while position + 7 <= len(data):
-        if block - position % block < 7:
-            position += block - position % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        pending += data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
 
 
 def test_offline_run_records_config_metrics_and_status(tmp_path, capsys):
@@ -186,3 +159,18 @@ def test_unknown_mode_is_a_config_error():
 def test_loss_is_added_to_the_tags_once():
     assert tracking._tags(["a", "spo"], ["b"], "spo") == ["a", "spo", "b"]
     assert tracking._tags(None, [], None) == []
+
+
+def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: pytest.fail("wandb.init called under WANDB_MODE=disabled"))
+    assert type(start_run({"mode": "offline"}, run_name="t", group="g", config={}, dir=tmp_path / "a")) is Tracker
+    assert not (tmp_path / "a").exists()
+    for spelled, mode in (("offline", "offline"), ("dryrun", "offline"), ("online", "online"), ("run", "online")):
+        monkeypatch.setenv("WANDB_MODE", spelled)
+        assert resolve_mode("disabled") == mode
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE must be one of"):
+        resolve_mode("auto")
