@@ -1,4 +1,5 @@
-"""Analysis of finished (or partial) sweeps: reads experiment directories on disk, never imports spo_ray."""
+"""Analysis of finished (or partial) sweeps: reads experiment directories on disk. Only the W&B logging of a
+report (analysis.dashboard) imports spo_ray, for the trials' tracking."""
 
 from analysis.collect import Experiment, ExperimentError, load_experiment, parameter_columns
 from analysis.tables import (

@@ -194,8 +194,10 @@ def plot_init_sensitivity(results: pd.DataFrame, path: str | Path, metric: str =
     return _save(figure, path)
 
 
-def plot_mass_split(results: pd.DataFrame, path: str | Path) -> Path | None:
-    """Where the probability mass goes: stacked mean mass_correct/mistake/other/malformed per loss (× init).
+def plot_mass_split(results: pd.DataFrame, path: str | Path, initial: pd.DataFrame | None = None) -> Path | None:
+    """Where the probability mass goes: stacked mean mass_correct/mistake/other/malformed per loss (× init),
+    after the bars of the initial weights to compare against: `initial` (index: init name, columns: the
+    mass metrics at step 0), hatched and labelled "<init> (step 0)".
 
     This is the catastrophic-preference-shift picture (paper §2, finding 3): mass leaving the chosen answer
     may land on wrong or malformed outputs instead of correct ones.
@@ -204,17 +206,24 @@ def plot_mass_split(results: pd.DataFrame, path: str | Path) -> Path | None:
     if not columns or not _has(results, "loss"):
         return None
     keys = ["loss", "init"] if "init" in results.columns and results["init"].nunique() > 1 else ["loss"]
-    means = results.groupby(keys, sort=True, dropna=False)[columns].mean().fillna(0.0)
+    means = results.groupby(keys, sort=True, dropna=False)[columns].mean()
     labels = [" / ".join(_short(v) for v in (k if isinstance(k, tuple) else (k,))) for k in means.index]
+    start = initial.reindex(columns=columns) if initial is not None else pd.DataFrame(columns=columns)
+    start = start.dropna(how="all").sort_index()
+    labels = [f"{_short(init)} (step 0)" for init in start.index] + labels
+    heights = pd.concat([start, means], ignore_index=True) if len(start) else means.reset_index(drop=True)
+    heights = heights.astype(float).fillna(0.0)
     colors = {"eval/mass_correct": "#2ca02c", "eval/mass_mistake": "#d62728", "eval/mass_other": "#7f7f7f",
               "eval/mass_malformed": "#9467bd"}  # fmt: skip
     figure = _new_figure(max(6.4, 0.6 * len(labels) + 2.0), 4.2)
     ax = figure.subplots()
     bottom = np.zeros(len(labels))
     for column in columns:
-        ax.bar(range(len(labels)), means[column].to_numpy(), 0.7, bottom=bottom, color=colors[column],
-               label=column.split("mass_")[-1])  # fmt: skip
-        bottom += means[column].to_numpy()
+        bars = ax.bar(range(len(labels)), heights[column].to_numpy(), 0.7, bottom=bottom, color=colors[column],
+                      label=column.split("mass_")[-1])  # fmt: skip
+        for bar in bars.patches[: len(start)]:
+            bar.set_hatch("//")
+        bottom += heights[column].to_numpy()
     crowded = len(labels) > 4
     ax.set_xticks(range(len(labels)), labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("mean probability mass")

@@ -1,11 +1,12 @@
 """Turn one experiment directory into `report.md`, `tables/*.{md,tex,csv}` and `plots/*.png`.
 
-    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3] [--out DIR]
+    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3] [--out DIR] [--wandb [MODE]]
 
 Everything is written into the experiment directory (or `--out`), with links in report.md relative to it,
 so the directory can be zipped or pushed to a repository and still render. EXPERIMENT_DIR may be a storage
 URI (`s3://bucket/results/beta`): the report is then uploaded next to the tables, unless `--out` names a
-local folder for it.
+local folder for it. `--wandb` also logs the tables and plots to W&B as a run in the sweep's group
+(analysis.dashboard; offline unless a W&B key is configured, like the trials).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def initial_values(exp: Experiment, metric: str) -> dict[str, float]:
     return {str(init): float(before) for init, before in starts.groupby("init")["before"].mean().items()}
 
 
+def initial_mass(exp: Experiment) -> pd.DataFrame:
+    """Each init's mean eval/mass_* at step 0 (rows: inits; empty without step-0 evaluations), the mass
+    split's reference bars."""
+    values = {column: initial_values(exp, column) for column in plots.MASS_COLUMNS}
+    return pd.DataFrame({column: by_init for column, by_init in values.items() if by_init})
+
+
 def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
     """Every figure by name; None where the sweep lacks what the figure needs."""
     return {
@@ -98,7 +106,7 @@ def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path |
             exp.results, plot_dir / "beta_lambda_heatmap.png", metric
         ),
         "init_sensitivity": plots.plot_init_sensitivity(exp.results, plot_dir / "init_sensitivity.png", metric),
-        "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png"),
+        "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png", initial_mass(exp)),
         **search_plots(exp, plot_dir, metric),
     }
 
@@ -120,9 +128,10 @@ def search_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path
 
 
 def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3,
-                 out: str | Path | None = None) -> Path | str:
+                 out: str | Path | None = None, wandb_mode: str | None = None) -> Path | str:
     """Write report.md, tables/ and plots/ into `out` (default: the experiment directory; for a storage URI,
-    uploaded into it); return where report.md is."""
+    uploaded into it); return where report.md is. With `wandb_mode` ("" for sweep.yaml's `wandb.mode`), also
+    log the tables and plots to W&B as a run in the sweep's group (analysis.dashboard)."""
     exp = load_experiment(directory)
     root = Path(out) if out is not None else exp.path  # exp.path: a URI's local copy
     tables = build_tables(exp, metric)
@@ -131,6 +140,10 @@ def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals:
     figures = draw_plots(exp, root / "plots", metric)
     report = root / REPORT_FILE
     report.write_text(render_markdown(exp, tables, figures, metric, decimals, root), encoding="utf-8")
+    if wandb_mode is not None:
+        from analysis.dashboard import log_report
+        log_report(exp, tables, figures, metric, {name: title for name, (title, _) in PLOTS.items()}, root,
+                   wandb_mode or None)
     if out is None and is_uri(directory):
         upload_report(root, str(directory))
         base, _, query = str(directory).partition("?")
@@ -144,7 +157,7 @@ def upload_report(root: Path, uri: str) -> None:
 
     fs, base = pyarrow.fs.FileSystem.from_uri(uri)
     local = pyarrow.fs.LocalFileSystem()
-    for name in (REPORT_FILE, "tables", "plots"):
+    for name in (REPORT_FILE, "tables", "plots", "wandb"):  # wandb/: the report's own W&B run, if it logged one
         if (root / name).exists():
             pyarrow.fs.copy_files(str(root / name), f"{base.rstrip('/')}/{name}", source_filesystem=local,
                                   destination_filesystem=fs)
@@ -214,14 +227,19 @@ def render_markdown(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit 0 on success, 2 with one line on stderr for a bad or unreadable directory."""
+    from spo_ray.tracking import MODES as WANDB_MODES  # the trials' modes (a module of the standard library alone)
+
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
     parser.add_argument("experiment_dir", help="directory or storage URI holding results.csv (and history.parquet)")
     parser.add_argument("--out", help="write the report into this local folder instead of the experiment's")
     parser.add_argument("--metric", default="eval/accuracy", help="metric for the tables and plots")
     parser.add_argument("--decimals", type=int, default=3, help="decimals in Markdown/LaTeX cells")
+    parser.add_argument("--wandb", nargs="?", const="", metavar="MODE", choices=["", *WANDB_MODES],
+                        help="also log the tables and plots to W&B, as a run in the sweep's group; MODE (auto, "
+                             "online, offline, disabled) defaults to sweep.yaml's wandb.mode")
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.experiment_dir, args.metric, args.decimals, args.out)
+        report = write_report(args.experiment_dir, args.metric, args.decimals, args.out, args.wandb)
     except (FileNotFoundError, NotADirectoryError, ExperimentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

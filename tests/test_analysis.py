@@ -395,3 +395,117 @@ def test_accuracy_vs_beta_draws_a_log_beta_axis_and_each_inits_step_0_value(expe
     ax = saved["figure"].axes[0]
     assert isinstance(saved["figure"], Figure) and ax.get_xscale() == "log"
     assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"] == [0.42]
+
+
+def test_mass_split_puts_each_inits_step_0_mass_before_the_trained_bars(experiment_dir, tmp_path, monkeypatch):
+    from analysis import report
+    exp = load_experiment(experiment_dir)
+    step_0 = (exp.history["step"] == 0).to_numpy()
+    rng = np.random.default_rng(3)
+    at_start = rng.dirichlet(np.ones(4), size=step_0.sum())  # each run's step-0 split of the mass: rows sum to 1
+    for k, column in enumerate(plots.MASS_COLUMNS):
+        exp.history.loc[step_0, column] = at_start[:, k]
+    figures = {}
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.setdefault(Path(path).stem, figure) and Path(path))
+    report.draw_plots(exp, tmp_path, "eval/accuracy")
+
+    ax = figures["mass_split"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base (step 0)", "dpo", "spo"]
+    final = exp.results.groupby("loss")[list(plots.MASS_COLUMNS)].mean()
+    for k, (column, bars) in enumerate(zip(plots.MASS_COLUMNS, ax.containers)):
+        heights = [bar.get_height() for bar in bars.patches]
+        # 12 kept runs, all from `base`: the init's bar is the mean of their step-0 values
+        assert heights == pytest.approx([at_start[:, k].mean(), final.loc["dpo", column], final.loc["spo", column]])
+        assert [bar.get_hatch() for bar in bars.patches] == ["//", None, None]
+    assert sum(bars.patches[0].get_height() for bars in ax.containers) == pytest.approx(1.0)
+
+    figures.clear()
+    plain = load_experiment(experiment_dir)  # no step-0 evaluation: no reference bar
+    report.draw_plots(plain, tmp_path, "eval/accuracy")
+    assert [t.get_text() for t in figures["mass_split"].axes[0].get_xticklabels()] == ["dpo", "spo"]
+
+
+# --------------------------------------------------------------------------------------------- W&B
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """No credentials and no WANDB_MODE (conftest's `disabled` removed), wandb's own folders in tmp_path."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+
+
+def same_cell(logged, written) -> bool:
+    """A W&B table cell against the CSV's: numbers to float64 rounding, text as text, missing as missing."""
+    if logged is None or (isinstance(logged, float) and np.isnan(logged)):
+        return pd.isna(written)
+    if isinstance(logged, str):
+        return logged == str(written)
+    return bool(np.isclose(float(logged), float(written), rtol=1e-15, atol=0.0))
+
+
+def test_the_report_logs_its_tables_and_plots_as_a_report_run_in_the_sweeps_group(experiment_dir, offline_wandb):
+    import json
+
+    from conftest import read_wandb_records
+    (experiment_dir / "sweep.yaml").write_text("name: hand-made\nwandb: {mode: auto, project: spo-test, tags: [nightly]}\n")
+    write_report(experiment_dir, wandb_mode="")  # sweep.yaml's mode: auto, and no key → an offline run
+    runs = list((experiment_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = read_wandb_records(next(runs[0].glob("*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.run_group, run.job_type, run.display_name, run.project) == ("hand-made", "report", "hand-made-report",
+                                                                           "spo-test")
+    assert list(run.tags) == ["nightly", "report"]
+
+    media = runs[0] / "files" / "media"
+    stems = sorted(p.stem for p in (experiment_dir / "tables").glob("*.csv"))
+    assert {"summary", "mass", "best_configs", "paired_spo_dpo", "status_counts"} <= set(stems)
+    for stem in stems:  # every table as the CSV has it: the same columns, rows and values
+        written = pd.read_csv(experiment_dir / "tables" / f"{stem}.csv")
+        logged_files = list((media / "table" / "tables").glob(f"{stem}_0_*.table.json"))
+        if written.empty:
+            assert not logged_files
+            continue
+        logged = json.loads(logged_files[0].read_text())
+        assert logged["columns"] == list(written.columns)
+        assert len(logged["data"]) == len(written)
+        for row, (_, expected) in zip(logged["data"], written.iterrows()):
+            assert all(same_cell(a, b) for a, b in zip(row, expected)), (stem, row, list(expected))
+    pngs = sorted((experiment_dir / "plots").glob("*.png"))
+    assert pngs
+    for png in pngs:  # every figure, byte for byte
+        (logged,) = (media / "images" / "plots").glob(f"{png.stem}_0_*.png")
+        assert logged.read_bytes() == png.read_bytes()
+
+
+def test_the_reports_wandb_run_follows_wandb_mode_and_never_fails_the_report(experiment_dir, offline_wandb,
+                                                                             monkeypatch, capsys):
+    import wandb
+
+    init = wandb.init
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: pytest.fail("wandb.init called under WANDB_MODE=disabled"))
+    write_report(experiment_dir, wandb_mode="offline")
+    assert not (experiment_dir / "wandb").exists()
+
+    monkeypatch.setattr(wandb, "init", init)
+    monkeypatch.delenv("WANDB_MODE")
+
+    def broken_table(*args, **kwargs):
+        raise RuntimeError("no tables today")
+
+    monkeypatch.setattr(wandb, "Table", broken_table)
+    report = write_report(experiment_dir, wandb_mode="offline")
+    assert report.is_file() and "## Summary" in report.read_text()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wandb: warning")]
+    assert warnings == ["wandb: warning: wandb could not take the report, nothing logged: RuntimeError: no tables today"]
+
+
+def test_report_cli_names_a_wandb_mode_it_does_not_know_and_exits_2(experiment_dir):
+    done = run_cli(str(experiment_dir), "--wandb", "sometimes")
+    assert done.returncode == 2 and "--wandb: invalid choice: 'sometimes'" in done.stderr
+    assert "Traceback" not in done.stderr and not (experiment_dir / "report.md").exists()
