@@ -26,17 +26,19 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# The default sweep, then its report. Run again, it resumes the experiment (finished trials are kept).
+# The default sweep, then its report (also logged to W&B: offline without a key, beside the trials' runs).
+# Run again, it resumes the experiment (finished trials are kept).
 demo: venv
 	$(PY) -m spo_ray.sweep $(SWEEP) --storage-path $(RESULTS) --name $(NAME) \
 		$(if $(wildcard $(RESULTS)/$(NAME)/tuner.pkl),--resume)
-	$(PY) -m analysis.report $(RESULTS)/$(NAME)
+	$(PY) -m analysis.report $(RESULTS)/$(NAME) --wandb
 
-# The suite in one process (three xdist workers made some Ray tests fail under the contention: see the
-# issue 25 notes), then the fast numerical files again under torch's portable CPU kernels
-# (ATEN_CPU_CAPABILITY=default), whose rounding differs from AVX2/AVX-512: their tolerances must hold on
-# any CPU (tests/conftest.py).
-NUMERICAL_TESTS := tests/test_chunked_logprobs.py tests/test_logprobs.py tests/test_losses.py tests/test_trainer.py
+# The suite in one process (over two xdist workers the S3-outage test's --resume fails: a checkpoint Ray
+# recorded never reached the bucket; see the issue 25 notes), then the fast numerical files again under
+# torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), whose rounding differs from AVX2/AVX-512: their
+# tolerances must hold on any CPU (tests/conftest.py).
+NUMERICAL_TESTS := tests/test_chunked_logprobs.py tests/test_logprobs.py tests/test_losses.py tests/test_trainer.py \
+	tests/test_evaluation.py tests/test_reference.py tests/test_trl_parity.py
 test: venv
 	$(PY) -m pytest -q -ra
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -ra -n 2 -m "not slow" $(NUMERICAL_TESTS)

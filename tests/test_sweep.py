@@ -24,7 +24,7 @@ REQUIRED_COLUMNS = ["trial_id", "status", "error", "loss", "beta", "spo_lambda",
                     "eval/accuracy", "eval/chosen_logp_delta", "train/loss", "step", "wall_time_s"]
 
 
-def run_cli(*args, cwd=ROOT, timeout=240, env=None):
+def run_cli(*args, cwd=ROOT, timeout=480, env=None):
     env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, "-m", "spo_ray.sweep", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
