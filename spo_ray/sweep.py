@@ -314,11 +314,11 @@ class ResultTables:
         self.written_at, self.unwritten = time.monotonic(), False
         frame = pd.DataFrame(list(self.rows.values()))
         history = [row for rows in self.history.values() for row in rows]
-        try:
-            write_csv(frame[_column_order(frame.columns)], storage.join(self.directory, RESULTS_FILE))
+        try:  # history first: once results.csv says a trial ended, its every row is in history.parquet
             if history:
-                frame = pd.DataFrame(history)
-                write_parquet(frame[_column_order(frame.columns)], storage.join(self.directory, HISTORY_FILE))
+                rows = pd.DataFrame(history)
+                write_parquet(rows[_column_order(rows.columns)], storage.join(self.directory, HISTORY_FILE))
+            write_csv(frame[_column_order(frame.columns)], storage.join(self.directory, RESULTS_FILE))
         except storage.StoreUnavailable as error:
             if self.store_down is None:
                 raise
@@ -403,6 +403,70 @@ def tables_callback(directory: str, swept: list[str]):
             self.tables.write()
 
     return WriteResultTables()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming from checkpoints the saved state names but the store no longer holds
+
+CHECKPOINT_PREFIX = "checkpoint_"  # Tune's checkpoint folders: checkpoint_000000, checkpoint_000001, …
+
+
+def recover_lost_checkpoint(trial) -> str | None:
+    """Point a restored trial at a checkpoint that exists, and say so; None when its latest one is there.
+
+    Tune deletes a trial's older checkpoints (`keep_checkpoints`) as it registers a new one, but uploads its
+    experiment state later, in the background: a sweep stopped in between (the store gone for good, the
+    driver killed) leaves a saved state whose latest checkpoint is deleted, and Tune's restore of that trial
+    fails ("does not exist on storage anymore"). The trial resumes instead from the newest checkpoint that
+    is there: one uploaded to its folder after the state was saved (holding the trainer's state file), else
+    the newest one the state tracks; with none, it starts over."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+    from ray.train._internal.session import _TrainingResult
+    from spo_ray.distributed import CHECKPOINT_FILE
+
+    def exists(path: str) -> bool:
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    latest = trial.latest_checkpoint_result
+    if latest is None:
+        return None
+    fs, lost = latest.checkpoint.filesystem, latest.checkpoint.path
+    if exists(lost):
+        return None
+    manager = trial.run_metadata.checkpoint_manager
+    tracked = [r for r in manager.best_checkpoint_results if exists(r.checkpoint.path)]  # in registration order
+    known = {r.checkpoint.path for r in manager.best_checkpoint_results}
+    folder = lost.rsplit("/", 1)[0]
+    later = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+                   if info.base_name.startswith(CHECKPOINT_PREFIX) and info.path not in known
+                   and exists(f"{info.path}/{CHECKPOINT_FILE}"))
+    kept = tracked + [_TrainingResult(checkpoint=Checkpoint(path, fs), metrics={}) for path in later]
+    # Ray's checkpoint manager has no public setter: it keeps the results that exist, the newest as its latest.
+    manager._checkpoint_results = kept
+    manager._latest_checkpoint_result = kept[-1] if kept else None
+    where = f"from {kept[-1].checkpoint.path}" if kept else "from the start: none of its checkpoints is left"
+    return f"trial {trial.trial_id}: its latest checkpoint {lost} is not in the store; it resumes {where}"
+
+
+def lost_checkpoints_callback():
+    """The Tune callback that runs `recover_lost_checkpoint` over the trials of a resumed sweep, before any
+    of them is restored (Tune restores a trial when its actor starts, after the first `on_step_begin`)."""
+    from ray.tune import Callback
+
+    class RecoverLostCheckpoints(Callback):
+        def __init__(self):
+            self.checked = False
+
+        def on_step_begin(self, iteration, trials, **info):
+            if self.checked:
+                return
+            self.checked = True
+            for trial in trials:
+                if trial.status != "TERMINATED" and (line := recover_lost_checkpoint(trial)):
+                    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    return RecoverLostCheckpoints()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -496,7 +560,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
             **storage.for_ray(sweep.storage_path), name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints),
-            callbacks=[tables_callback(directory, list(spaces))],
+            callbacks=[tables_callback(directory, list(spaces)), lost_checkpoints_callback()],
             progress_reporter=reporter, verbose=1,
         ),
     )

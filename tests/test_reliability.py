@@ -9,6 +9,7 @@ are injected with the test-only `SPO_RAY_FAULT` variable (`spo_ray.trainer.injec
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -327,11 +328,14 @@ def results_of(directory: Path) -> pd.DataFrame:
 @pytest.mark.slow
 def test_failed_trials_are_recorded_while_the_rest_run_on_and_sigterm_then_resume_finishes_them(tmp_path):
     """spo diverges at step 12 and ipo raises at step 5 while dpo trains; a SIGTERM stops the sweep (exit
-    130) with what finished saved; `--resume` runs dpo to the end and the sweep exits 1 with the count."""
+    130) with what finished saved; `--resume` runs dpo to the end and the sweep exits 1 with the count.
+    Before the resume, dpo's checkpoints but the oldest are deleted, as a store that went down between Tune
+    deleting an old checkpoint and saving its state leaves them: dpo resumes from the oldest, with a warning."""
     max_steps = 600
     args = [SMOKE, "--storage-path", tmp_path, "--name", "failing", "--set", *TINY,
             "loss.name={grid: [spo, ipo, dpo]}", f"train.max_steps={max_steps}", "train.log_every=10",
-            "train.eval_every=200", "train.probe_every=200", "train.checkpoint_every=50", "tune.max_failures=0"]
+            "train.eval_every=200", "train.probe_every=200", "train.checkpoint_every=50", "tune.max_failures=0",
+            "tune.keep_checkpoints=2"]
     env = {**os.environ, "WANDB_MODE": "disabled",
            "SPO_RAY_FAULT": "diverge_at=12@loss.name=spo; raise_at=5@loss.name=ipo"}
     directory = tmp_path / "failing"
@@ -343,7 +347,7 @@ def test_failed_trials_are_recorded_while_the_rest_run_on_and_sigterm_then_resum
             results = results_of(directory)
             running = (set(results.index) == {"spo", "ipo", "dpo"} and results.loc["spo", "status"] == "DIVERGED"
                        and results.loc["ipo", "status"] == "ERROR" and results.loc["dpo", "status"] == "RUNNING"
-                       and pd.notna(results.loc["dpo", "step"]))
+                       and results.loc["dpo", "step"] > 100)  # dpo's checkpoints of steps 50 and 100 registered
         time.sleep(0.2)
     assert running, "the failing trials did not end while dpo was training"
     process.send_signal(signal.SIGTERM)
@@ -353,8 +357,17 @@ def test_failed_trials_are_recorded_while_the_rest_run_on_and_sigterm_then_resum
     assert interrupted.loc["dpo", "status"] != "TERMINATED", "dpo finished before the SIGTERM"
     assert "--resume" in output
 
+    import torch
+    [dpo_folder] = directory.glob(f"run_trial_{interrupted.loc['dpo', 'trial_id']}_*")
+    oldest, *newer = sorted(dpo_folder.glob("checkpoint_*"))
+    assert newer, "dpo had one checkpoint"
+    for folder in newer:
+        shutil.rmtree(folder)
+    step = torch.load(oldest / "trainer_state.pt", weights_only=True)["step"]
     resumed = run_module("spo_ray.sweep", *args, "--resume", env=env, timeout=240)
     assert resumed.returncode == 1, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"is not in the store; it resumes from {oldest}" in resumed.stderr
+    assert f"resuming from the checkpoint of step {step} (" in resumed.stdout + resumed.stderr
     assert "2 of 3 trials failed" in resumed.stderr
     results = results_of(directory)
     assert len(results) == 3 and results["trial_id"].is_unique

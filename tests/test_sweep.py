@@ -7,6 +7,7 @@ Ray workers before the trials).
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,6 +196,68 @@ def test_one_line_error_unwraps_to_the_innermost_message():
     assert one_line_error(trace) == "OSError: no such init"
     assert one_line_error(None) == ""
 
+
+class CheckpointedTrial:
+    """What `recover_lost_checkpoint` reads of a Tune trial: its id, Ray's checkpoint manager, the latest result."""
+    def __init__(self, trial_id, manager):
+        self.trial_id, self.status = trial_id, "PENDING"
+        self.run_metadata = type("RunMetadata", (), {"checkpoint_manager": manager})()
+
+    @property
+    def latest_checkpoint_result(self):
+        return self.run_metadata.checkpoint_manager.latest_checkpoint_result
+
+
+@pytest.mark.parametrize("case", ["latest there", "older tracked", "uploaded later", "none left"])
+def test_a_resumed_trial_whose_latest_checkpoint_is_gone_takes_the_newest_one_left(tmp_path, case):
+    """Tune's saved state tracks checkpoints 1 and 2 of a trial (keep_checkpoints 2); on disk, by case: both;
+    only 1 (2 was deleted after the state was saved); 1 and the complete 4 uploaded after it (3 half-written:
+    no trainer state); none."""
+    import pyarrow.fs
+    from ray.train import Checkpoint, CheckpointConfig
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from spo_ray.sweep import recover_lost_checkpoint
+
+    fs = pyarrow.fs.LocalFileSystem()
+    folder = tmp_path / "run_trial_t1"
+
+    def checkpoint(index: int, complete: bool = True) -> str:
+        path = folder / f"checkpoint_{index:06d}"
+        path.mkdir(parents=True)
+        (path / ("trainer_state.pt" if complete else ".metadata.json")).write_bytes(b"state")
+        return str(path)
+
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    for index in (1, 2):
+        path = checkpoint(index)
+        manager.register_checkpoint(_TrainingResult(Checkpoint(path, fs), metrics={"step": 10 * index}))
+    if case != "latest there":
+        shutil.rmtree(folder / "checkpoint_000002")
+    if case == "uploaded later":
+        checkpoint(3, complete=False)
+        checkpoint(4)
+    if case == "none left":
+        shutil.rmtree(folder / "checkpoint_000001")
+    trial = CheckpointedTrial("t1", manager)
+
+    line = recover_lost_checkpoint(trial)
+    latest = trial.latest_checkpoint_result
+    lost = str(folder / "checkpoint_000002")
+    if case == "latest there":
+        assert line is None and latest.checkpoint.path == lost and latest.metrics == {"step": 20}
+        return
+    assert line.startswith(f"trial t1: its latest checkpoint {lost} is not in the store; it resumes ")
+    kept = [Path(r.checkpoint.path).name for r in manager.best_checkpoint_results]
+    if case == "older tracked":
+        assert latest.metrics == {"step": 10} and kept == ["checkpoint_000001"]
+        assert line.endswith(f"from {folder / 'checkpoint_000001'}")
+    elif case == "uploaded later":
+        assert Path(latest.checkpoint.path).name == "checkpoint_000004" and latest.metrics == {}
+        assert kept == ["checkpoint_000001", "checkpoint_000004"]
+    else:
+        assert latest is None and kept == [] and line.endswith("from the start: none of its checkpoints is left")
+    assert recover_lost_checkpoint(trial) is None  # repaired: Tune's restore finds it
 
 # ---------------------------------------------------------------------------------------------------
 # Slow: Ray Tune and Ray Train end to end
