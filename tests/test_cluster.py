@@ -155,9 +155,15 @@ def test_a_sweep_on_an_external_cluster_reads_caches_through_the_bucket_and_buil
     assert not (tmp_path / "s3:").exists() and not (ROOT / "s3:").exists()  # no URI turned into a local path
 
 
-def test_a_node_removed_mid_sweep_restarts_its_trial_on_another_node_from_the_checkpoint(s3_bucket, tmp_path):
+def test_a_node_removed_mid_sweep_restarts_its_trial_on_another_node_from_the_checkpoint(s3_bucket, tmp_path,
+                                                                                        monkeypatch):
+    import ray._private.utils
     from ray.cluster_utils import Cluster
 
+    # Cluster() writes its address to /tmp/ray/ray_current_cluster, where every plain `ray.init()` on this
+    # machine looks first: the other tests' sweeps (parallel test workers) would join this cluster and lose
+    # their trials when it shuts down. The sweep here gets the address through RAY_ADDRESS instead.
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
     bucket, client = versioned(s3_bucket)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
