@@ -182,53 +182,76 @@ def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> d
     ℓ(y_l) down drags ℓ(y_w) down too: the mechanism behind DPO's likelihood displacement.
 
     A diagnostic must not set the trial's peak memory: each side gets its own forward and backward (half
-    the rows, no retained graph), and the norms and the dot product are summed tensor by tensor instead of
-    over flattened copies of the gradients. The cost is the same one forward over the probe's rows. With
-    `max_tokens`, a side's rows go through in groups of at most that many tokens and their gradients add up.
+    the rows, no retained graph), and only one full gradient is ever held. The chosen side's gradient is
+    kept; the rejected side's is consumed parameter by parameter as backward produces it (a hook after each
+    parameter's gradient is accumulated adds its dot product with the chosen one and its squared norm, then
+    frees it), so at 135M parameters the probe holds 0.5 GiB of gradient, not 1 GiB. With `max_tokens`, a
+    side's rows go through in groups of at most that many tokens and their gradients add up in `.grad`
+    (the rejected side's are consumed on its last group). The sums are float64.
 
-    Under FSDP (`spo_ray.sharding`) the gradients come from `backward()` into each worker's shard of `.grad`
-    (every worker runs the same probe, so the averaged gradient is the probe's), and the workers' partial
-    sums are added up.
+    Under FSDP (`spo_ray.sharding`) each worker holds the gradients of its shard only, written by FSDP's own
+    post-backward: both sides' shards are kept (every worker runs the same probe, so the averaged gradient is
+    the probe's), and the workers' partial sums are added up.
     """
     inner = unwrap(model)
     sharded = is_sharded(inner)
     params = [p for p in inner.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
     half = probe_batch["input_ids"].size(0) // 2
+    sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # ⟨c, r⟩, ‖c‖², ‖r‖²
 
-    def side_gradient(rows: slice) -> list[torch.Tensor]:
-        """∇ of the mean summed log-prob of `rows`, over groups of rows that fit `max_tokens`."""
+    def backward_side(rows: slice, consume: Callable | None = None) -> None:
+        """Backward of the mean summed log-prob of `rows` into `.grad`, over groups of rows that fit
+        `max_tokens`; `consume(param)` runs as each parameter's gradient of the last group is complete."""
         width = probe_batch["input_ids"].size(1)
         indices = list(range(*rows.indices(probe_batch["input_ids"].size(0))))
         per_group = max(1, (max_tokens or len(indices) * width) // width)
-        total = None  # the first group's gradients themselves: no extra copy of the model's size in the usual case
-        for start in range(0, len(indices), per_group):
+        starts = range(0, len(indices), per_group)
+        for start in starts:
             group = indices[start:start + per_group]
             used = probe_batch["attention_mask"][group].any(0)  # drop the columns that are padding in every row
             input_ids, attention_mask, response_mask = (probe_batch[k][group][:, used] for k in
                                                         ("input_ids", "attention_mask", "response_mask"))
-            sums, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
-            share = sums.sum() / len(indices)
-            if sharded:
-                for p in params:
-                    p.grad = None
-                share.backward()
-                grads = [local(p.grad) if p.grad is not None else None for p in params]
-                for p in params:
-                    p.grad = None
-            else:
-                grads = torch.autograd.grad(share, params, allow_unused=True)
-            grads = [g.float() if g is not None else torch.zeros_like(local(p), dtype=torch.float32)
-                     for g, p in zip(grads, params)]
-            total = grads if total is None else [a.add_(g) for a, g in zip(total, grads)]
-        return total
+            sums_of_rows, _ = sequence_logps(inner, input_ids, attention_mask, response_mask)
+            hooks = ([p.register_post_accumulate_grad_hook(consume) for p in params]
+                     if consume is not None and start == starts[-1] else [])
+            try:
+                (sums_of_rows.sum() / len(indices)).backward()
+            finally:
+                for hook in hooks:
+                    hook.remove()
 
-    grad_chosen = side_gradient(slice(0, half))
-    sums = torch.zeros(3, dtype=torch.float64, device=params[0].device)  # ⟨c, r⟩, ‖c‖², ‖r‖²
-    for g_chosen, g_rejected in zip(grad_chosen, side_gradient(slice(half, None))):
-        c, r = g_chosen.flatten(), g_rejected.flatten()
-        sums += torch.stack([c @ r, c @ c, r @ r]).double()
-    if sharded:
+    def as_float(grad) -> torch.Tensor | None:
+        return None if grad is None else local(grad).float()
+
+    backward_side(slice(0, half))
+    chosen = {p: as_float(p.grad) for p in params}
+    for p in params:
+        p.grad = None
+    for c in chosen.values():
+        if c is not None:
+            sums[1] += (c.flatten() @ c.flatten()).double()
+
+    if sharded:  # FSDP writes the sharded gradients itself, after backward: no per-parameter hook sees them
+        backward_side(slice(half, None))
+        for p in params:
+            r, c = as_float(p.grad), chosen[p]
+            if r is not None:
+                sums[2] += (r.flatten() @ r.flatten()).double()
+                if c is not None:
+                    sums[0] += (c.flatten() @ r.flatten()).double()
+            p.grad = None
         dist.all_reduce(sums)  # each worker summed over its shards
+    else:
+        def consume(p) -> None:
+            r, c = as_float(p.grad).flatten(), chosen[p]
+            sums[2] += (r @ r).double()
+            if c is not None:
+                sums[0] += (c.flatten() @ r).double()
+            p.grad = None
+        backward_side(slice(half, None), consume)
+    del chosen
     dot, chosen_sq, rejected_sq = sums.tolist()
     chosen_norm, rejected_norm = math.sqrt(chosen_sq), math.sqrt(rejected_sq)
     cosine = dot / max(chosen_norm * rejected_norm, 1e-12)

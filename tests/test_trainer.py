@@ -202,15 +202,18 @@ def test_active_one_step_spo_has_the_gradient_of_rpo_at_weight_lambda():
     assert not torch.allclose(one_step, dpo, atol=1e-3)  # the penalty does move the gradient
 
 
-@pytest.mark.parametrize("max_tokens", [None, 6], ids=["whole-side", "one-row-at-a-time"])
-def test_gradient_terms_equal_flattened_gradients_of_each_side(max_tokens):
+@pytest.mark.parametrize("max_tokens, tied", [(None, False), (6, False), (None, True)],
+                         ids=["whole-side", "one-row-at-a-time", "tied-embeddings"])
+def test_gradient_terms_equal_flattened_gradients_of_each_side(max_tokens, tied):
     """The probe's norms and cosine against autograd on each side's summed log-probs, computed by hand
-    (also when a token budget splits each side into single rows whose gradients add up)."""
+    (also when a token budget splits each side into single rows whose gradients add up, and with tied
+    input and output embeddings: one parameter that gets its gradient from two places, consumed once)."""
     torch.manual_seed(0)
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=32))
-    model.model.embed_tokens.weight.requires_grad_(False)  # frozen parameters are left out of both
+                                         num_attention_heads=2, intermediate_size=32, tie_word_embeddings=tied))
+    if not tied:
+        model.model.embed_tokens.weight.requires_grad_(False)  # frozen parameters are left out of both
     items = [(0, TokenizedPair([1, 2, 3], [4, 5, 2], [6, 2])), (1, TokenizedPair([1, 7], [8, 9, 9, 2], [3, 2]))]
     batch = collate_pairs(items, 0)
 
