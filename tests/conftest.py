@@ -28,7 +28,7 @@ def tiny_run(**sections) -> dict:
 
 def pytest_collection_modifyitems(items):
     """The slow (Ray, multi-process) tests first, each file's in its order: parallel workers (`make test` runs
-    two) then take the long tests early and finish on the short ones together, instead of one worker being
+    three) then take the long tests early and finish on the short ones together, instead of one worker being
     left with a 5-minute test at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
