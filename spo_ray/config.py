@@ -78,7 +78,9 @@ class ModelConfig(Section):
     sft_learning_rate: float = Field(1e-5, gt=0)
     sft_batch_size: int = Field(8, gt=0)
     attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
+    # Activation checkpointing: auto → on only when spo_ray.memory finds that a training step would not fit
+    # without it (it costs one more forward per step); true/false force it.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
 

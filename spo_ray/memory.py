@@ -78,13 +78,16 @@ def largest_batch_tokens(dataset: PairDataset, batches) -> int:
 
 
 def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-                   device: torch.device, world_size: int = 1) -> None:
+                   device: torch.device, world_size: int = 1) -> bool:
     """Refuse (ConfigError naming the key) a run whose reference pass, evaluation or training step cannot fit
-    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps."""
+    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps.
+    Returns whether the training step needs activation checkpointing: `model.gradient_checkpointing` when it
+    is true or false; with auto, whether the step's floor without it exceeds the memory available."""
     inner = peft_base(model)
     model_config = getattr(inner, "config", None)
+    setting = config.model.gradient_checkpointing
     if model_config is None or not hasattr(model_config, "vocab_size"):
-        return
+        return setting is True
     values = 2 if device.type == "cuda" and config.train.mixed_precision != "no" else next(model.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) // world_size
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // world_size
@@ -99,6 +102,13 @@ def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDatase
     check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
                forward_floor(model_config, tokens, values), device)
     tokens = largest_batch_tokens(train_data, micro_batches)
-    need = training_floor(model_config, tokens, trainable, values, checkpointed=config.model.gradient_checkpointing)
-    check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens)", need, device,
-               "lower it, raise train.grad_accum_steps or turn on model.gradient_checkpointing")
+    checkpointed = setting is True
+    if setting == "auto":
+        available = available_bytes(device)
+        checkpointed = available is not None and training_floor(model_config, tokens, trainable, values) > available
+    need = training_floor(model_config, tokens, trainable, values, checkpointed=checkpointed)
+    check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens"
+               f"{', activation checkpointing on' if checkpointed else ''})", need, device,
+               "lower it or raise train.grad_accum_steps" + ("" if checkpointed else
+                                                              " or turn on model.gradient_checkpointing"))
+    return checkpointed

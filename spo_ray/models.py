@@ -306,6 +306,18 @@ def gguf_init(name: str, dtype: str, cache_dir: str | Path) -> Path:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Keep only each layer's input for the backward and recompute the rest (a transformers model, or a PEFT
+    model around one). Non-reentrant, so it also works where the layers' inputs need no gradient (LoRA)."""
+    inner = getattr(model, "get_base_model", lambda: model)()
+    # transformers ≥ 5.2x names it activation checkpointing (the old name warns); older ones lack it.
+    if hasattr(inner, "activation_checkpointing_enable"):
+        inner.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.config.use_cache = False
+
+
 def load_causal_lm(path: str | Path, model_cfg, device: str | torch.device = "cpu") -> PreTrainedModel:
     """Any `transformers` causal LM by local folder or hub id, set up as `model_cfg` (a ModelConfig) says.
 
@@ -322,11 +334,8 @@ def load_causal_lm(path: str | Path, model_cfg, device: str | torch.device = "cp
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"model.init: cannot load a causal LM from {str(path)!r} ({first_line})") from None
-    if model_cfg.gradient_checkpointing:
-        # transformers ≥ 5.2x names it activation checkpointing (the old name warns); older ones lack it.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-        model.config.use_cache = False
+    if model_cfg.gradient_checkpointing is True:  # "auto": the trainer decides, once it knows the batches
+        enable_activation_checkpointing(model)
     if model_cfg.lora is not None:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 

@@ -403,6 +403,22 @@ def initial_evaluator(task, config: RunConfig, directory: str, context: WorkerCo
     return shared_initial_evaluation(task.evaluate, directory, evaluation_key(task.policy_path, config))
 
 
+def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: PairDataset, micro_batches,
+               context: WorkerContext) -> None:
+    """Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later
+    (`spo_ray.memory.check_run_fits`); with `model.gradient_checkpointing: auto`, turn activation
+    checkpointing on when a training step fits only with it."""
+    from spo_ray.models import enable_activation_checkpointing
+
+    checkpointed = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
+                                  context.world_size if context.sharded else 1)
+    if checkpointed and config.model.gradient_checkpointing == "auto":
+        enable_activation_checkpointing(policy)
+        if context.rank == 0:
+            print("model.gradient_checkpointing (auto): on — a training step does not fit in the memory available "
+                  "without it")
+
+
 def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,
           context: WorkerContext | None = None,
           report: Report | None = None, resume: dict | None = None,
@@ -439,11 +455,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     # 2. Policy and reference.
     policy = load_causal_lm(task.policy_path, config.model, device=device)
     policy.train()
-    # Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later.
     own = (b[context.rank * local_size:(context.rank + 1) * local_size] for b in sampler.batches())
-    check_run_fits(config, policy, train_data, eval_data,
-                   [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], device,
-                   context.world_size if context.sharded else 1)
+    fit_passes(config, policy, train_data, eval_data,
+               [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], context)
     if context.sharded:
         model = shard_model(policy, device)
     else:

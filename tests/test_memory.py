@@ -66,5 +66,81 @@ def test_a_run_whose_pass_cannot_fit_is_refused_before_its_first_step(init_cache
     assert rows == []
     # With room for the passes but not for the step's logits chunk and its gradient, the step is named.
     monkeypatch.setattr(memory, "available_bytes", lambda device: int(1.9 * LOGITS_CHUNK_BYTES))
-    with pytest.raises(ConfigError, match=r"^train.batch_size: a training step \(micro-batches of [\d,]+ tokens\)"):
+    # (auto turns checkpointing on, and the step still does not fit: no remedy left but smaller micro-batches)
+    with pytest.raises(ConfigError, match=r"^train.batch_size: a training step \(micro-batches of [\d,]+ tokens, "
+                                          r"activation checkpointing on\) .*; lower it or raise train.grad_accum_steps$"):
         train(validate_run(tiny_run(reference={"cache": False})), cache_dir=init_cache, report=None)
+
+
+def small_llama():
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2))
+
+
+def checkpointing_on(model) -> bool:
+    return bool(getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing)
+
+
+@pytest.mark.parametrize("setting, room, expected", [
+    ("auto", "plain", False), ("auto", "between", True), (True, "plain", True), (False, "between", "refused")])
+def test_auto_checkpointing_turns_on_only_when_a_step_fits_with_it_alone(monkeypatch, capsys, setting, room,
+                                                                         expected):
+    """Memory between the two floors of the step (the floors by hand above): auto turns activation
+    checkpointing on and says so; with room for the plain step it stays off; false is refused naming the key."""
+    from spo_ray.data import PairDataset, TokenizedPair
+    from spo_ray.trainer import WorkerContext, fit_passes
+
+    model = small_llama()
+    pairs = PairDataset([TokenizedPair(list(range(1, 40)), list(range(40, 90)), list(range(90, 120)))] * 4)
+    tokens = 2 * 4 * 89  # one micro-batch of the 4 pairs, chosen and rejected rows padded to 39 + 50 tokens
+    trainable = sum(p.numel() for p in model.parameters())
+    plain = memory.training_floor(model.config, tokens, trainable)
+    checkpointed = memory.training_floor(model.config, tokens, trainable, checkpointed=True)
+    assert checkpointed < plain
+    available = plain if room == "plain" else (plain + checkpointed) // 2
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available)
+    config = validate_run(tiny_run(model={"gradient_checkpointing": setting}))
+    if expected == "refused":
+        with pytest.raises(ConfigError, match=r"^train.batch_size: .* or turn on model.gradient_checkpointing$"):
+            fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())
+        return
+    fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())
+    assert checkpointing_on(model) == (expected and setting == "auto")  # True: load_causal_lm's job, not this
+    assert ("model.gradient_checkpointing (auto): on" in capsys.readouterr().out) == (setting == "auto" and expected)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_activation_checkpointing_leaves_the_loss_and_gradients_as_they_are(lora):
+    """One DPO-style backward through the chunked log-probs with and without checkpointing (non-reentrant, so
+    LoRA's adapters, whose layer inputs need no gradient, still get theirs): equal to float32 rounding."""
+    import copy
+
+    from spo_ray.data import TokenizedPair, collate_pairs
+    from spo_ray.logprobs import concatenated_forward
+    from spo_ray.models import enable_activation_checkpointing
+
+    model = small_llama()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    checkpointed = copy.deepcopy(model)
+    enable_activation_checkpointing(checkpointed)
+    model.train(), checkpointed.train()
+    items = [(0, TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9])), (1, TokenizedPair([1, 10], [11, 12, 13, 14], [15]))]
+    batch = collate_pairs(items, 0)
+    grads = []
+    for m in (model, checkpointed):
+        out = concatenated_forward(m, batch)
+        loss = -torch.nn.functional.logsigmoid(out["chosen_logps"] - out["rejected_logps"]).mean()
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        grads.append((loss.detach(), torch.autograd.grad(loss, trainable)))
+    (loss, plain), (loss_ckpt, recomputed) = grads
+    assert all(g.abs().sum() > 0 for g in plain)
+    # The recompute runs the same kernels on the same inputs: a float32 difference beyond a few ulps of the
+    # largest gradient entry would be a different computation.
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=8 * torch.finfo(torch.float32).eps * loss.abs().item())
+    for a, b in zip(recomputed, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=8 * torch.finfo(torch.float32).eps * b.abs().max().item())
