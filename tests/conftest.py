@@ -189,7 +189,26 @@ def _gloo_entry(rank, world_size, store_path, timeout_s, worker, args):
 
 def run_gloo_workers(worker, args: tuple, tmp_path, nprocs: int = 2, timeout_s: float = 300) -> None:
     """Run `worker(rank, nprocs, *args)` in `nprocs` spawned gloo processes; fail the test (and kill them) if
-    one raises, or if they are not all done within `timeout_s` (a stuck collective must not hang the suite)."""
+    one raises, or if they are not all done within `timeout_s` (a stuck collective must not hang the suite).
+
+    A worker killed by SIGABRT inside torch's C++ ("terminate called without an active exception", "double
+    free or corruption") is run again once, with a warning: under parallel test workers this happened twice in
+    about 35 runs of the FSDP gloo tests (issue 25 notes), never with the test alone, and never as a wrong
+    value. A Python error, a wrong value or a second abort fails the test."""
+    import warnings
+
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        _run_gloo_workers_once(worker, args, tmp_path, nprocs, timeout_s)
+    except ProcessExitedException as error:
+        if error.signal_name != "SIGABRT":
+            raise
+        warnings.warn(f"a gloo worker aborted in torch's C++ ({error}); running the workers once more")
+        _run_gloo_workers_once(worker, args, tmp_path, nprocs, timeout_s)
+
+
+def _run_gloo_workers_once(worker, args: tuple, tmp_path, nprocs: int, timeout_s: float) -> None:
     import time
 
     import torch.multiprocessing as mp
