@@ -167,11 +167,15 @@ def test_lora_logps_and_adapter_gradients_equal_the_full_logits(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # DDP and FSDP: two gloo workers on this CPU, each with the whole batch, against the full logits in one process
 
-def _distributed_worker(rank, world_size, strategy, out_path):
+def _distributed_worker(rank, world_size, strategy, out_path, checkpointed=False):
     logprobs.LOGITS_CHUNK_BYTES = 4 * VOCAB_SIZE * 3
     torch.set_num_threads(1)
     batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
     model = llama()
+    if checkpointed:  # what model.gradient_checkpointing (true, or auto when needed) does before wrapping
+        from spo_ray.models import enable_activation_checkpointing
+        enable_activation_checkpointing(model)
+        model.train()
     if strategy == "ddp":
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
@@ -186,10 +190,12 @@ def _distributed_worker(rank, world_size, strategy, out_path):
         torch.save({"logps": logps.detach(), "grads": grads}, out_path)
 
 
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["", "activation-checkpointing"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_ddp_and_fsdp_workers_get_the_full_logits_values_and_gradients(strategy, tmp_path):
+def test_ddp_and_fsdp_workers_get_the_full_logits_values_and_gradients(strategy, checkpointed, tmp_path):
+    """Also with activation checkpointing: the recomputed forward gives the same values and gradients."""
     out_path = tmp_path / "rank0.pt"
-    run_gloo_workers(_distributed_worker, (strategy, str(out_path)), tmp_path)
+    run_gloo_workers(_distributed_worker, (strategy, str(out_path), checkpointed), tmp_path)
     result = torch.load(out_path, weights_only=True)
 
     model = llama()
