@@ -55,13 +55,38 @@ def forward_floor(config, tokens: int, bytes_per_value: int = 4) -> int:
 
 
 def training_floor(config, tokens: int, trainable_parameters: int, bytes_per_value: int = 4,
-                   checkpointed: bool = False) -> int:
+                   checkpointed: int = 0) -> int:
     """Bytes a training step over `tokens` tokens must hold at least, beyond the weights. With activation
-    (gradient) checkpointing only each layer's input is kept, and one layer's activations are recomputed."""
+    (gradient) checkpointing of every `checkpointed`-th layer (True: every layer; transformers' `every_n_layers`)
+    a checkpointed layer keeps only its input, the others all their activations, and one layer's activations
+    are recomputed at a time."""
     hidden, mlp, layers = _shape(config)
     per_layer = tokens * (4 * hidden + 3 * mlp) * bytes_per_value
-    activations = layers * tokens * hidden * bytes_per_value + per_layer if checkpointed else layers * per_layer
+    kept = -(-layers // int(checkpointed)) if checkpointed else 0  # layers 0, n, 2n, … are checkpointed
+    activations = kept * tokens * hidden * bytes_per_value + (layers - kept + (1 if kept else 0)) * per_layer
     return activations + 3 * 4 * trainable_parameters + 2 * LOGITS_CHUNK_BYTES
+
+
+def checkpoints_some_layers(model) -> bool:
+    """Whether this transformers model can checkpoint every n-th layer only (`every_n_layers`, transformers
+    ≥ 5.2x) rather than all or none."""
+    import inspect
+    enable = getattr(peft_base(model), "activation_checkpointing_enable", None)
+    return enable is not None and "every_n_layers" in inspect.signature(enable).parameters
+
+
+def checkpointing_needed(model_config, tokens: int, trainable: int, values: int, available: int | None,
+                         some_layers: bool) -> int:
+    """With `model.gradient_checkpointing: auto`: 0 when the step's floor fits in `available` without
+    checkpointing; else the largest n (the fewest layers recomputed) for which checkpointing every n-th layer
+    fits, where the model can (`some_layers`); else 1, every layer."""
+    if available is None or training_floor(model_config, tokens, trainable, values) <= available:
+        return 0
+    layers = _shape(model_config)[2]
+    for every in range(layers, 1, -1) if some_layers else ():
+        if training_floor(model_config, tokens, trainable, values, checkpointed=every) <= available:
+            return every
+    return 1
 
 
 def check_fits(key: str, what: str, need: int, device: torch.device, remedy: str | None = None) -> None:
@@ -78,16 +103,16 @@ def largest_batch_tokens(dataset: PairDataset, batches) -> int:
 
 
 def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-                   device: torch.device, world_size: int = 1) -> bool:
+                   device: torch.device, world_size: int = 1) -> int:
     """Refuse (ConfigError naming the key) a run whose reference pass, evaluation or training step cannot fit
     on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps.
-    Returns whether the training step needs activation checkpointing: `model.gradient_checkpointing` when it
-    is true or false; with auto, whether the step's floor without it exceeds the memory available."""
+    Returns the activation checkpointing of the training step, as the n of "every n-th layer" (0: none):
+    `model.gradient_checkpointing` when it is true (1) or false (0); with auto, `checkpointing_needed`."""
     inner = peft_base(model)
     model_config = getattr(inner, "config", None)
     setting = config.model.gradient_checkpointing
     if model_config is None or not hasattr(model_config, "vocab_size"):
-        return setting is True
+        return int(setting is True)
     values = 2 if device.type == "cuda" and config.train.mixed_precision != "no" else next(model.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) // world_size
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // world_size
@@ -102,10 +127,10 @@ def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDatase
     check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
                forward_floor(model_config, tokens, values), device)
     tokens = largest_batch_tokens(train_data, micro_batches)
-    checkpointed = setting is True
+    checkpointed = int(setting is True)
     if setting == "auto":
-        available = available_bytes(device)
-        checkpointed = available is not None and training_floor(model_config, tokens, trainable, values) > available
+        checkpointed = checkpointing_needed(model_config, tokens, trainable, values, available_bytes(device),
+                                            checkpoints_some_layers(model))
     need = training_floor(model_config, tokens, trainable, values, checkpointed=checkpointed)
     check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens"
                f"{', activation checkpointing on' if checkpointed else ''})", need, device,

@@ -306,12 +306,16 @@ def gguf_init(name: str, dtype: str, cache_dir: str | Path) -> Path:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Keep only each layer's input for the backward and recompute the rest (a transformers model, or a PEFT
-    model around one). Non-reentrant, so it also works where the layers' inputs need no gradient (LoRA)."""
+def enable_activation_checkpointing(model, every_n_layers: int = 1) -> None:
+    """Keep only the input of every `every_n_layers`-th layer for the backward and recompute the rest (a
+    transformers model, or a PEFT model around one; `every_n_layers` > 1 needs transformers ≥ 5.2x, see
+    `spo_ray.memory.checkpoints_some_layers`). Non-reentrant, so it also works where the layers' inputs need no
+    gradient (LoRA)."""
     inner = getattr(model, "get_base_model", lambda: model)()
     # transformers ≥ 5.2x names it activation checkpointing (the old name warns); older ones lack it.
-    if hasattr(inner, "activation_checkpointing_enable"):
+    if every_n_layers > 1:
+        inner.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every_n_layers)
+    elif hasattr(inner, "activation_checkpointing_enable"):
         inner.activation_checkpointing_enable({"use_reentrant": False})
     else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

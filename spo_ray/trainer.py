@@ -410,13 +410,14 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
     checkpointing on when a training step fits only with it."""
     from spo_ray.models import enable_activation_checkpointing
 
-    checkpointed = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
-                                  context.world_size if context.sharded else 1)
-    if checkpointed and config.model.gradient_checkpointing == "auto":
-        enable_activation_checkpointing(policy)
+    every = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
+                           context.world_size if context.sharded else 1)
+    if every and config.model.gradient_checkpointing == "auto":
+        enable_activation_checkpointing(policy, every)
         if context.rank == 0:
-            print("model.gradient_checkpointing (auto): on — a training step does not fit in the memory available "
-                  "without it")
+            which = "every layer" if every == 1 else f"one layer in every {every} (the fewest that fit)"
+            print(f"model.gradient_checkpointing (auto): on, {which} — a training step does not fit in the "
+                  f"memory available without it")
 
 
 def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,

@@ -22,6 +22,36 @@ def test_forward_and_training_floors_by_hand():
     # checkpointed: each layer's input (32 values a token), and one layer's activations recomputed
     assert memory.training_floor(CONFIG, 100, 1000, checkpointed=True) == (
         2 * 100 * 32 * 4 + 100 * 320 * 4 + 12 * 1000 + 2 * LOGITS_CHUNK_BYTES)
+    # every 3rd of 8 layers (0, 3, 6): 3 inputs kept, 5 layers' activations, and one layer recomputed
+    eight = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=8)
+    assert memory.training_floor(eight, 100, 1000, checkpointed=3) == (
+        3 * 100 * 32 * 4 + (5 + 1) * 100 * 320 * 4 + 12 * 1000 + 2 * LOGITS_CHUNK_BYTES)
+
+
+def test_auto_checkpoints_the_fewest_layers_that_fit():
+    """8 layers: room for the floor of 2 checkpointed layers (every 4th … every 7th layer: 0 and 4, …, 0 and
+    7) picks every 7th, the least recompute; without partial checkpointing, every layer; room for the plain
+    step, none."""
+    eight = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=8)
+    floor = lambda every: memory.training_floor(eight, 100, 1000, checkpointed=every)
+    assert floor(1) < floor(3) < floor(4) == floor(7) < floor(0) < floor(8)  # every 8th: one layer, plus a recompute
+    assert memory.checkpointing_needed(eight, 100, 1000, 4, floor(4), some_layers=True) == 7
+    assert memory.checkpointing_needed(eight, 100, 1000, 4, floor(4), some_layers=False) == 1
+    assert memory.checkpointing_needed(eight, 100, 1000, 4, floor(1), some_layers=True) == 1
+    assert memory.checkpointing_needed(eight, 100, 1000, 4, floor(0), some_layers=True) == 0
+    assert memory.checkpointing_needed(eight, 100, 1000, 4, None, some_layers=True) == 0  # unknown: no check
+
+
+def test_checkpointing_every_nth_layer_marks_those_layers_only():
+    from transformers import LlamaForCausalLM
+
+    from spo_ray.models import enable_activation_checkpointing
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                                         num_attention_heads=2))
+    if not memory.checkpoints_some_layers(model):
+        pytest.skip("this transformers checkpoints all layers or none")
+    enable_activation_checkpointing(model, every_n_layers=3)
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == [i % 3 == 0 for i in range(8)]
 
 
 # Peak RSS measured by benchmarks/logprob_memory.py on config-made models of SmolLM2-135M's shape (30 layers,
@@ -111,8 +141,8 @@ def test_auto_checkpointing_turns_on_only_when_a_step_fits_with_it_alone(monkeyp
     assert ("model.gradient_checkpointing (auto): on" in capsys.readouterr().out) == (setting == "auto" and expected)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_activation_checkpointing_leaves_the_loss_and_gradients_as_they_are(lora):
+@pytest.mark.parametrize("lora, every", [(False, 1), (True, 1), (False, 2)], ids=["full", "lora", "every-2nd-layer"])
+def test_activation_checkpointing_leaves_the_loss_and_gradients_as_they_are(lora, every):
     """One DPO-style backward through the chunked log-probs with and without checkpointing (non-reentrant, so
     LoRA's adapters, whose layer inputs need no gradient, still get theirs): equal to float32 rounding."""
     import copy
@@ -127,7 +157,9 @@ def test_activation_checkpointing_leaves_the_loss_and_gradients_as_they_are(lora
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                  init_lora_weights=False))
     checkpointed = copy.deepcopy(model)
-    enable_activation_checkpointing(checkpointed)
+    if every > 1 and not memory.checkpoints_some_layers(checkpointed):
+        pytest.skip("this transformers checkpoints all layers or none")
+    enable_activation_checkpointing(checkpointed, every)
     model.train(), checkpointed.train()
     items = [(0, TokenizedPair([1, 2, 3, 4], [5, 6, 7], [8, 9])), (1, TokenizedPair([1, 10], [11, 12, 13, 14], [15]))]
     batch = collate_pairs(items, 0)
