@@ -79,7 +79,7 @@ class ModelConfig(Section):
     sft_batch_size: int = Field(8, gt=0)
     attn_implementation: str | None = None
     # Activation checkpointing: auto → on only when spo_ray.memory finds that a training step would not fit
-    # without it (it costs one more forward per step); true/false force it.
+    # without it, on the fewest layers that fit (each costs its forward once more); true/false: all layers, none.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     trust_remote_code: bool = False
     lora: LoraConfig | None = None
