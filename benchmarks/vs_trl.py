@@ -94,13 +94,17 @@ def word_tokenizer(vocab_size: int):
                                    unk_token="<unk>")
 
 
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
 def vm_hwm_mib() -> float:
     """This process's peak RSS since it started its program: `VmHWM`. Not `ru_maxrss`, which Linux carries
     over from the parent through fork and exec, so a spawned worker would report at least its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    return _status_mib("VmHWM")
 
 
 def synthetic_pairs(count: int, vocab_size: int, max_tokens: int, seed: int = 0) -> list[dict]:
@@ -371,10 +375,7 @@ def real_pairs_config(real, cache: bool = True):
 
 def vm_rss_mib() -> float:
     """This process's resident set now (`VmRSS`)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
+    return _status_mib("VmRSS")
 
 
 class PhasePeaks:
@@ -434,12 +435,16 @@ class PhasePeaks:
         return {phase: (self.peaks[phase], self.starts[phase]) for phase in PHASES}
 
 
-def first_batch(task, config) -> list[int]:
-    """The pair indices of spo-ray's first training batch (its length-grouped sampler, the run's seed)."""
+def first_batch(task, config) -> tuple[list[int], dict[str, float]]:
+    """The pair indices of spo-ray's first training batch (its length-grouped sampler, the run's seed), and
+    the train pairs' mean tokens of prompt, chosen and rejected (what prefix sharing would save)."""
     from spo_ray.data import LengthGroupedSampler, tokenize_pairs
 
     pairs, _ = tokenize_pairs(task.train_pairs, task.tokenizer, config.data.max_length)
-    return LengthGroupedSampler([p.length for p in pairs], config.train.batch_size, seed=config.train.seed).batches()[0]
+    means = {side: sum(len(getattr(p, f"{side}_ids")) for p in pairs) / len(pairs)
+             for side in ("prompt", "chosen", "rejected")}
+    batch = LengthGroupedSampler([p.length for p in pairs], config.train.batch_size, seed=config.train.seed).batches()[0]
+    return batch, means
 
 
 def run_pairs_side(name: str, work: Path) -> dict:
@@ -467,9 +472,10 @@ def run_pairs_side(name: str, work: Path) -> dict:
     from spo_ray.tasks import load_task
     task = load_task(config, cache_dir=cache_dir)
     paths = {"policy": task.policy_path, "reference": task.reference_path}
-    result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=first_batch(task, config),
+    batch, token_means = first_batch(task, config)
+    result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=batch,
                      bf16=name == "TRL-bf16")
-    return {"side": name, "pairs_per_s": steady_rate(result["stamps"], real.batch_size), "total_s": result["total_s"],
+    return {"side": name, "token_means": token_means, "pairs_per_s": steady_rate(result["stamps"], real.batch_size), "total_s": result["total_s"],
             "peak_mib": vm_hwm_mib(), "first_loss": result["first_loss"], "token_ids_match": result["token_ids_match"],
             "first_chosen_logps": result["first_metrics"]["logps/chosen"],
             "first_rejected_logps": result["first_metrics"]["logps/rejected"],
@@ -513,6 +519,10 @@ def real_pairs_part(args) -> None:
           f"mean chosen log-prob {ours['first_chosen_logps']:.4f} / {theirs['first_chosen_logps']:.4f}, rejected "
           f"{ours['first_rejected_logps']:.4f} / {theirs['first_rejected_logps']:.4f}; token ids identical: "
           f"{theirs['token_ids_match']}")
+    tokens = theirs["token_means"]
+    print(f"  mean tokens a train pair: prompt {tokens['prompt']:.0f}, chosen {tokens['chosen']:.0f}, rejected "
+          f"{tokens['rejected']:.0f}: {2 * tokens['prompt'] + tokens['chosen'] + tokens['rejected']:.0f} in a chosen "
+          f"and a rejected row, {sum(tokens.values()):.0f} with the prompt once (prefix sharing)")
     print(f"real_pairs speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
           f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
           f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}", flush=True)

@@ -251,7 +251,6 @@ def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> d
                 sums[0] += (c.flatten() @ r).double()
             p.grad = None
         backward_side(slice(half, None), consume)
-    del chosen
     dot, chosen_sq, rejected_sq = sums.tolist()
     chosen_norm, rejected_norm = math.sqrt(chosen_sq), math.sqrt(rejected_sq)
     cosine = dot / max(chosen_norm * rejected_norm, 1e-12)
@@ -407,11 +406,17 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
                context: WorkerContext) -> None:
     """Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later
     (`spo_ray.memory.check_run_fits`); with `model.gradient_checkpointing: auto`, turn activation
-    checkpointing on when a training step fits only with it."""
+    checkpointing on when a training step fits only with it. Every worker checkpoints alike (the most any of
+    them needs): under FSDP a recomputed layer gathers its shards again, a collective all must join."""
     from spo_ray.models import enable_activation_checkpointing
 
     every = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
                            context.world_size if context.sharded else 1)
+    if config.model.gradient_checkpointing == "auto" and context.world_size > 1 and dist.is_initialized():
+        none = torch.iinfo(torch.int64).max  # "no checkpointing" loses to any rank's every-n-th layer
+        agreed = torch.tensor([every or none], device=context.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        every = 0 if agreed.item() == none else int(agreed.item())
     if every and config.model.gradient_checkpointing == "auto":
         enable_activation_checkpointing(policy, every)
         if context.rank == 0:

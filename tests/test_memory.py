@@ -1,5 +1,7 @@
 """The memory floors (spo_ray.memory) by hand, and a run whose pass cannot fit refused before its first step."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -176,3 +178,27 @@ def test_activation_checkpointing_leaves_the_loss_and_gradients_as_they_are(lora
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=8 * torch.finfo(torch.float32).eps * loss.abs().item())
     for a, b in zip(recomputed, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=8 * torch.finfo(torch.float32).eps * b.abs().max().item())
+
+
+def _auto_checkpointing_worker(rank, world_size, out_dir):
+    """Rank 0 has room for the plain step, rank 1 only for the checkpointed one."""
+    from spo_ray.data import PairDataset, TokenizedPair
+    from spo_ray.trainer import WorkerContext, fit_passes
+
+    model = small_llama()
+    pairs = PairDataset([TokenizedPair(list(range(1, 40)), list(range(40, 90)), list(range(90, 120)))] * 4)
+    trainable = sum(p.numel() for p in model.parameters())
+    plain = memory.training_floor(model.config, 2 * 4 * 89, trainable)
+    checkpointed = memory.training_floor(model.config, 2 * 4 * 89, trainable, checkpointed=True)
+    memory.available_bytes = lambda device: plain if rank == 0 else (plain + checkpointed) // 2
+    fit_passes(validate_run(tiny_run()), model, pairs, pairs, [[0, 1, 2, 3]],
+               WorkerContext(rank=rank, world_size=world_size))
+    (Path(out_dir) / f"rank{rank}").write_text(str(checkpointing_on(model)))
+
+
+def test_every_worker_checkpoints_as_the_one_that_needs_it_most(tmp_path):
+    """Under FSDP a checkpointed layer gathers its shards again in the backward: workers that decided apart
+    would wait on each other's collectives. Rank 0 alone would not checkpoint; it does, as rank 1 must."""
+    from conftest import run_gloo_workers
+    run_gloo_workers(_auto_checkpointing_worker, (str(tmp_path),), tmp_path)
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
