@@ -193,6 +193,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(0, ge=0)       # 0: only at the end
     length_grouping: bool = True                 # batch similar lengths together to cut padding
+    # auto: run each pair as one row, its prompt once (spo_ray.data.collate_shared_prompts), on the models whose
+    # attention takes the mask it needs (spo_ray.logprobs.prefix_sharing_unsupported); true: also other model types
+    prefix_sharing: bool | Literal["auto"] = "auto"
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"  # auto: bf16 autocast on GPUs that have it
     num_threads: int | None = Field(None, gt=0)  # torch threads; default: the CPUs the trial was given
 

@@ -5,6 +5,11 @@ ones: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected. One forward p
 gives both sides' log-probs (the DPO authors' "concatenated forward"), so a step costs one forward and
 one backward however many terms the loss has.
 
+With prefix sharing (`train.prefix_sharing`, `spo_ray.data.collate_shared_prompts`) a pair is one row instead:
+prompt, chosen, rejected, with a 4D mask that hides the chosen reply from the rejected one and positions that
+restart the rejected reply after the prompt; the batch then says which position scores which token
+(`scored_logps`), since the prompt's last position scores the first token of both replies.
+
 Only response tokens count: `response_mask` marks them, prompt and padding are masked out. Position ids
 are derived from the attention mask, so a left-padded row scores exactly like the same row right-padded.
 
@@ -64,13 +69,6 @@ def response_logps(logits: Tensor, input_ids: Tensor, response_mask: Tensor) -> 
     mask = response_mask[:, 1:].to(torch.float32)
     per_token = token_logps(logits, input_ids)
     return (per_token * mask).sum(-1), mask.sum(-1)
-
-
-def first_scoring_position(response_mask: Tensor) -> int:
-    """The first position whose logits score a response token of some row: the one before the earliest
-    response token in the batch (the columns before it score prompt and padding only)."""
-    columns = response_mask.any(0).nonzero()
-    return max(int(columns[0]) - 1, 0) if columns.numel() else 0
 
 
 def chunk_positions(vocab_size: int) -> int:
@@ -176,17 +174,40 @@ def _head_replaced(head: torch.nn.Module, replacement):
 
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                    parameters: dict | None = None) -> tuple[Tensor, Tensor]:
-    """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts).
+    """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts) per row.
 
     `parameters`: weights to run the model with instead of its own (`torch.func.functional_call`), e.g.
     the one_step estimator's stepped copy.
     """
+    rows, columns = response_mask[:, 1:].bool().nonzero(as_tuple=True)  # position t scores token t+1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask)}
+    return scored_logps(model, inputs, rows, columns, input_ids[rows, columns + 1], rows, input_ids.size(0),
+                        parameters)
+
+
+def scored_logps(model, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor, labels: Tensor,
+                 sequences: Tensor, count: int, parameters: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Σ log π(labels[m]) over the m with sequences[m] = s, and their count, for s < `count`: the logits at
+    position columns[m] of row rows[m] of the model's forward over `inputs` score token labels[m].
+
+    The general form of `sequence_logps` (where a row is a sequence and t scores t+1), also for rows that
+    hold several sequences (`spo_ray.data.collate_shared_prompts`).
+    """
     head = fused_head(model)
     if head is None:
-        return full_logits_sequence_logps(model, input_ids, attention_mask, response_mask, parameters)
-    scores = response_mask[:, 1:].bool()  # position t scores token t+1
-    rows, columns = scores.nonzero(as_tuple=True)
-    labels = input_ids[rows, columns + 1]
+        per_token = full_logits_token_logps(model, inputs, rows, columns, labels, parameters)
+    else:
+        per_token = fused_token_logps(model, head, inputs, rows, columns, labels, parameters)
+    sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, sequences, per_token)
+    counts = torch.zeros(count, dtype=torch.float32, device=per_token.device).index_add(
+        0, sequences, torch.ones_like(sequences, dtype=torch.float32))
+    return sums, counts
+
+
+def fused_token_logps(model, head: torch.nn.Module, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor,
+                      labels: Tensor, parameters: dict | None = None) -> Tensor:
+    """The scored tokens' log-probs (M,) with the chunked head swapped in for `head` (the module docstring)."""
     kwargs = {}
     if takes_logits_to_keep(model):  # the model hands the head only the columns some row needs
         kept = torch.unique(columns)
@@ -200,23 +221,65 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_ma
         return per_token.reshape(1, 1, -1).clone()
 
     with _head_replaced(head, response_head):
-        out = _call(model, parameters, input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
-    per_token = out.logits.reshape(-1)
-    sums = torch.zeros(input_ids.size(0), dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
-    return sums, scores.sum(-1).to(torch.float32)
+        out = _call(model, parameters, **inputs, use_cache=False, **kwargs)
+    return out.logits.reshape(-1)
 
 
 def full_logits_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                                parameters: dict | None = None) -> tuple[Tensor, Tensor]:
-    """`sequence_logps` through the model's full logits from the batch's first response-scoring column on
+    """`sequence_logps` through the model's full logits (`full_logits_token_logps`)."""
+    with full_logits_only():
+        return sequence_logps(model, input_ids, attention_mask, response_mask, parameters)
+
+
+def full_logits_token_logps(model, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor, labels: Tensor,
+                            parameters: dict | None = None) -> Tensor:
+    """The scored tokens' log-probs (M,) from the model's full logits from the first scoring column on
     (transformers' `logits_to_keep` where the model takes it): (N, T', V) logits at once."""
-    start = first_scoring_position(response_mask)
-    keep = {"logits_to_keep": input_ids.size(1) - start} if start and takes_logits_to_keep(model) else {}
-    out = _call(model, parameters, input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **keep)
-    offset = input_ids.size(1) - out.logits.size(1)  # the positions left out of the logits (0 or start)
-    return response_logps(out.logits, input_ids[:, offset:], response_mask[:, offset:])
+    width = inputs["input_ids"].size(1)
+    start = int(columns.min()) if columns.numel() else 0
+    keep = {"logits_to_keep": width - start} if start and takes_logits_to_keep(model) else {}
+    out = _call(model, parameters, **inputs, use_cache=False, **keep)
+    offset = width - out.logits.size(1)  # the positions left out of the logits (0 or start)
+    logits = out.logits[rows, columns - offset]
+    return -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none")
+
+
+#: Attention implementations that apply a custom 4D mask as given (flash attention takes none, flex attention
+#: a BlockMask); and the model types whose transformers attention does so, checked by tests/test_prefix_sharing.py.
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+PREFIX_SHARING_MODEL_TYPES = ("llama", "gpt2", "qwen2", "mistral")
+
+
+def prefix_sharing_unsupported(model, longest_row: int, model_types=PREFIX_SHARING_MODEL_TYPES) -> str | None:
+    """Why `model` cannot run `spo_ray.data.collate_shared_prompts` batches (rows up to `longest_row` tokens)
+    with the plain rows' log-probs, or None when it can: it must be a transformers causal LM of one of
+    `model_types` (None: any) whose attention applies a custom mask, and no sliding window may cut a row
+    (the custom mask replaces the window's)."""
+    inner = transformers_model(model)
+    config = getattr(inner, "config", None)
+    if config is None:
+        return "the model is not a transformers model"
+    if model_types is not None and config.model_type not in model_types:
+        return (f"tested on model types {', '.join(model_types)}; this model is {config.model_type!r} "
+                f"(set it to true to use it anyway)")
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in CUSTOM_MASK_ATTENTION:
+        return f"attention {implementation!r} takes no custom mask (sdpa and eager do)"
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window and longest_row > window:
+        return f"the model's sliding window ({window} tokens) is shorter than the longest shared row ({longest_row})"
+    return None
+
+
+def attention_mask_for(model, visible: Tensor) -> Tensor:
+    """A (B, 1, T, T) boolean mask (True: may attend) in the form `model`'s attention takes a 4D mask as
+    given: boolean for SDPA, additive (0 or the float32 minimum) for eager attention, which adds it to the
+    scores."""
+    config = getattr(transformers_model(model), "config", None)
+    if (getattr(config, "_attn_implementation", None) or "eager") != "eager":
+        return visible
+    return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, torch.finfo(torch.float32).min)
 
 
 def _call(model, parameters: dict | None, **kwargs):
@@ -232,7 +295,13 @@ def concatenated_forward(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     Returns `chosen_logps`, `rejected_logps` (summed over response tokens), `chosen_avg_logps`,
     `rejected_avg_logps` (their per-token means) and `chosen_lengths`, `rejected_lengths`, each (B,).
     """
-    sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    if "pair_attention" in batch:  # one row a pair, its prompt shared (spo_ray.data.collate_shared_prompts)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                  "attention_mask": attention_mask_for(model, batch["pair_attention"])}
+        sums, counts = scored_logps(model, inputs, batch["score_rows"], batch["score_columns"],
+                                    batch["score_labels"], batch["score_sequences"], 2 * batch["input_ids"].size(0))
+    else:
+        sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     half = sums.size(0) // 2
     averages = sums / counts.clamp(min=1)
     return {

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from spo_ray.config import ConfigError
-from spo_ray.data import PairDataset, length_sorted_batches, padded_tokens
+from spo_ray.data import PairDataset, batch_padded_tokens, length_sorted_batches
 from spo_ray.logprobs import LOGITS_CHUNK_BYTES, peft_base
 
 GIB = 2**30
@@ -97,15 +97,18 @@ def check_fits(key: str, what: str, need: int, device: torch.device, remedy: str
                           f"are available on {device.type}; {remedy or 'lower it'}")
 
 
-def largest_batch_tokens(dataset: PairDataset, batches) -> int:
-    """The padded tokens (chosen and rejected rows) of the widest of `batches` (lists of pair indices)."""
-    return max((padded_tokens(len(b), max(dataset.pairs[i].length for i in b)) for b in batches if b), default=0)
+def largest_batch_tokens(dataset: PairDataset, batches, shared_prompts: bool = False) -> int:
+    """The padded tokens of the widest of `batches` (lists of pair indices): chosen and rejected rows, or with
+    `shared_prompts` one row a pair (`spo_ray.data.batch_padded_tokens`)."""
+    return max((batch_padded_tokens([dataset.pairs[i] for i in b], shared_prompts) for b in batches if b),
+               default=0)
 
 
 def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-                   device: torch.device, world_size: int = 1) -> int:
+                   device: torch.device, world_size: int = 1, shared_prompts: bool = False) -> int:
     """Refuse (ConfigError naming the key) a run whose reference pass, evaluation or training step cannot fit
-    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps.
+    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps;
+    `shared_prompts`: every pass runs one row a pair (`spo_ray.data.collate_shared_prompts`).
     Returns the activation checkpointing of the training step, as the n of "every n-th layer" (0: none):
     `model.gradient_checkpointing` when it is true (1) or false (0); with auto, `checkpointing_needed`."""
     inner = peft_base(model)
@@ -118,15 +121,16 @@ def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDatase
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // world_size
     ref, train_cfg = config.reference, config.train
     if ref.cache:  # the reference model is loaded beside the policy for its pass
-        tokens = max(largest_batch_tokens(d, length_sorted_batches(d, ref.batch_size, ref.batch_tokens))
-                     for d in (train_data, eval_data))
+        tokens = max(largest_batch_tokens(d, length_sorted_batches(d, ref.batch_size, ref.batch_tokens, shared_prompts),
+                                          shared_prompts) for d in (train_data, eval_data))
         check_fits("reference.batch_tokens", f"the reference pass (batches of {tokens:,} tokens, and the "
                    f"reference's weights)", forward_floor(model_config, tokens, values) + weights, device)
     tokens = largest_batch_tokens(eval_data, length_sorted_batches(eval_data, train_cfg.eval_batch_size,
-                                                                   train_cfg.eval_batch_tokens))
+                                                                   train_cfg.eval_batch_tokens, shared_prompts),
+                                  shared_prompts)
     check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
                forward_floor(model_config, tokens, values), device)
-    tokens = largest_batch_tokens(train_data, micro_batches)
+    tokens = largest_batch_tokens(train_data, micro_batches, shared_prompts)
     checkpointed = int(setting is True)
     if setting == "auto":
         checkpointed = checkpointing_needed(model_config, tokens, trainable, values, available_bytes(device),

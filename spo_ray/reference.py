@@ -59,7 +59,7 @@ def dataset_fingerprint(dataset: PairDataset) -> str:
 @torch.no_grad()
 def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batch_size: int = 128,
                             device: str | torch.device = "cpu", progress: bool = False,
-                            max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+                            max_tokens: int | None = None, shared_prompts: bool = False) -> dict[str, torch.Tensor]:
     """ℓ_ref of every pair in `dataset`, in dataset order: a dict of (N,) float tensors, one per COLUMNS
     (`per_pair_tables`: length-sorted batches, split over the workers of a sharded model)."""
     was_training = model.training
@@ -70,7 +70,8 @@ def compute_reference_logps(model, dataset: PairDataset, pad_token_id: int, batc
         return {name: out[name] for name in COLUMNS}
 
     tables = per_pair_tables(dataset, batch_size, pad_token_id, device, forward, sharded=is_sharded(model),
-                             max_tokens=max_tokens, progress="reference log-probs" if progress else None)
+                             max_tokens=max_tokens, progress="reference log-probs" if progress else None,
+                             shared_prompts=shared_prompts)
     model.train(was_training)
     return {name: tables.get(name, torch.zeros(len(dataset))).cpu() for name in COLUMNS}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from spo_ray.data import PairDataset, collate_pairs, length_sorted_batches
+from spo_ray.data import PairDataset, collate, length_sorted_batches
 from spo_ray.logprobs import peft_base
 
 
@@ -61,19 +61,20 @@ def share_of(batches: list, sharded: bool) -> list[tuple[object, bool]]:
 
 
 def per_pair_tables(dataset: PairDataset, batch_size: int, pad_id: int, device, forward, *, sharded: bool,
-                    max_tokens: int | None = None, progress: str | None = None) -> dict:
+                    max_tokens: int | None = None, progress: str | None = None, shared_prompts: bool = False) -> dict:
     """One pass over every pair of `dataset` (reference log-probs, evaluation): `forward(batch)` returns (B,)
     values per name, and each name becomes an (N,) float32 table on `device`, indexed by pair. Batches run
     shortest pairs first (`length_sorted_batches`: at most `batch_size` pairs and `max_tokens` tokens each), so
     little of each is padding; a sharded model's workers split them (`share_of`) and add up their tables.
-    `progress`: a progress bar's label."""
-    batches = share_of(length_sorted_batches(dataset, batch_size, max_tokens), sharded)
+    `progress`: a progress bar's label; `shared_prompts`: one row a pair (`spo_ray.data.collate_shared_prompts`)."""
+    batches = share_of(length_sorted_batches(dataset, batch_size, max_tokens, shared_prompts), sharded)
+    collate_batch = collate(shared_prompts)
     if progress:
         from tqdm.auto import tqdm
         batches = tqdm(batches, desc=progress, leave=False)
     tables = {}
     for indices, keep in batches:
-        batch = {k: v.to(device) for k, v in collate_pairs([dataset[i] for i in indices], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_batch([dataset[i] for i in indices], pad_id).items()}
         for name, values in forward(batch).items():  # every worker makes every table, also from a dropped batch
             column = tables.setdefault(name, torch.zeros(len(dataset), dtype=torch.float32, device=device))
             if keep:

@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from spo_ray import storage
-from spo_ray.config import LossConfig, RunConfig, TrainConfig, check_batch_size, config_at, get_dotted, to_plain
-from spo_ray.data import LengthGroupedSampler, PairDataset, collate_pairs, tokenize_pairs
+from spo_ray.config import ConfigError, LossConfig, RunConfig, TrainConfig, check_batch_size, config_at, get_dotted, to_plain
+from spo_ray.data import LengthGroupedSampler, PairDataset, collate, collate_pairs, tokenize_pairs
 from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_initial_evaluation
-from spo_ray.logprobs import concatenated_forward, sequence_logps
+from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, prefix_sharing_unsupported,
+                              sequence_logps)
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
 from spo_ray.memory import check_run_fits
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
@@ -260,9 +261,11 @@ def gradient_terms(model, probe_batch: dict, max_tokens: int | None = None) -> d
 
 @torch.no_grad()
 def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig, pad_id: int,
-                   batch_size: int, device, autocast, max_tokens: int | None = None) -> dict[str, float]:
+                   batch_size: int, device, autocast, max_tokens: int | None = None,
+                   shared_prompts: bool = False) -> dict[str, float]:
     """Preference metrics over the whole evaluation set (one loss over all pairs, not a mean of batches).
-    A sharded model's workers split the batches and add up their per-pair tables."""
+    A sharded model's workers split the batches and add up their per-pair tables. `shared_prompts`: one row
+    a pair (`spo_ray.data.collate_shared_prompts`)."""
     was_training = model.training
     model.eval()
 
@@ -273,7 +276,7 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
                 **{("reference", k): v for k, v in reference(batch).items()}}
 
     tables = per_pair_tables(dataset, batch_size, pad_id, device, forward, sharded=is_sharded(unwrap(model)),
-                             max_tokens=max_tokens)
+                             max_tokens=max_tokens, shared_prompts=shared_prompts)
     model.train(was_training)
     policy, ref = ({name: table for (side, name), table in tables.items() if side == wanted}
                    for wanted in ("policy", "reference"))
@@ -402,8 +405,28 @@ def initial_evaluator(task, config: RunConfig, directory: str, context: WorkerCo
     return shared_initial_evaluation(task.evaluate, directory, evaluation_key(task.policy_path, config))
 
 
+def shares_prompts(config: RunConfig, model, dataset: PairDataset, context: WorkerContext, say: bool = True) -> bool:
+    """Whether `model`'s passes over `dataset` run each pair as one row with its prompt once
+    (`train.prefix_sharing`: the training steps, evaluation and reference pass; the gradient probe keeps the
+    two rows a pair, one side's gradient at a time). auto: where the model supports it; true: also untested
+    model types, and a ConfigError naming the key where it cannot be done. `say`: print why auto is off."""
+    setting = config.train.prefix_sharing
+    if setting is False:
+        return False
+    if config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
+        reason = "the one_step estimator re-scores the chosen replies in rows of their own"
+    else:
+        longest = max((p.shared_length for p in dataset.pairs), default=0)
+        reason = prefix_sharing_unsupported(model, longest, None if setting is True else PREFIX_SHARING_MODEL_TYPES)
+    if reason and setting is True:
+        raise ConfigError(f"train.prefix_sharing: {reason}")
+    if reason and say and context.rank == 0:
+        print(f"train.prefix_sharing (auto): off — {reason}")
+    return reason is None
+
+
 def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-               context: WorkerContext) -> None:
+               context: WorkerContext, shared_prompts: bool = False) -> None:
     """Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later
     (`spo_ray.memory.check_run_fits`); with `model.gradient_checkpointing: auto`, turn activation
     checkpointing on when a training step fits only with it. Every worker checkpoints alike (the most any of
@@ -411,7 +434,7 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
     from spo_ray.models import enable_activation_checkpointing
 
     every = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
-                           context.world_size if context.sharded else 1)
+                           context.world_size if context.sharded else 1, shared_prompts)
     if config.model.gradient_checkpointing == "auto" and context.world_size > 1 and dist.is_initialized():
         none = torch.iinfo(torch.int64).max  # "no checkpointing" loses to any rank's every-n-th layer
         agreed = torch.tensor([every or none], device=context.device)
@@ -462,8 +485,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     policy = load_causal_lm(task.policy_path, config.model, device=device)
     policy.train()
     own = (b[context.rank * local_size:(context.rank + 1) * local_size] for b in sampler.batches())
+    shared_prompts = shares_prompts(config, policy, train_data, context)
+    collate_step = collate(shared_prompts)
     fit_passes(config, policy, train_data, eval_data,
-               [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], context)
+               [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], context, shared_prompts)
     if context.sharded:
         model = shard_model(policy, device)
     else:
@@ -484,7 +509,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 with autocast():
                     return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, device,
                                                    progress=progress and context.rank == 0,
-                                                   max_tokens=config.reference.batch_tokens)
+                                                   max_tokens=config.reference.batch_tokens,
+                                                   shared_prompts=shares_prompts(config, ref, dataset, context,
+                                                                                 say=False))
             if context.sharded:  # every worker takes part in a sharded reference's forward
                 tables[split], hit = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
                                                                      compute, rank=context.rank, device=device)
@@ -536,7 +563,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
         if do_eval:
             row.update(evaluate_pairs(model, eval_data, eval_reference, loss_cfg, pad_id,
-                                      cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens))
+                                      cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens,
+                                      shared_prompts))
             if task.evaluate is not None:
                 evaluate = initial_evaluation if step == 0 else task.evaluate
                 with autocast():
@@ -571,7 +599,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         step_metrics: dict[str, list[float]] = {}
         for m in range(cfg.grad_accum_steps):
             items = [train_data[i] for i in indices[m * micro_size:(m + 1) * micro_size]]
-            batch = {k: v.to(device) for k, v in collate_pairs(items, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_step(items, pad_id).items()}
             tokens += int(batch["attention_mask"].sum())
             last_micro = m == cfg.grad_accum_steps - 1
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()

@@ -277,3 +277,25 @@ def test_a_single_run_uses_every_cpu_unless_the_config_names_a_number():
 
     assert single_run_cpus(validate_sweep({"name": "one"})[0]) == len(os.sched_getaffinity(0))
     assert single_run_cpus(validate_sweep({"name": "one", "scaling": {"cpus_per_worker": 3}})[0]) == 3
+
+
+def test_prefix_sharing_leaves_a_steps_log_probs_and_loss_as_they_are(init_cache, monkeypatch):
+    """The trainer's shared rows (train.prefix_sharing, on by auto here) score the first step's pairs as the
+    separate rows do: two float32 forwards of the same tokens, batched differently."""
+    import spo_ray.data as data_module
+
+    shared_batches = []
+    collate = data_module.collate_shared_prompts
+    monkeypatch.setattr(data_module, "collate_shared_prompts", lambda *a, **k: shared_batches.append(1) or collate(*a, **k))
+    steps = {"max_steps": 1, "log_every": 1, "eval_every": 1, "probe_every": 1}
+    rows, shared = {}, {}
+    for setting in (False, "auto"):
+        rows[setting] = run(tiny_run(train={**steps, "prefix_sharing": setting}), init_cache)[1][0]
+        shared[setting] = len(shared_batches)
+    # auto: the step and the evaluation (the reference tables are the first run's, read from the shared cache)
+    assert shared[False] == 0 and shared["auto"] >= 2
+    for side in ("chosen", "rejected"):
+        key = f"train/{side}_logps"
+        assert rows["auto"][key] == pytest.approx(rows[False][key],
+                                                  abs=rounding_tolerance(rows[False][key], 2 * FORWARD_ROUNDINGS))
+    assert abs(rows["auto"]["train/loss"] - rows[False]["train/loss"]) <= 2 * dpo_loss_tolerance(rows[False], "train", 0.1)
