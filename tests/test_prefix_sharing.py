@@ -21,8 +21,8 @@ from spo_ray.data import PairDataset, TokenizedPair, collate_pairs, collate_shar
 from spo_ray.logprobs import concatenated_forward, prefix_sharing_unsupported
 from spo_ray.reference import compute_reference_logps
 from spo_ray.trainer import WorkerContext, shares_prompts
-from test_chunked_logprobs import (PAD, VOCAB_SIZE, assert_close_gradients, full_logits_references, gpt2, gradients,
-                                   llama, pairs)
+from test_chunked_logprobs import (PAD, VOCAB_SIZE, _distributed_worker, assert_close_gradients, full_logits_references,
+                                   gpt2, gradients, llama, pairs)
 
 
 def qwen2(seed: int = 0) -> Qwen2ForCausalLM:
@@ -40,6 +40,15 @@ def mistral(seed: int = 0) -> MistralForCausalLM:
 
 
 MODELS = {"llama": llama, "gpt2": gpt2, "qwen2": qwen2, "mistral": mistral}
+
+
+def assert_matches_separate_rows(model, out: dict, plain, plain_grads, exact, exact_grads, weights=None) -> None:
+    """`concatenated_forward`'s output `out` over shared rows, and the gradients of Σ weights·log-probs, against
+    the separate rows' float32 values and the float64 oracle (`full_logits_references`)."""
+    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    (got * (1.0 if weights is None else weights)).sum().backward()
+    assert_as_accurate_as_float32(got.detach(), plain, exact, "log-probs")
+    assert_close_gradients(gradients(model), plain_grads, exact_grads)
 
 
 def test_a_shared_row_on_a_literal_example():
@@ -76,10 +85,7 @@ def test_shared_prompt_logps_and_gradients_equal_the_separate_rows(name, attenti
     weights = torch.linspace(0.5, 1.5, 2 * len(items))
     plain, plain_grads, exact, exact_grads = full_logits_references(model, collate_pairs(items, PAD), weights)
     out = concatenated_forward(model, collate_shared_prompts(items, PAD))
-    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
-    (got * weights).sum().backward()
-    assert_as_accurate_as_float32(got.detach(), plain, exact, "log-probs")
-    assert_close_gradients(gradients(model), plain_grads, exact_grads)
+    assert_matches_separate_rows(model, out, plain, plain_grads, exact, exact_grads, weights)
     expected = collate_pairs(items, PAD)["response_mask"][:, 1:].sum(-1).float()
     assert torch.equal(torch.cat([out["chosen_lengths"], out["rejected_lengths"]]), expected)
 
@@ -94,10 +100,7 @@ def test_chunked_head_and_full_logits_paths_score_shared_rows_alike(monkeypatch)
         model.zero_grad(set_to_none=True)
         with context():
             out = concatenated_forward(model, collate_shared_prompts(items, PAD))
-        got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
-        got.sum().backward()
-        assert_as_accurate_as_float32(got.detach(), plain, exact, "log-probs")
-        assert_close_gradients(gradients(model), plain_grads, exact_grads)
+        assert_matches_separate_rows(model, out, plain, plain_grads, exact, exact_grads)
 
 
 def test_lora_adapters_get_the_separate_rows_gradients_from_shared_rows():
@@ -109,10 +112,7 @@ def test_lora_adapters_get_the_separate_rows_gradients_from_shared_rows():
     assert plain_grads and all("lora" in name for name in plain_grads)
     assert prefix_sharing_unsupported(model, 64) is None  # peft's wrapper is seen through
     out = concatenated_forward(model, collate_shared_prompts(items, PAD))
-    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
-    got.sum().backward()
-    assert_as_accurate_as_float32(got.detach(), plain, exact, "log-probs")
-    assert_close_gradients(gradients(model), plain_grads, exact_grads)
+    assert_matches_separate_rows(model, out, plain, plain_grads, exact, exact_grads)
 
 
 def test_the_comparison_sees_a_rejected_reply_that_attends_to_the_chosen_one():
@@ -185,29 +185,13 @@ def test_a_sliding_window_shorter_than_a_shared_row_turns_it_off():
 
 
 # ---------------------------------------------------------------------------------------------------
-# DDP and FSDP: two gloo workers with the whole shared batch each, against the separate rows in one process
-
-def _distributed_worker(rank, world_size, strategy, out_path):
-    torch.set_num_threads(1)
-    model = llama()
-    if strategy == "ddp":
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
-    else:
-        from spo_ray.sharding import shard_model
-        wrapped = shard_model(model, torch.device("cpu"))
-    out = concatenated_forward(wrapped, collate_shared_prompts(list(PairDataset(pairs())), PAD))
-    logps = torch.cat([out["chosen_logps"], out["rejected_logps"]])
-    (logps * torch.linspace(0.5, 1.5, logps.numel())).sum().backward()
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in model.named_parameters() if p.grad is not None}
-    if rank == 0:
-        torch.save({"logps": logps.detach(), "grads": grads}, out_path)
-
+# DDP and FSDP: two gloo workers with the whole shared batch each (chunks of 3 positions), against the separate
+# rows in one process
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_ddp_and_fsdp_workers_get_the_separate_rows_values_and_gradients(strategy, tmp_path):
     out_path = tmp_path / "rank0.pt"
-    run_gloo_workers(_distributed_worker, (strategy, str(out_path)), tmp_path)
+    run_gloo_workers(_distributed_worker, (strategy, str(out_path), False, True), tmp_path)
     result = torch.load(out_path, weights_only=True)
     weights = torch.linspace(0.5, 1.5, 2 * len(pairs()))
     plain, plain_grads, exact, exact_grads = full_logits_references(
