@@ -203,6 +203,14 @@ class SweepPBT(PopulationBasedTraining):
             self.save()  # the trial reached a perturbation step
         return decision
 
+    def _exploit(self, tune_controller, trial, trial_to_clone):
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        # Ray's exploit points the receiver at the donor's checkpoint inside its checkpoint manager, which does
+        # not clear the trial's cached run-metadata JSON (ray 2.60: only attributes set on the metadata itself
+        # do). A sweep stopped before the receiver's next result would save the new config with the old
+        # checkpoint, and resume the receiver from its own weights under the donor's hyperparameters.
+        trial.run_metadata.invalidate_cache()
+
     def save(self) -> None:
         from spo_ray.results import write_yaml
         version, internal, gauss = self.random_state

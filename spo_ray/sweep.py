@@ -445,6 +445,7 @@ def recover_lost_checkpoint(trial) -> str | None:
     # Ray's checkpoint manager has no public setter: it keeps the results that exist, the newest as its latest.
     manager._checkpoint_results = kept
     manager._latest_checkpoint_result = kept[-1] if kept else None
+    trial.run_metadata.invalidate_cache()  # the metadata's cached JSON would keep the lost one (see SweepPBT._exploit)
     where = f"from {kept[-1].checkpoint.path}" if kept else "from the start: none of its checkpoints is left"
     return f"trial {trial.trial_id}: its latest checkpoint {lost} is not in the store; it resumes {where}"
 

@@ -267,6 +267,58 @@ def test_pbt_state_survives_a_resume(tmp_path):
     assert random.getstate() == outside  # the scheduler's draws leave everyone else's random alone
 
 
+class ExploitedTrial(FakeTrial):
+    """What Ray's PBT exploit (ray 2.60's PopulationBasedTraining._exploit) reads and writes of a Tune trial: its
+    config, tag, status and run metadata (Tune's own class, holding Ray's checkpoint manager)."""
+
+    def __init__(self, trial_id, config, checkpoint, folder):
+        from ray.train import CheckpointConfig
+        from ray.train._internal.checkpoint_manager import _CheckpointManager
+        from ray.train._internal.session import _TrainingResult
+        from ray.tune.trainable.metadata import _TrainingRunMetadata
+        super().__init__(trial_id)
+        self.config, self.status = config, "PAUSED"  # synchronous PBT exploits paused trials
+        self.local_experiment_path = self.local_dir = folder  # where PBT logs its policy
+        self.last_result = {"training_iteration": 4}
+        self.run_metadata = _TrainingRunMetadata()
+        self.run_metadata.checkpoint_manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+        self.run_metadata.checkpoint_manager.register_checkpoint(_TrainingResult(checkpoint, metrics={"step": 4}))
+
+    def set_experiment_tag(self, tag):
+        self.experiment_tag = tag
+
+    def set_config(self, config):
+        self.config = config
+
+    def is_finished(self):
+        return False
+
+
+def test_an_exploit_reaches_the_state_tune_saves_before_the_receivers_next_result(tmp_path):
+    """Tune saves a trial's run metadata from a cached JSON; Ray's exploit changes the receiver's latest checkpoint
+    without clearing it. A sweep stopped right after an exploit must still resume the receiver from the donor's
+    checkpoint (it resumed from its own, under the donor's mutated values: seen as a missing exploit row)."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+    from ray.tune.schedulers.pbt import _PBTTrialState
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+    from spo_ray import search
+    raw, sweep, spaces = pbt_sweep(tmp_path)
+    scheduler = search.pbt_scheduler(sweep, str(tmp_path))
+    fs, config = pyarrow.fs.LocalFileSystem(), {"loss": {"spo_lambda": 1.0}, "train": {"learning_rate": 1e-3}}
+    trials = {}
+    for trial_id, score in (("receiver", -0.9), ("donor", -0.1)):
+        folder = tmp_path / trial_id / "checkpoint_000000"
+        folder.mkdir(parents=True)
+        trial = trials[trial_id] = ExploitedTrial(trial_id, dict(config), Checkpoint(str(folder), fs), str(tmp_path))
+        state = scheduler._trial_state[trial] = _PBTTrialState(trial)
+        state.last_checkpoint, state.last_result, state.last_score = Checkpoint(str(folder), fs), {"step": 4}, score
+        trial.run_metadata.get_json_state()  # Tune's periodic save: the JSON is cached
+    scheduler._exploit(None, trials["receiver"], trials["donor"])
+    saved = _TrainingRunMetadata.from_json_state(trials["receiver"].run_metadata.get_json_state())
+    assert saved.checkpoint_manager.latest_checkpoint_result.checkpoint.path == str(tmp_path / "donor" / "checkpoint_000000")
+
+
 def test_pbt_leaves_a_runs_last_step_alone(tmp_path):
     from ray.tune.schedulers import TrialScheduler
     from spo_ray import search

@@ -200,8 +200,10 @@ def test_one_line_error_unwraps_to_the_innermost_message():
 class CheckpointedTrial:
     """What `recover_lost_checkpoint` reads of a Tune trial: its id, Ray's checkpoint manager, the latest result."""
     def __init__(self, trial_id, manager):
+        from ray.tune.trainable.metadata import _TrainingRunMetadata
         self.trial_id, self.status = trial_id, "PENDING"
-        self.run_metadata = type("RunMetadata", (), {"checkpoint_manager": manager})()
+        self.run_metadata = _TrainingRunMetadata()  # Tune's own: it saves a trial's checkpoints from a cached JSON
+        self.run_metadata.checkpoint_manager = manager
 
     @property
     def latest_checkpoint_result(self):
@@ -217,6 +219,7 @@ def test_a_resumed_trial_whose_latest_checkpoint_is_gone_takes_the_newest_one_le
     from ray.train import Checkpoint, CheckpointConfig
     from ray.train._internal.checkpoint_manager import _CheckpointManager
     from ray.train._internal.session import _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
     from spo_ray.sweep import recover_lost_checkpoint
 
     fs = pyarrow.fs.LocalFileSystem()
@@ -240,9 +243,13 @@ def test_a_resumed_trial_whose_latest_checkpoint_is_gone_takes_the_newest_one_le
     if case == "none left":
         shutil.rmtree(folder / "checkpoint_000001")
     trial = CheckpointedTrial("t1", manager)
+    trial.run_metadata.get_json_state()  # cached, as by the sweep's last save
 
     line = recover_lost_checkpoint(trial)
     latest = trial.latest_checkpoint_result
+    saved = _TrainingRunMetadata.from_json_state(trial.run_metadata.get_json_state()).checkpoint_manager
+    assert (saved.latest_checkpoint_result and saved.latest_checkpoint_result.checkpoint.path) == \
+        (latest and latest.checkpoint.path)  # what the next save writes is the repair
     lost = str(folder / "checkpoint_000002")
     if case == "latest there":
         assert line is None and latest.checkpoint.path == lost and latest.metrics == {"step": 20}
