@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from spo_ray.config import ConfigError, DataConfig, RunConfig, validate_run
-from spo_ray.data import collate_rows, tokenize_pairs
-from spo_ray.logprobs import sequence_logps
+from conftest import FORWARD_ROUNDINGS, rounding_tolerance
+from spo_ray.data import PairDataset, collate_rows, collate_shared_prompts, tokenize_pairs
+from spo_ray.logprobs import concatenated_forward, prefix_sharing_unsupported, sequence_logps
 from spo_ray.models import PACKAGED_GGUF, gguf_dir, gguf_file, gguf_init, load_init
 from spo_ray.tasks import gsm8k
 from spo_ray.tasks.pairs import retention_evaluator
@@ -148,6 +149,26 @@ def as_rows(examples, tokenizer, max_length):
     tokenized, _ = tokenize_pairs([{"prompt": e["prompt"], "chosen": e["response"], "rejected": e["response"]}
                                    for e in examples], tokenizer, max_length)
     return [(pair.prompt_ids, pair.chosen_ids) for pair in tokenized]
+
+
+@needs_smollm2
+@needs_gsm8k
+def test_shared_prompt_rows_of_gsm8k_chat_pairs_score_as_transformers_own_loss(smollm2_cache, smollm2):
+    """Prefix sharing on the real model (Llama architecture, 49,152-token vocabulary, chat-template prompts): each
+    reply's log-prob from one row a pair equals transformers' `labels=` loss on prompt + that reply alone."""
+    model, tokenizer = smollm2
+    train, _, _, _, _ = gsm8k.gsm8k_splits(smollm2_run(smollm2_cache, max_train_pairs=3, max_eval_pairs=1,
+                                                    retention_answers=0), tokenizer)
+    pairs, _ = tokenize_pairs(train, tokenizer, 192)
+    assert prefix_sharing_unsupported(model, max(p.shared_length for p in pairs)) is None  # auto turns it on
+    with torch.no_grad():
+        out = concatenated_forward(model, collate_shared_prompts(list(PairDataset(pairs)), tokenizer.pad_token_id))
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    expected, counts = transformers_logps(model, rows, tokenizer.pad_token_id)
+    got = torch.cat([out["chosen_logps"], out["rejected_logps"]])
+    assert torch.equal(torch.cat([out["chosen_lengths"], out["rejected_lengths"]]), counts)
+    # Two float32 forwards of the same tokens, batched and masked differently.
+    assert (got - expected).abs().max() <= rounding_tolerance(expected.abs().max(), 2 * FORWARD_ROUNDINGS)
 
 
 @needs_smollm2
