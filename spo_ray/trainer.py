@@ -428,13 +428,23 @@ def shares_prompts(config: RunConfig, model, dataset: PairDataset, context: Work
 def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: PairDataset, micro_batches,
                context: WorkerContext, shared_prompts: bool = False) -> None:
     """Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later
-    (`spo_ray.memory.check_run_fits`); with `model.gradient_checkpointing: auto`, turn activation
+    (`spo_ray.memory.check_run_fits`), on every worker when any worker's memory refuses it (the others would
+    wait for it in their first collective); with `model.gradient_checkpointing: auto`, turn activation
     checkpointing on when a training step fits only with it. Every worker checkpoints alike (the most any of
     them needs): under FSDP a recomputed layer gathers its shards again, a collective all must join."""
     from spo_ray.models import enable_activation_checkpointing
 
-    every = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
-                           context.world_size if context.sharded else 1, shared_prompts)
+    try:
+        every, refusal = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
+                                        context.world_size if context.sharded else 1, shared_prompts), None
+    except ConfigError as error:
+        every, refusal = 0, str(error)
+    if context.world_size > 1 and dist.is_initialized():  # one worker's refusal stops all: none waits on it
+        refusals = [None] * context.world_size
+        dist.all_gather_object(refusals, refusal)
+        refusal = next((r for r in refusals if r), None)
+    if refusal:
+        raise ConfigError(refusal)
     if config.model.gradient_checkpointing == "auto" and context.world_size > 1 and dist.is_initialized():
         none = torch.iinfo(torch.int64).max  # "no checkpointing" loses to any rank's every-n-th layer
         agreed = torch.tensor([every or none], device=context.device)

@@ -202,3 +202,31 @@ def test_every_worker_checkpoints_as_the_one_that_needs_it_most(tmp_path):
     from conftest import run_gloo_workers
     run_gloo_workers(_auto_checkpointing_worker, (str(tmp_path),), tmp_path)
     assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["True", "True"]
+
+
+def _refusing_worker(rank, world_size, out_dir):
+    """Rank 1 has half the checkpointed step's floor (less than its reference pass needs); rank 0 plenty."""
+    from spo_ray.config import ConfigError
+    from spo_ray.data import PairDataset, TokenizedPair
+    from spo_ray.trainer import WorkerContext, fit_passes
+
+    model = small_llama()
+    pairs = PairDataset([TokenizedPair(list(range(1, 40)), list(range(40, 90)), list(range(90, 120)))] * 4)
+    trainable = sum(p.numel() for p in model.parameters())
+    checkpointed = memory.training_floor(model.config, 2 * 4 * 89, trainable, checkpointed=True)
+    memory.available_bytes = lambda device: 100 * checkpointed if rank == 0 else checkpointed // 2
+    try:
+        fit_passes(validate_run(tiny_run()), model, pairs, pairs, [[0, 1, 2, 3]],
+                   WorkerContext(rank=rank, world_size=world_size))
+        outcome = "fits"
+    except ConfigError as error:
+        outcome = str(error)
+    (Path(out_dir) / f"rank{rank}").write_text(outcome)
+
+
+def test_a_batch_one_worker_cannot_fit_stops_every_worker_with_its_error(tmp_path):
+    """Without the exchange, rank 0 would go on to its first collective and wait there for rank 1, gone."""
+    from conftest import run_gloo_workers
+    run_gloo_workers(_refusing_worker, (str(tmp_path),), tmp_path)
+    outcomes = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("reference.batch_tokens: the reference pass (batches of ")
