@@ -435,21 +435,18 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
     from spo_ray.models import enable_activation_checkpointing
 
     try:
-        every, refusal = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
-                                        context.world_size if context.sharded else 1, shared_prompts), None
+        outcome = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
+                                 context.world_size if context.sharded else 1, shared_prompts), None
     except ConfigError as error:
-        every, refusal = 0, str(error)
-    if context.world_size > 1 and dist.is_initialized():  # one worker's refusal stops all: none waits on it
-        refusals = [None] * context.world_size
-        dist.all_gather_object(refusals, refusal)
-        refusal = next((r for r in refusals if r), None)
-    if refusal:
+        outcome = 0, str(error)
+    outcomes = [outcome]
+    if context.world_size > 1 and dist.is_initialized():  # every worker learns every worker's outcome
+        outcomes = [None] * context.world_size
+        dist.all_gather_object(outcomes, outcome)
+    refusal = next((r for _, r in outcomes if r), None)
+    if refusal:  # one worker's refusal stops all: none is left waiting for it in a collective
         raise ConfigError(refusal)
-    if config.model.gradient_checkpointing == "auto" and context.world_size > 1 and dist.is_initialized():
-        none = torch.iinfo(torch.int64).max  # "no checkpointing" loses to any rank's every-n-th layer
-        agreed = torch.tensor([every or none], device=context.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        every = 0 if agreed.item() == none else int(agreed.item())
+    every = min((e for e, _ in outcomes if e), default=0)  # the most checkpointing any worker needs
     if every and config.model.gradient_checkpointing == "auto":
         enable_activation_checkpointing(policy, every)
         if context.rank == 0:
