@@ -473,11 +473,12 @@ def test_pbt_hands_the_donors_checkpoint_on_and_a_resumed_sweep_keeps_its_schedu
 
     checkpoints = checkpoint_states(directory)
     for _, receiver in exploits.iterrows():
-        rows = history[history["trial_id"] == receiver["trial_id"]].set_index("step")
-        at, first = int(receiver["exploit/step"]), int(receiver["step"])
-        before = rows[rows.index <= at]["hp/spo_lambda"].iloc[-1]
         assert receiver["train/spo_lambda"] == pytest.approx(receiver["hp/spo_lambda"], rel=1e-6)  # in the loss
-        assert receiver["hp/spo_lambda"] != before
+        # Explored within the declared range: the donor's value × 0.8 or × 1.2, clipped to [0.1, 10], or drawn
+        # afresh. It need not differ from the receiver's own value before, nor from the donor's: a receiver
+        # exploited twice by one donor can draw the same × 0.8 twice, and a clip lands on the donor's 0.1 (both
+        # seen). That the exploit took effect is the replay below: the donor's checkpoint, the new values.
+        assert 0.1 <= receiver["hp/spo_lambda"] <= 10
 
     # One receiver's steps after its exploit, trained here from the donor's checkpoint with its new values.
     import torch
