@@ -20,7 +20,7 @@ UNTIMED = ("train/tokens_per_s", "wall_time_s")
 def spo_run(**train_keys) -> dict:
     return tiny_run(loss={"name": "spo", "spo_lambda": 1.0},
                     train={"max_steps": 8, "log_every": 1, "eval_every": 4, "probe_every": 4,
-                           "checkpoint_every": 4, **train_keys})
+                           "checkpoint_every": 1, **train_keys})
 
 
 def saved(state: dict) -> dict:
@@ -47,7 +47,7 @@ def run(raw, cache_dir, reference_dir, resume=None):
 
 @pytest.fixture(scope="module")
 def donor(init_cache, tmp_path_factory):
-    """A run of 8 steps with λ = 1 and its checkpoints at steps 4 and 8: the trial PBT copies."""
+    """A run of 8 steps with λ = 1 and a checkpoint after every step: the trial PBT copies."""
     reference_dir = tmp_path_factory.mktemp("donor_ref")
     rows, states = run(spo_run(), init_cache, reference_dir)
     return rows, states, reference_dir
@@ -65,23 +65,31 @@ def test_a_run_started_from_another_runs_checkpoint_continues_its_trajectory(don
 
 def test_a_mutated_lambda_and_learning_rate_reach_the_loss_and_the_optimizer_from_the_next_step(donor, init_cache):
     """PBT's explore: the receiver runs on with λ = 2.5 and twice the learning rate. Its first step is the
-    donor's step 5 (same weights, same batch), so the base loss and the penalty P are the donor's and the
-    loss differs by exactly (2.5 − 1)·P; the learning rate is the new base times the schedule's factor."""
+    donor's next step (same weights, same batch), so the base loss and the penalty P are the donor's and the
+    loss differs by exactly (2.5 − 1)·P; the learning rate is the new base times the schedule's factor. The
+    receiver starts before the donor's first step with the penalty on (which steps have it moves with the
+    rounding of the init: 3 and 5 in one run, 2 in another), since only there does λ reach the loss."""
     rows, states, reference_dir = donor
+    active = [step for step in range(2, 9) if rows[step]["train/spo_penalty"] > 0]
+    assert active, "no step of the donor has the SPO penalty on"
+    first = active[0]
     donor_lr = spo_run()["train"]["learning_rate"]
     mutated = {**spo_run(learning_rate=2 * donor_lr), "loss": {"name": "spo", "spo_lambda": 2.5}}
-    received, _ = run(mutated, init_cache, reference_dir, resume=states[4])
-    assert [rows[s]["train/spo_lambda"] for s in (4, 5)] == [1.0, 1.0]
-    assert [received[s]["train/spo_lambda"] for s in (5, 6, 7, 8)] == [2.5] * 4
-    penalty = rows[5]["train/spo_penalty"]
-    assert penalty > 0  # the test means something only while the penalty is on
+    received, _ = run(mutated, init_cache, reference_dir, resume=states[first - 1])
+    assert sorted(received) == list(range(first, 9))
+    assert [rows[s]["train/spo_lambda"] for s in (first - 1, first)] == [1.0, 1.0]
+    assert [received[s]["train/spo_lambda"] for s in range(first, 9)] == [2.5] * (9 - first)
+    penalty = rows[first]["train/spo_penalty"]
     # float32 losses of size ~1: the two runs add the same terms, so they agree to a few ulps
-    assert received[5]["train/loss"] - rows[5]["train/loss"] == pytest.approx(1.5 * penalty, rel=1e-5, abs=1e-6)
-    assert received[5]["train/chosen_logp_delta"] == pytest.approx(rows[5]["train/chosen_logp_delta"], abs=1e-6)
+    assert received[first]["train/loss"] - rows[first]["train/loss"] == pytest.approx(1.5 * penalty, rel=1e-5,
+                                                                                      abs=1e-6)
+    assert received[first]["train/chosen_logp_delta"] == pytest.approx(rows[first]["train/chosen_logp_delta"],
+                                                                       abs=1e-6)
     factor = lr_lambda("cosine", 0, 8)  # the tiny run: cosine over 8 steps, no warm-up
-    assert received[5]["train/learning_rate"] == pytest.approx(2 * donor_lr * factor(4), rel=1e-12)
-    assert rows[5]["train/learning_rate"] == pytest.approx(donor_lr * factor(4), rel=1e-12)
-    assert received[6]["train/learning_rate"] == pytest.approx(2 * donor_lr * factor(5), rel=1e-12)
+    assert received[first]["train/learning_rate"] == pytest.approx(2 * donor_lr * factor(first - 1), rel=1e-12)
+    assert rows[first]["train/learning_rate"] == pytest.approx(donor_lr * factor(first - 1), rel=1e-12)
+    if first < 8:
+        assert received[first + 1]["train/learning_rate"] == pytest.approx(2 * donor_lr * factor(first), rel=1e-12)
 
 
 def test_a_schedule_replays_what_an_exploit_with_mutated_values_did(donor, init_cache):
