@@ -180,6 +180,9 @@ class TrainConfig(Section):
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # AdamW as one fused kernel over each parameter (torch's fused=True; TRL's and the HF Trainer's default), or
+    # torch's per-tensor loop; the same update, to float32 rounding (tests/test_trainer.py)
+    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
     max_steps: int = Field(200, gt=0)
     batch_size: int = Field(32, gt=0)            # global pairs per optimizer step, over all workers
     grad_accum_steps: int = Field(1, gt=0)

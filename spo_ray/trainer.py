@@ -355,6 +355,19 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def optimizer_kernels(train_cfg: TrainConfig) -> dict[str, bool | None]:
+    """AdamW's `fused`/`foreach` arguments for `train.optim`: adamw_torch_fused updates each parameter in one
+    kernel (no temporaries the size of a parameter; TRL's default too); adamw_torch is torch's default (a
+    loop over the tensors on a CPU, foreach on a GPU)."""
+    return {"fused": True, "foreach": False} if train_cfg.optim == "adamw_torch_fused" else {"fused": None,
+                                                                                             "foreach": None}
+
+
+def build_optimizer(params: list[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                             **optimizer_kernels(train_cfg))
+
+
 def restore_state(model, optimizer, scheduler, state: dict, sharded: bool) -> int:
     """Load a checkpoint's weights, AdamW and schedule state (the run's own, or under PBT another trial's)
     into the run; return its step. The data position follows from the step (`global_batches`)."""
@@ -372,10 +385,12 @@ def apply_optimizer_settings(optimizer, scheduler, train_cfg: TrainConfig) -> No
 
     A loaded checkpoint carries the learning rate it was trained with (AdamW's param groups and the
     schedule's base), so a PBT mutation or a `schedule` entry must replace both; the schedule's factor at
-    the current step (warm-up, decay) is kept. Changes nothing when the values already agree.
+    the current step (warm-up, decay) is kept. Changes nothing when the values already agree. The kernels
+    (`train.optim`) are the run's own, whatever a checkpoint's param groups say.
     """
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group in optimizer.param_groups:
+        group.update(optimizer_kernels(train_cfg))
         if group["initial_lr"] != train_cfg.learning_rate:
             group["initial_lr"] = train_cfg.learning_rate
             group["lr"] = train_cfg.learning_rate * factor
@@ -534,7 +549,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
 
     # 3. Optimiser, schedule, data order.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                       cfg.max_steps))
     step = restore_state(model, optimizer, scheduler, resume, context.sharded) if resume else 0

@@ -299,3 +299,40 @@ def test_prefix_sharing_leaves_a_steps_log_probs_and_loss_as_they_are(init_cache
         assert rows["auto"][key] == pytest.approx(rows[False][key],
                                                   abs=rounding_tolerance(rows[False][key], 2 * FORWARD_ROUNDINGS))
     assert abs(rows["auto"]["train/loss"] - rows[False]["train/loss"]) <= 2 * dpo_loss_tolerance(rows[False], "train", 0.1)
+
+
+def test_the_fused_adamw_takes_the_steps_of_torchs_loop_to_float32_rounding():
+    """train.optim: adamw_torch_fused (the default) against adamw_torch, both float32, judged by a float64
+    run of the loop on the same gradients: weights of very different sizes (an embedding-like matrix, a
+    vector), gradients that change scale between steps, weight decay on; the fused steps must be as close to
+    the oracle as the loop's. A checkpoint of the loop's optimizer resumes with the configured kernels."""
+    from spo_ray.trainer import apply_optimizer_settings, build_optimizer, lr_lambda
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 48, generator=generator) * 0.02, torch.randn(48, generator=generator)]
+    grads = [[torch.randn(p.shape, generator=generator) * scale for p in start] for scale in (1e-3, 1.0, 1e-5, 3e-2)]
+    cfg = {optim: validate_run(tiny_run(train={"optim": optim, "learning_rate": 1e-2, "weight_decay": 0.1})).train
+           for optim in ("adamw_torch_fused", "adamw_torch")}
+
+    def steps(optim: str, dtype=torch.float32):
+        params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in start]
+        optimizer = build_optimizer(params, cfg[optim])
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(dtype)
+            optimizer.step()
+        return params, optimizer
+
+    (fused, fused_optimizer), (loop, loop_optimizer) = steps("adamw_torch_fused"), steps("adamw_torch")
+    exact, _ = steps("adamw_torch", torch.float64)
+    assert fused_optimizer.param_groups[0]["fused"] and not loop_optimizer.param_groups[0]["fused"]
+    for name, got, plain, oracle in zip(("matrix", "vector"), fused, loop, exact):
+        assert (got - start[name == "vector"]).abs().max() > 1e-3  # the steps moved the weights
+        assert_as_accurate_as_float32(got.detach(), plain.detach(), oracle.detach(), name)
+
+    resumed = build_optimizer(fused, cfg["adamw_torch_fused"])
+    resumed.load_state_dict(loop_optimizer.state_dict())  # param groups come back with the loop's kernels
+    assert not resumed.param_groups[0]["fused"]
+    apply_optimizer_settings(resumed, torch.optim.lr_scheduler.LambdaLR(resumed, lr_lambda("constant", 0, 4)),
+                             cfg["adamw_torch_fused"])
+    assert resumed.param_groups[0]["fused"] and resumed.param_groups[0]["foreach"] is False
