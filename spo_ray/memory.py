@@ -16,6 +16,8 @@ Measured against this floor (docs/benchmarks.md, `benchmarks/logprob_memory.py`)
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
 
 import torch
@@ -38,6 +40,23 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
+
+
+def release_freed_memory() -> bool:
+    """Give the pages of freed CPU memory back to the system, where the C library can (glibc's `malloc_trim`).
+
+    glibc keeps what a training step frees (its activations, the spent gradients) mapped in its heaps for the
+    next step, so a phase that follows one (the evaluation, the probe) would otherwise start at the step's peak
+    and add its own rise on top of it. Called between the training steps and those phases: they start from the
+    memory in use, and the next step takes its pages back at the cost of faulting them in once (a second or
+    so for gigabytes). False where there is nothing to call (not glibc: macOS, musl), which changes nothing
+    but the RSS."""
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim(ctypes.c_size_t(0))
+    return True
 
 
 def _shape(config) -> tuple[int, int, int]:

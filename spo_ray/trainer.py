@@ -34,7 +34,7 @@ from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_init
 from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, prefix_sharing_unsupported,
                               sequence_logps)
 from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
-from spo_ray.memory import check_run_fits
+from spo_ray.memory import check_run_fits, release_freed_memory
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity, table_path)
@@ -581,9 +581,14 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         row = {}
         if context.rank != 0 and not context.sharded:
             return row
+        on_cpu = device.type == "cpu"  # each phase starts from the memory in use, not the last one's peak
         if do_probe:
+            if on_cpu:
+                release_freed_memory()
             row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
         if do_eval:
+            if on_cpu:
+                release_freed_memory()
             row.update(evaluate_pairs(model, eval_data, eval_reference, loss_cfg, pad_id,
                                       cfg.eval_batch_size, device, autocast, cfg.eval_batch_tokens,
                                       shared_prompts))

@@ -122,7 +122,7 @@ def test_a_sweep_on_an_external_cluster_reads_caches_through_the_bucket_and_buil
         env = {**ray_env, "RAY_ADDRESS": address, "SPO_RAY_LOCAL_CACHE": str(tmp_path / "driver"),
                "WANDB_MODE": "disabled"}
         done = subprocess.run([sys.executable, "-m", "spo_ray.sweep", str(config)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=900)  # hang guard: 2.5 min idle, 5+ in make test
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:]
     finally:
@@ -187,7 +187,7 @@ def test_a_node_removed_mid_sweep_restarts_its_trial_on_another_node_from_the_ch
         cluster.add_node(num_cpus=1, resources={"trainer": 1},
                          env_vars={"SPO_RAY_LOCAL_CACHE": str(tmp_path / "node-c")})
         cluster.remove_node(node_b)
-        output, _ = sweep.communicate(timeout=300)
+        output, _ = sweep.communicate(timeout=900)  # a hang guard, as above
         assert sweep.returncode == 0, output[-4000:]
     finally:
         cluster.shutdown()
