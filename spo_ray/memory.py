@@ -53,7 +53,7 @@ def release_freed_memory() -> bool:
     but the RSS."""
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):  # no malloc_trim; no C library to open (Windows: TypeError)
         return False
     trim(ctypes.c_size_t(0))
     return True
