@@ -50,8 +50,8 @@ def release_freed_memory() -> bool:
     next step, so a phase that follows one (the evaluation, the probe) would otherwise start at the step's peak
     and add its own rise on top of it. Called between the training steps and those phases: they start from the
     memory in use, and the next step faults its pages in again (4.5 GiB in 1 MiB blocks: 1.42 s after the release
-    against 5.08 s reusing the kept ones, `benchmarks/probe_memory.py`). False where there is nothing to call (not glibc: macOS, musl), which changes nothing
-    but the RSS."""
+    against 5.08 s reusing the kept ones, `benchmarks/probe_memory.py`). False where there is nothing to call
+    (not glibc: macOS, musl), which changes nothing but the RSS."""
     trim = _malloc_trim()
     if trim is not None:
         trim(ctypes.c_size_t(0))
