@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from logprob_memory import smollm2_shape, vm_mib as status_mib  # noqa: E402
+from logprob_memory import smollm2_shape  # noqa: E402
+from vs_trl import reset_peak_rss, vm_hwm_mib, vm_rss_mib  # noqa: E402
 
 
 def probe_rise(args, budget: int) -> dict:
@@ -53,11 +54,11 @@ def probe_rise(args, budget: int) -> dict:
     response[:, args.prompt:] = 1
     batch = {"input_ids": torch.randint(3, 49152, (rows, args.width), generator=g),
              "attention_mask": torch.ones(rows, args.width, dtype=torch.long), "response_mask": response}
-    start = status_mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    start = vm_rss_mib()
+    reset_peak_rss()
     began = time.perf_counter()
     gradient_terms(model, batch, budget or None)
-    return {"rise_mib": status_mib("VmHWM") - start, "seconds": time.perf_counter() - began,
+    return {"rise_mib": vm_hwm_mib() - start, "seconds": time.perf_counter() - began,
             "gradient_mib": sum(p.numel() * 4 for p in model.parameters()) / 2**20}
 
 
@@ -72,7 +73,7 @@ def retouch(args, release: bool) -> dict:
         pins.append(torch.ones(2**12))
     del blocks
     released = release_freed_memory() if release else False
-    after_free = status_mib("VmRSS")
+    after_free = vm_rss_mib()
     began = time.perf_counter()
     blocks = [torch.ones(2**18) for _ in range(int(args.touch_gib * 1024))]
     return {"seconds": time.perf_counter() - began, "rss_after_free_mib": after_free, "released": released}
