@@ -141,6 +141,13 @@ class SampledPairsConfig(Section):
     seed: int = 0
     gold_fallback: bool = True                   # the gold answer wins where no sample is correct
     batch_tokens: int = Field(32768, gt=0)       # a generation batch: at most this many tokens, all its rows at full length
+    # Self-training in rounds (Iterative RPO; spo_ray.rounds): round 1 trains on the table above; round r > 1
+    # samples the trial's own policy as round r - 1 left it, verifies, pairs and trains again.
+    rounds: int = Field(1, ge=1)
+    steps_per_round: int | None = Field(None, gt=0)   # default train.max_steps: a run trains rounds × this
+    fresh_prompts: bool = False                  # each round the next `prompts` training prompts, none repeated
+    reference_update: Literal["fixed", "previous"] = "fixed"  # previous: the policy at the round's start
+    optimizer_per_round: Literal["reset", "keep"] = "reset"   # reset: a fresh AdamW and warm-up each round
 
 
 class DataConfig(Section):
@@ -472,12 +479,45 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         raise ConfigError(_one_line(error)) from None
     if config.model.sft_steps and config.data.sampled_pairs is None:
         raise ConfigError("model.sft_steps: SFT on the sampler's own correct answers needs data.sampled_pairs")
+    check_rounds(config)
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
         if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
             raise ConfigError("loss.spo_estimator: one_step cannot run with scaling.strategy: fsdp (its inner step "
                               "evaluates a functional copy of the full weights); use reference or ddp")
     return config
+
+
+#: The column of every row a run in self-training rounds reports: the round its step belongs to (spo_ray.rounds).
+ROUND_KEY = "round"
+
+
+def total_steps(config: RunConfig) -> int:
+    """The optimizer steps a run takes: `train.max_steps`, or rounds × steps_per_round in self-training rounds."""
+    spec = config.data.sampled_pairs
+    if spec is None or spec.rounds == 1:
+        return config.train.max_steps
+    return spec.rounds * (spec.steps_per_round or config.train.max_steps)
+
+
+def check_rounds(config: RunConfig) -> None:
+    """What self-training rounds (`data.sampled_pairs.rounds > 1`, spo_ray.rounds) cannot be combined with."""
+    spec = config.data.sampled_pairs
+    if spec is None or spec.rounds == 1:
+        if spec is not None and "steps_per_round" in spec.model_fields_set and spec.steps_per_round is not None:
+            raise ConfigError("data.sampled_pairs.steps_per_round: needs data.sampled_pairs.rounds > 1")
+        return
+    key = "data.sampled_pairs.rounds"
+    if spec.optimizer_per_round == "keep" and config.model.lora is not None:
+        raise ConfigError("data.sampled_pairs.optimizer_per_round: keep cannot carry LoRA's optimizer state over "
+                          "rounds (each round merges the adapters into the weights and starts new ones); use reset")
+    if isinstance(config, SweepConfig):
+        if config.scaling.strategy == "fsdp":
+            raise ConfigError(f"{key}: rounds cannot run with scaling.strategy: fsdp yet (a round samples from "
+                              f"the whole policy on one worker); use ddp")
+        if config.tune.scheduler == "pbt":
+            raise ConfigError(f"{key}: rounds cannot run under tune.scheduler: pbt (an exploit would hand a trial "
+                              f"another trial's round and samples); use fifo or asha")
 
 
 def check_batch_size(train: TrainConfig, train_pairs: int | None = None, world_size: int = 1) -> None:

@@ -384,7 +384,8 @@ def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *,
     """Run the trainer, forwarding rows (and checkpoints, marked with `trial_id`) to `report_fn`, with the
     `extra_columns` (on every row, on the first row) added. A divergence or a rejected config ends the run
     with one last row (see the module docstring); any other error propagates."""
-    from spo_ray.trainer import Diverged, train
+    from spo_ray.rounds import train_in_rounds
+    from spo_ray.trainer import Diverged
 
     last: dict = {}
     every_row, first_row = extra_columns
@@ -396,8 +397,8 @@ def _train_and_report(sweep: SweepConfig, report_fn, checkpoint_cls, tracker, *,
         report_with_checkpoint(report_fn, checkpoint_cls, metrics, state, write=write_checkpoints)
 
     try:
-        train(sweep.run_config(), cache_dir=init_cache_dir(sweep), reference_dir=reference_cache_dir(sweep),
-              report=_tracked(report, tracker), **train_kwargs)
+        train_in_rounds(sweep.run_config(), cache_dir=init_cache_dir(sweep), reference_dir=reference_cache_dir(sweep),
+                        report=_tracked(report, tracker), **train_kwargs)
     except Diverged as error:
         # Under DDP every rank raises at the same step (the trainer also checks the all-reduced gradient
         # norm), so every rank reaches this report and none is left waiting in a collective.

@@ -41,8 +41,15 @@ def fingerprint(*parts) -> str:
 
 def model_identity(path: str) -> str:
     """Identity of reference weights: a local folder's weight files (`file_identity`: the same for every
-    node's copy of an init, so a sweep's trials share one table on any node), else the hub id."""
+    node's copy of an init, so a sweep's trials share one table on any node), else the hub id. A folder that
+    names the hash of its whole weights in init.json (a self-training round's start, `spo_ray.rounds`: two
+    rounds of a LoRA run differ in layers the first and last MiB may not reach) is that hash."""
     folder = Path(path)
+    info = folder / "init.json"
+    if info.is_file():
+        weights = json.loads(info.read_text()).get("weights_sha256")
+        if weights:
+            return f"weights-{weights}"
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
         return fingerprint([file_identity(p) for p in files])

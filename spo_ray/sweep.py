@@ -34,9 +34,9 @@ from typing import Callable
 
 from spo_ray import storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
-from spo_ray.config import (ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name, first_point,
-                            get_dotted, grid_points, load_yaml, set_dotted, to_plain, trial_columns, validate_run,
-                            validate_sweep)
+from spo_ray.config import (ROUND_KEY, ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name,
+                            first_point, get_dotted, grid_points, load_yaml, set_dotted, to_plain, total_steps,
+                            trial_columns, validate_run, validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
                                  one_line_error, start_build_locks, uses_ray_train, worker_resources)
 from spo_ray.tracking import resolve_mode
@@ -44,8 +44,8 @@ from spo_ray.tracking import resolve_mode
 EXIT_INTERRUPTED = 130
 RESULTS_FILE, HISTORY_FILE, SWEEP_FILE = "results.csv", "history.parquet", "sweep.yaml"
 #: Prefixes of the values a trial reports; hp/ and exploit/ only under PBT (spo_ray.distributed.population_columns),
-#: sampler/ only with data.sampled_pairs.
-METRIC_PREFIXES = ("eval/", "train/", "probe/", "sampler/", "hp/", "exploit/")
+#: sampler/ only with data.sampled_pairs; round/ (and the `round` column) only in self-training rounds.
+METRIC_PREFIXES = ("eval/", "train/", "probe/", "sampler/", "hp/", "exploit/", "round/")
 #: Shown in Tune's progress table next to the swept parameters.
 PROGRESS_METRICS = {"step": "step", "train/loss": "train loss", "eval/accuracy": "eval acc",
                     "eval/chosen_logp_delta": "Δ logp(y_w)", "eval/rejected_logp_delta": "Δ logp(y_l)"}
@@ -123,6 +123,7 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> lis
     cache that trials on this machine then read. Points whose model or data sections are sampled at random
     are left to the trials.
     """
+    from spo_ray.rounds import check_prompt_pool
     from spo_ray.tasks import load_task, sampling_job
 
     if any(k.startswith(("model.", "data.")) and "grid" not in s for k, s in spaces.items()):
@@ -140,6 +141,7 @@ def prepare_tasks(raw: dict, spaces: dict[str, dict], sweep: SweepConfig) -> lis
             train_pairs[identity] = len(task.train_pairs)
             if config.data.sampled_pairs is not None:
                 sampling_job(task, config, sweep.cache_dir)  # a source that cannot check answers: exit 2 now
+                check_prompt_pool(task, config)  # fresh prompts for every round: exit 2 now
                 sampled.append(config)
         if config.data.sampled_pairs is None:  # sampled pairs are counted once they exist (prepare_samples)
             check_batch_size(config.train, train_pairs[identity], sweep.scaling.num_workers)
@@ -286,7 +288,7 @@ class ResultTables:
     def result(self, trial, result: dict) -> None:
         self.trial_added(trial)
         metrics = {k: v for k, v in result.items()
-                   if k.startswith(METRIC_PREFIXES) or k in ("step", "wall_time_s")}
+                   if k.startswith(METRIC_PREFIXES) or k in ("step", "wall_time_s", ROUND_KEY)}
         steps = self.history.setdefault(trial.trial_id, [])
         if "step" in metrics:  # a restarted trial re-reports from its checkpoint on: keep the new rows
             steps[:] = [row for row in steps if row["step"] < metrics["step"]]
@@ -540,7 +542,7 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
 
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", grace_period=cfg.grace_period * sweep.train.eval_every,
-                                  reduction_factor=cfg.reduction_factor, max_t=sweep.train.max_steps)
+                                  reduction_factor=cfg.reduction_factor, max_t=total_steps(sweep))
     elif cfg.scheduler == "pbt":
         scheduler = search.pbt_scheduler(sweep, directory)
     else:

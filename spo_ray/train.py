@@ -44,7 +44,8 @@ def single_run_cpus(sweep) -> int:
 
 @user_errors_exit_2
 def main(argv=None) -> int:
-    from spo_ray.trainer import WorkerContext, train
+    from spo_ray.rounds import train_in_rounds
+    from spo_ray.trainer import WorkerContext
 
     args = parse_args(argv)
     raw = apply_overrides(load_yaml(args.config), args.overrides)
@@ -65,8 +66,8 @@ def main(argv=None) -> int:
         write_parquet(pd.DataFrame(history), storage.join(output, "history.parquet"))
 
     try:
-        final = train(config, cache_dir=init_cache_dir(sweep), reference_dir=output, report=report,
-                      context=WorkerContext(cpus=single_run_cpus(sweep)), progress=not args.no_progress)
+        final = train_in_rounds(config, cache_dir=init_cache_dir(sweep), reference_dir=output, report=report,
+                                context=WorkerContext(cpus=single_run_cpus(sweep)), progress=not args.no_progress)
     except ConfigError:  # bad input (e.g. a malformed data row) before any step: leave no empty run behind
         if created and not history and not storage.is_uri(output):
             shutil.rmtree(output, ignore_errors=True)
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     write_json(final, storage.join(output, "metrics.json"))
     shown = {k: round(v, 4) for k, v in final.items()
              if k in ("eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "train/loss",
-                      "eval/mass_correct", "eval/mass_mistake", "wall_time_s")}
+                      "eval/mass_correct", "eval/mass_mistake", "wall_time_s", "round")}
     print(f"wrote {output}: {shown}")
     return 0
 

@@ -370,13 +370,18 @@ def build_optimizer(params: list[torch.nn.Parameter], train_cfg: TrainConfig) ->
 
 def restore_state(model, optimizer, scheduler, state: dict, sharded: bool) -> int:
     """Load a checkpoint's weights, AdamW and schedule state (the run's own, or under PBT another trial's)
-    into the run; return its step. The data position follows from the step (`global_batches`)."""
-    if sharded:
-        load_full_state(model, optimizer, state["model"], state["optimizer"])
-    else:
-        unwrap(model).load_state_dict(state["model"])
+    into the run; return its step. The data position follows from the step (`global_batches`). A state
+    without weights or optimizer keeps the loaded ones and a fresh AdamW and schedule: the start of a
+    self-training round that resets them (`spo_ray.rounds`)."""
+    if "model" in state:
+        if sharded:
+            load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            unwrap(model).load_state_dict(state["model"])
+    if "optimizer" in state and not sharded:
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 
 
@@ -473,11 +478,14 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
 def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,
           context: WorkerContext | None = None,
           report: Report | None = None, resume: dict | None = None,
-          wrap_model: Callable | None = None, progress: bool = False) -> dict[str, float]:
+          wrap_model: Callable | None = None, progress: bool = False, task=None,
+          until: int | None = None) -> dict[str, float]:
     """Run one training job and return its final metrics (see the module docstring).
 
     cache_dir: where built-in initializations are built and reused (shared across sweeps);
     reference_dir: where the reference log-prob tables go (the experiment directory; default cache_dir).
+    task, until: one self-training round (`spo_ray.rounds`): its pairs and starting weights, and the step it
+    ends at (default `train.max_steps`, the steps the learning-rate schedule spans).
     """
     from spo_ray.models import load_causal_lm
     from spo_ray.tasks import load_task
@@ -490,8 +498,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
 
     # 1. The task: tokenizer, pairs (sampled ones read from, or sampled into, the shared cache), initial
     # weights, task evaluator.
-    task = load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0,
-                     samples_dir=samples_dir(cache_dir))
+    task = task or load_task(config, cache_dir=cache_dir, progress=progress and context.rank == 0,
+                             samples_dir=samples_dir(cache_dir))
+    until = until or cfg.max_steps
     tokenizer = task.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_pairs, _ = tokenize_pairs(task.train_pairs, tokenizer, config.data.max_length)
@@ -603,7 +612,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     bar = None
     if progress and context.rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"{config.loss.name} β={config.loss.beta}")
+        bar = tqdm(total=until, initial=step, desc=f"{config.loss.name} β={config.loss.beta}")
     window: dict[str, list[float]] = {}
     last_finite: dict[str, float] = {}
     final: dict[str, float] = {}
@@ -617,7 +626,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         window_start = time.perf_counter()
     batches = global_batches(step)
     fault = injected_faults(config, reference_dir or cache_dir)  # None unless a test sets SPO_RAY_FAULT
-    while step < cfg.max_steps:
+    while step < until:
         current = config_at(config, step)  # a `schedule` changes values between steps
         apply_optimizer_settings(optimizer, scheduler, current.train)
         poison = fault is not None and fault(step + 1)
@@ -659,7 +668,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         for k, v in step_mean.items():
             window.setdefault(k, []).append(v)
 
-        is_last = step == cfg.max_steps
+        is_last = step == until
         do_eval = step % cfg.eval_every == 0 or is_last
         do_probe = step % cfg.probe_every == 0 or is_last
         do_checkpoint = is_last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from spo_ray.reference import model_identity
 from spo_ray.results import write_csv
 from spo_ray.sampling import (SamplePrompt, Sampling, build_pairs, cached_samples, generation_figures, no_pairs_message,
                               sample_rows, sampler_figures, samples_key, table_path)
-from spo_ray.tasks.pairs import PairReport, finish_splits
+from spo_ray.tasks.pairs import PairReport, cap, finish_splits
 from spo_ray.tasks.task import Task
 
 SFT_VERSION = 1  # bump when sft_on_samples changes what it writes
@@ -89,6 +90,44 @@ def sampling_job(task: Task, config: RunConfig, sampler_path: str) -> SamplingJo
                        train_prompts=len(train), sampling=sampling, stop_ids=set(task.sampling.stop_ids))
 
 
+def round_sampling_job(task: Task, config: RunConfig, sampler_path: str, round_number: int) -> SamplingJob:
+    """The table round `round_number` > 1 of self-training (`spo_ray.rounds`) samples from `sampler_path`, the
+    policy as the round before left it: the training prompts only (the held-out pairs stay round 1's, one
+    yardstick for every round) — round 1's prompts again, or with `fresh_prompts` the next slice of the pool —
+    at the round's own seed (`seed` + round − 1), keyed by those weights like any table."""
+    spec = config.data.sampled_pairs
+    pool = task.sampling.train
+    count = spec.prompts or len(pool)
+    first = (round_number - 1) * count if spec.fresh_prompts else 0
+    prompts = pool[first:first + count]
+    if len(prompts) < count:
+        raise ConfigError(f"data.sampled_pairs.fresh_prompts: {spec.rounds} rounds of {count} new prompts need "
+                          f"{spec.rounds * count} training prompts; the source has {len(pool)} (lower "
+                          f"data.sampled_pairs.prompts or rounds, or turn fresh_prompts off)")
+    sampling = dataclasses.replace(sampling_settings(config), seed=spec.seed + round_number - 1)
+    key = samples_key(model_identity(sampler_path), prompts, sampling, task.sampling.stop_ids)
+    model = config.model.model_copy(update={"lora": None, "gradient_checkpointing": False})
+    return SamplingJob(key=key, sampler_path=sampler_path, model=model, tokenizer=task.tokenizer, prompts=prompts,
+                       train_prompts=len(prompts), sampling=sampling, stop_ids=set(task.sampling.stop_ids))
+
+
+def round_pairs(task: Task, config: RunConfig, job: SamplingJob, samples_dir: str, progress: bool = False
+                ) -> tuple[list[dict], dict[str, float], list[dict]]:
+    """(training pairs, `sampler/*` figures, per-prompt counts) of a round's table: read from `samples_dir`, or
+    sampled here under the build lock (a resumed trial never samples a round twice). No pairs is not an error
+    here: the round layer ends the trial's rounds with the counts as its reason."""
+    spec, source = config.data.sampled_pairs, task.sampling
+    rows, generation, hit = cached_samples(samples_dir, job.key, lambda: job.generate(progress))
+    print(f"round samples ({len(job.prompts)} prompts × {job.sampling.samples_per_prompt} samples): "
+          f"{'read from' if hit else 'sampled into'} {table_path(samples_dir, job.key)}")
+    pairs, counts = build_pairs(job.prompts, rows, source.check, source.response_text, spec.pairs_per_prompt,
+                                spec.gold_fallback)
+    keep_prompt_counts(samples_dir, job, config, {"train": (pairs, counts)})
+    metrics = {**sampler_figures(counts, generation), "sampler/eval_pairs": task.metrics.get("sampler/eval_pairs",
+                                                                                             math.nan)}
+    return cap(pairs, config.data.max_train_pairs), metrics, counts
+
+
 def sides(job: SamplingJob, rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """The table's rows of the training prompts and of the held-out ones (renumbered from 0)."""
     train = [r for r in rows if r["prompt"] < job.train_prompts]
@@ -138,7 +177,7 @@ def keep_prompt_counts(samples_dir: str, job: SamplingJob, config: RunConfig, ma
         return
     import pandas as pd
     frame = pd.DataFrame([{"split": side, "answer": str(job.prompts[c["prompt"] + offset].answer), **c}
-                          for side, offset in (("train", 0), ("eval", job.train_prompts))
+                          for side, offset in (("train", 0), ("eval", job.train_prompts)) if side in made
                           for c in made[side][1]])
     write_csv(frame, location)
 
