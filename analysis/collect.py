@@ -26,8 +26,8 @@ HISTORY_FILE = "history.parquet"
 CONFIG_FILE = "sweep.yaml"
 
 # Columns of results.csv that are neither swept parameters nor metrics. Metric names always contain a "/"
-# (`eval/accuracy`, `train/loss`), except the two bookkeeping counters below.
-BOOKKEEPING_COLUMNS = ("trial_id", "status", "error", "step", "wall_time_s")
+# (`eval/accuracy`, `train/loss`), except the bookkeeping counters below (`round`: the self-training round).
+BOOKKEEPING_COLUMNS = ("trial_id", "status", "error", "step", "wall_time_s", "round")
 
 # Only finished trials have comparable final metrics; the others are reported, not averaged.
 DEFAULT_STATUSES = ("TERMINATED",)

@@ -323,3 +323,50 @@ def plot_pbt_lineage(history: pd.DataFrame, final: dict[str, float], path: str |
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")  # no tight_layout: it fights the shared colorbar
     return path
+
+
+def plot_rounds(table: pd.DataFrame, path: str | Path, metric: str = "eval/accuracy") -> Path | None:
+    """Self-training rounds (`analysis.tables.per_round`): the metric per round with its paired 95% interval
+    of the change since round 0; the chosen (solid) and rejected (dashed) log-prob change on the held-out pairs
+    at each round's end; the share of the round's own samples that were right; the pairs each round built."""
+    mean = f"{metric}{' mean'}"
+    if table.empty or mean not in table.columns or table["round"].nunique() < 2:
+        return None
+    keys = [k for k in line_keys(table) if k in table.columns]
+    colors = _loss_colors(table["loss"].dropna() if "loss" in table.columns else ["all"])
+    figure = _new_figure(10.0, 7.6)
+    (acc, logp), (samples, pairs) = figure.subplots(2, 2)
+    groups = list(table.groupby(keys, sort=True, dropna=False)) if keys else [("all", table)]
+    for i, (values, rows) in enumerate(groups):
+        rows = rows.sort_values("round")
+        loss = (values[0] if isinstance(values, tuple) else values)
+        color, label = colors[str(loss)], _label(keys, values) if keys else "all"
+        shift = (i - (len(groups) - 1) / 2) * 0.04  # side by side, so the intervals do not hide each other
+        acc.plot(rows["round"] + shift, rows[mean], color=color, marker="o", label=label)
+        if {"ci low", "ci high"} <= set(rows.columns):
+            start = rows.loc[rows["round"] == 0, mean]
+            with_ci = rows.dropna(subset=["ci low", "ci high"])
+            if not start.empty and not with_ci.empty:
+                base = float(start.iloc[0])
+                acc.vlines(with_ci["round"] + shift, base + with_ci["ci low"], base + with_ci["ci high"], color=color,
+                           alpha=0.5, linewidth=3)
+        for column, style in (("chosen Δ mean", "-"), ("rejected Δ mean", "--")):
+            if column in rows.columns:
+                shown = rows.loc[rows["round"] > 0]
+                logp.plot(shown["round"], shown[column], color=color, linestyle=style, marker="o",
+                          label=f"{label} {column.split()[0]}")
+        for ax, column in ((samples, "samples right mean"), (pairs, "pairs mean")):
+            if column in rows.columns:
+                shown = rows.loc[rows["round"] > 0]
+                ax.plot(shown["round"], shown[column], color=color, marker="o", label=label)
+    acc.set_title(f"{metric} at each round's end (bars: 95% CI of the change since round 0)", fontsize=9)
+    logp.set_title("held-out log-prob change in the round (chosen solid, rejected dashed)", fontsize=9)
+    logp.axhline(0.0, color="black", linewidth=0.6)
+    samples.set_title("the round's own samples: share right (policy at the round's start)", fontsize=9)
+    pairs.set_title("pairs the round built", fontsize=9)
+    for ax in (acc, logp, samples, pairs):
+        ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    acc.legend(fontsize=8)
+    logp.legend(fontsize=7)
+    return _save(figure, path)

@@ -19,8 +19,8 @@ import pandas as pd
 
 from analysis import plots, search
 from analysis.collect import CONFIG_FILE, Experiment, ExperimentError, is_uri, load_experiment
-from analysis.tables import (before_after, best_configs, config_columns, paired_differences, start_and_end,
-                             summary_table, to_markdown, write_table)
+from analysis.tables import (before_after, best_configs, config_columns, paired_differences, per_round,
+                             round_differences, round_ends, start_and_end, summary_table, to_markdown, write_table)
 
 REPORT_FILE = "report.md"
 LOGP_METRICS = ("eval/chosen_logp_delta", "eval/rejected_logp_delta")
@@ -31,6 +31,7 @@ PLOTS = {
     "beta_lambda_heatmap": ("SPO β × λ grid", "SPO runs with at least two β and two λ"),
     "init_sensitivity": ("Initialization sensitivity", "at least two initializations"),
     "mass_split": ("Where the probability mass goes", "eval/mass_* metrics"),
+    "rounds": ("Self-training rounds", "a sweep with data.sampled_pairs.rounds > 1 and step-0 evaluations"),
     # only in reports of searcher and PBT sweeps:
     "best_so_far": ("Best configuration so far (mean over seeds)", "finished trials with the metric"),
     "pbt_lineage": ("PBT lineage: mutated values over training, coloured by the final metric (× an exploit)",
@@ -71,6 +72,11 @@ def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
     if exp.all_results is not None and "loss" in exp.all_results.columns:
         counts = pd.crosstab(exp.all_results["loss"], exp.all_results["status"])
         tables["status_counts"] = counts.reset_index().rename_axis(columns=None)
+    ends = round_ends(results, exp.history, metric)
+    if not ends.empty:
+        tables["per_round"] = per_round(ends, metric, by=by)
+        if {"spo", "dpo"} <= set(ends.get("loss", [])):
+            tables["rounds_spo_dpo"] = round_differences(ends, "spo", "dpo", metric)
     if tune_settings(exp).get("search") == "optuna":
         tables["best_so_far"] = search.configurations(results, metric, not lower_is_better)
     best = search.best_trial(results, metric, not lower_is_better)
@@ -107,6 +113,8 @@ def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path |
         ),
         "init_sensitivity": plots.plot_init_sensitivity(exp.results, plot_dir / "init_sensitivity.png", metric),
         "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png", initial_mass(exp)),
+        "rounds": plots.plot_rounds(per_round(round_ends(exp.results, exp.history, metric), metric,
+                                              by=report_configs(exp.results)), plot_dir / "rounds.png", metric),
         **search_plots(exp, plot_dir, metric),
     }
 
@@ -197,6 +205,17 @@ def render_markdown(
             f"`{metric}` of the initial weights (step 0) and at the end, per configuration; the change's 95% "
             "bootstrap interval resamples seeds and, where each question's outcome was logged "
             "(`eval/answers_correct`), the questions too, pairing every question with itself.")  # fmt: skip
+    if "per_round" in tables:
+        section("Per round (self-training)", "per_round", "No rounds.",
+                f"`{metric}` at step 0 (round 0) and at each round's end; `change` since round 0 with its 95% "
+                "bootstrap interval over seeds and questions. `chosen Δ` / `rejected Δ`: the held-out pairs' "
+                "log-prob change against the round's reference (the round's start under reference_update: "
+                "previous); `chosen from init`: since step 0. `samples right`, `prompts with a pair`, `pairs`: the "
+                "round's own table, sampled from the policy that started the round.")
+    if "rounds_spo_dpo" in tables:
+        section("Per round: SPO − DPO", "rounds_spo_dpo", "No SPO and DPO runs sharing a seed.",
+                f"`{metric}` of SPO minus DPO on the same seeds and questions at each round's end; 95% "
+                "bootstrap interval over seeds and questions.")
     if "status_counts" in tables:
         section("Trial status by loss (all trials)", "status_counts", "No trials.")
     if "best_so_far" in tables:

@@ -255,6 +255,110 @@ def before_after(results: pd.DataFrame, history: pd.DataFrame, metric: str = "ev
     return pd.DataFrame(rows, columns=columns)
 
 
+ROUND_COLUMNS = {  # history column → the per-round table's name for it
+    "eval/chosen_logp_delta": "chosen Δ", "eval/rejected_logp_delta": "rejected Δ",
+    "sampler/sample_accuracy": "samples right", "sampler/prompts_with_pair": "prompts with a pair",
+    "sampler/pairs": "pairs", "eval/ended_share": "ended",
+}
+FROM_START_COLUMNS = {"eval/chosen_logps": "chosen from init", "eval/retention_logp": "retention from init"}
+
+
+def round_ends(results: pd.DataFrame, history: pd.DataFrame, metric: str = "eval/accuracy",
+               items: str | None = "eval/answers_correct") -> pd.DataFrame:
+    """One row per run and round of a self-training sweep (`data.sampled_pairs.rounds`, history's `round`
+    column): round 0 is step 0 (the initial weights, `train.eval_on_start`), round r the last evaluated step of
+    round r. Columns: the run's parameters, `trial_id`, `round`, `step`, `metric`, the `ROUND_COLUMNS` present
+    (the `sampler/*` ones describe the round's own table: samples of the policy that *started* the round), the
+    `FROM_START_COLUMNS` as the change since step 0 (on the held-out pairs every round shares), and `items`
+    (each question's outcome) where logged. Empty without a `round` column."""
+    params = parameter_columns(results)
+    if "round" not in history.columns or metric not in history.columns:
+        return pd.DataFrame(columns=[*params, "trial_id", "round", "step", metric])
+    rows = []
+    for trial_id, steps in history.sort_values("step").groupby("trial_id", sort=False):
+        final = results.loc[results["trial_id"] == trial_id]
+        if final.empty:
+            continue
+        evaluated = steps.dropna(subset=[metric])
+        start = evaluated.loc[evaluated["step"] == 0]
+        ends = evaluated.loc[evaluated["step"] > 0].groupby("round", sort=True).tail(1)
+        if not start.empty:
+            ends = pd.concat([start.tail(1).assign(round=0), ends])
+        first = ends.iloc[0] if not ends.empty else None
+        for _, end in ends.iterrows():
+            row = {**final[params].iloc[0].to_dict(), "trial_id": trial_id, "round": int(end["round"]),
+                   "step": int(end["step"]), metric: float(end[metric])}
+            row.update({name: end[column] for column, name in ROUND_COLUMNS.items() if column in end.index})
+            if first is not None and first["step"] == 0:
+                row.update({name: end[column] - first[column] for column, name in FROM_START_COLUMNS.items()
+                            if column in end.index})
+            if items and items in end.index:
+                row["items"] = _item_vector(end[items])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def per_round(ends: pd.DataFrame, metric: str = "eval/accuracy", by: Sequence[str] = DEFAULT_BY,
+              n_resamples: int = 10_000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """The per-round table of a self-training sweep from `round_ends`: per configuration (the `by` columns)
+    and round, `n` runs, the metric's mean, its change since round 0 with the paired bootstrap interval over
+    seeds and questions (`paired_change_interval`; over seeds alone where no per-question outcomes were logged),
+    and the means (± std over seeds) of the other round columns."""
+    keys = [k for k in by if k in ends.columns]
+    if ends.empty:
+        return pd.DataFrame(columns=[*keys, "round", "n"])
+    rows = []
+    shown = [c for c in [*ROUND_COLUMNS.values(), *FROM_START_COLUMNS.values()] if c in ends.columns]
+    for key, frame in _groups(ends, keys):
+        start = frame.loc[frame["round"] == 0].set_index("trial_id")
+        for round_number, runs in frame.groupby("round", sort=True):
+            row = {**key, "round": round_number, "n": len(runs), f"{metric} mean": runs[metric].mean()}
+            paired = runs.loc[runs["trial_id"].isin(start.index)]
+            if round_number > 0 and not paired.empty:
+                before = start.loc[paired["trial_id"]]
+                row["change mean"] = float((paired[metric].to_numpy() - before[metric].to_numpy()).mean())
+                if "items" in paired.columns and all(isinstance(v, np.ndarray) for v in
+                                                     [*paired["items"], *before["items"]]):
+                    changes = np.stack([a - b for a, b in zip(paired["items"], before["items"])])
+                    row["ci low"], row["ci high"] = paired_change_interval(changes, n_resamples, confidence, seed)
+                else:
+                    row["ci low"], row["ci high"] = bootstrap_interval(
+                        paired[metric].to_numpy() - before[metric].to_numpy(), n_resamples, confidence, seed)
+            for column in shown:
+                row[column + MEAN_SUFFIX] = runs[column].mean()
+                row[column + STD_SUFFIX] = runs[column].std(ddof=1)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def round_differences(ends: pd.DataFrame, treatment: str, control: str, metric: str = "eval/accuracy",
+                      label: str = "loss", match: Sequence[str] = ("seed",), n_resamples: int = 10_000,
+                      confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """`metric` of the `treatment` runs minus the `control` runs (by the `label` column) per round, runs
+    matched by the `match` keys (the same seed: the same round-1 data order); the interval resamples seeds and,
+    where each question's outcome was logged, the questions too, each compared with itself.
+    Columns: `round`, `n_pairs`, `diff mean`, `ci low`, `ci high`."""
+    columns = ["round", "n_pairs", "diff mean", "ci low", "ci high"]
+    keys = [k for k in match if k in ends.columns]
+    if ends.empty or label not in ends.columns:
+        return pd.DataFrame(columns=columns)
+    pairs = ends.loc[ends[label] == treatment].merge(ends.loc[ends[label] == control], on=[*keys, "round"],
+                                                     suffixes=("", " control"))
+    rows = []
+    for round_number, frame in pairs.groupby("round", sort=True):
+        diffs = frame[metric].to_numpy() - frame[f"{metric} control"].to_numpy()
+        if "items" in frame.columns and all(isinstance(v, np.ndarray) for v in
+                                            [*frame["items"], *frame["items control"]]):
+            low, high = paired_change_interval(np.stack([a - b for a, b in zip(frame["items"],
+                                                                               frame["items control"])]),
+                                               n_resamples, confidence, seed)
+        else:
+            low, high = bootstrap_interval(diffs, n_resamples, confidence, seed)
+        rows.append({"round": round_number, "n_pairs": len(frame), "diff mean": float(diffs.mean()),
+                     "ci low": low, "ci high": high})
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _groups(frame: pd.DataFrame, keys: list[str]):
     """Yield ({column: value}, rows) per group; one group of everything when there are no keys."""
     if not keys:

@@ -509,3 +509,85 @@ def test_report_cli_names_a_wandb_mode_it_does_not_know_and_exits_2(experiment_d
     done = run_cli(str(experiment_dir), "--wandb", "sometimes")
     assert done.returncode == 2 and "--wandb: invalid choice: 'sometimes'" in done.stderr
     assert "Traceback" not in done.stderr and not (experiment_dir / "report.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Self-training rounds: round 0 is step 0, round r the last evaluated step of round r
+
+# per (loss, seed): each question's outcome (4 questions) at round 0, 1, 2
+ROUND_ITEMS = {
+    ("dpo", 0): [[1, 0, 0, 1], [1, 1, 0, 1], [0, 1, 0, 0]],
+    ("dpo", 1): [[1, 0, 0, 1], [1, 0, 0, 1], [0, 0, 0, 1]],
+    ("spo", 0): [[1, 0, 0, 1], [1, 1, 0, 1], [1, 1, 1, 1]],
+    ("spo", 1): [[1, 0, 0, 1], [1, 1, 1, 0], [1, 1, 1, 0]],
+}
+
+
+def write_rounds_experiment(directory: Path) -> Path:
+    """Two rounds of 4 steps, evaluated at steps 0, 4 and 8 (logged every 2), per loss and seed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows, history = [], []
+    for (loss, seed), outcomes in ROUND_ITEMS.items():
+        trial_id = f"{loss}_{seed}"
+        for step in (0, 2, 4, 6, 8):
+            row = {"trial_id": trial_id, "step": step, "round": max(1, (step + 3) // 4), "train/loss": 0.5}
+            if step % 4 == 0:
+                r = step // 4
+                row.update({"eval/accuracy": sum(outcomes[r]) / 4, "eval/answers_correct": outcomes[r],
+                            "eval/chosen_logp_delta": -r * (2.0 if loss == "dpo" else 0.5),
+                            "eval/rejected_logp_delta": -3.0 * r, "eval/chosen_logps": -10.0 - r * seed,
+                            "sampler/sample_accuracy": 0.2 + 0.1 * max(r, 1) + 0.05 * seed,
+                            "sampler/pairs": 90.0 - 10 * max(r, 1)})
+            history.append(row)
+        rows.append({"trial_id": trial_id, "status": "TERMINATED", "error": "", "loss": loss, "beta": 0.1,
+                     "seed": seed, "step": 8, "round": 2, "eval/accuracy": sum(outcomes[2]) / 4})
+    pd.DataFrame(rows).to_csv(directory / "results.csv", index=False)
+    pd.DataFrame(history).to_parquet(directory / "history.parquet")
+    return directory
+
+
+def test_round_ends_take_step_0_and_each_rounds_last_evaluation(tmp_path):
+    from analysis.tables import round_ends
+
+    exp = load_experiment(write_rounds_experiment(tmp_path / "rounds"))
+    assert exp.history.loc[exp.history["step"] == 2, "round"].tolist() == [1] * 4  # not results.csv's final round
+    ends = round_ends(exp.results, exp.history).sort_values(["trial_id", "round"])
+    spo1 = ends.loc[ends["trial_id"] == "spo_1"]
+    assert spo1["round"].tolist() == [0, 1, 2] and spo1["step"].tolist() == [0, 4, 8]
+    assert spo1["eval/accuracy"].tolist() == [0.5, 0.75, 0.75]
+    assert spo1["chosen from init"].tolist() == [0.0, -1.0, -2.0]  # eval/chosen_logps - its step-0 value
+    assert spo1["samples right"].tolist() == pytest.approx([0.35, 0.35, 0.45])
+    assert [list(v) for v in spo1["items"]] == ROUND_ITEMS[("spo", 1)]
+
+
+def test_per_round_changes_are_paired_with_round_0_run_by_run_and_question_by_question(tmp_path):
+    from analysis.tables import per_round, round_differences, round_ends
+
+    exp = load_experiment(write_rounds_experiment(tmp_path / "rounds"))
+    ends = round_ends(exp.results, exp.history)
+    table = per_round(ends, by=["loss"]).set_index(["loss", "round"])
+    # DPO: round 0 0.5 and 0.5; round 2 0.25 and 0.25 → change -0.25; SPO round 2: 1.0 and 0.75 → +0.375
+    assert table.loc[("dpo", 2), "change mean"] == pytest.approx(-0.25)
+    assert table.loc[("spo", 2), "change mean"] == pytest.approx(0.375)
+    assert table.loc[("spo", 1), "eval/accuracy mean"] == pytest.approx(0.75)
+    changes = np.array(ROUND_ITEMS[("spo", 0)][2]) - np.array(ROUND_ITEMS[("spo", 0)][0]), \
+        np.array(ROUND_ITEMS[("spo", 1)][2]) - np.array(ROUND_ITEMS[("spo", 1)][0])
+    low, high = paired_change_interval(np.stack(changes))
+    assert (table.loc[("spo", 2), "ci low"], table.loc[("spo", 2), "ci high"]) == (low, high)
+    assert np.isnan(table.loc[("spo", 0)].get("change mean", np.nan))
+    assert table.loc[("dpo", 2), "chosen Δ mean"] == -4.0 and table.loc[("spo", 2), "chosen Δ mean"] == -1.0
+    assert table.loc[("dpo", 2), "pairs mean"] == 70.0
+    differences = round_differences(ends, "spo", "dpo").set_index("round")
+    # round 2: seed 0 1.0 - 0.25, seed 1 0.75 - 0.25 → 0.625
+    assert differences.loc[2, "diff mean"] == pytest.approx(0.625) and differences.loc[2, "n_pairs"] == 2
+    assert differences.loc[0, "diff mean"] == 0.0
+
+
+def test_the_report_has_the_per_round_tables_and_figure(tmp_path):
+    directory = write_rounds_experiment(tmp_path / "rounds")
+    report = write_report(directory).read_text()
+    assert "## Per round (self-training)" in report and "## Per round: SPO − DPO" in report
+    assert_valid_png(directory / "plots" / "rounds.png")
+    assert "![Self-training rounds](plots/rounds.png)" in report
+    one_round = plots.plot_rounds(pd.DataFrame({"round": [0], "eval/accuracy mean": [0.5]}), tmp_path / "x.png")
+    assert one_round is None
