@@ -10,7 +10,8 @@
   4. return the final metrics.
 
 Ray Train (spo_ray.distributed) calls the same function on every worker with a `WorkerContext`, a
-`wrap_model` that adds DDP, and a `report` callback that forwards metrics and checkpoints to Ray.
+`wrap_model` that adds DDP, and a `report` callback that forwards metrics and checkpoints to Ray — through
+`spo_ray.rounds`, which in self-training rounds calls it once per round with that round's task and end step.
 """
 
 from __future__ import annotations
