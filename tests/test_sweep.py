@@ -306,37 +306,45 @@ def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_
 
 @pytest.mark.slow
 def test_a_sweep_samples_its_pairs_on_ray_workers_once_and_every_trial_reads_them(tmp_path):
-    """Two trials of sampled pairs: the driver samples the table on two Ray actors before the first trial,
-    with the rows an in-process sampler gives for the same seed; both trials train on the pairs built from it
-    and report the sampler's figures; the initial evaluation is computed once."""
+    """Two trials of sampled pairs, in two self-training rounds: the driver samples round 1's table on two Ray
+    actors before the first trial, with the rows an in-process sampler gives for the same seed; both trials
+    train round 1 on the pairs built from it and report the sampler's figures; the initial evaluation is
+    computed once; each trial then samples its own round-2 table from its own weights."""
     from spo_ray.config import validate_run
     from spo_ray.sampling import read_samples, table_path
     from spo_ray.tasks import load_task, sampling_job
 
     sampled = {"samples_per_prompt": 4, "prompts": 32, "eval_prompts": 8, "temperature": 1.0, "max_new_tokens": 4,
-               "batch_tokens": 400}
+               "batch_tokens": 400, "rounds": 2, "steps_per_round": 3}
     path = tiny_sweep(tmp_path, loss={"name": {"grid": ["dpo", "spo"]}}, data={"sampled_pairs": sampled},
-                      train={"eval_on_start": True})
+                      train={"eval_on_start": True, "max_steps": 3})
     result = run_cli(path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on 2 worker(s)" in result.stdout + result.stderr
     cache = tmp_path / "results" / ".cache"
-    [table] = (cache / "samples").glob("samples-*.parquet")
+    tables = sorted((cache / "samples").glob("samples-*.parquet"))
+    assert len(tables) == 3  # round 1's, shared; each trial's round 2
     [_] = (cache / "evaluations").glob("init-eval-*.json")
 
     raw = yaml.safe_load(path.read_text())
     raw["loss"]["name"] = "dpo"
     config = validate_run(raw).run_config()
     job = sampling_job(load_task(config, str(cache)), config, str(cache))
-    assert table == Path(table_path(str(cache / "samples"), job.key))
+    table = Path(table_path(str(cache / "samples"), job.key))
+    assert table in tables
     rows, generation = read_samples(str(table))
     assert rows == sorted(job.generate()[0], key=lambda r: (r["prompt"], r["sample"]))  # sharing changed nothing
     assert generation["workers"] == 2
 
     results = pd.read_csv(tmp_path / "results" / "tiny" / "results.csv")
-    assert len(set(results["sampler/pairs"])) == 1 and results["sampler/pairs"].iloc[0] > 0
+    history = pd.read_parquet(tmp_path / "results" / "tiny" / "history.parquet")
+    assert set(results["status"]) == {"TERMINATED"} and set(results["round"]) == {2} and set(results["step"]) == {6}
+    assert sorted(zip(history["step"], history["round"])) == [(0, 1), (0, 1), (3, 1), (3, 1), (6, 2), (6, 2)]
+    round_one = history[history["step"] == 3]
     trial = load_task(config, str(cache), samples_dir=str(cache / "samples"))
-    assert results["sampler/pairs"].iloc[0] == len(trial.train_pairs) and set(results["status"]) == {"TERMINATED"}
+    assert set(round_one["sampler/pairs"]) == {len(trial.train_pairs)}
+    # round 2's figures are each trial's own table: 32 training prompts, no held-out ones
+    assert set(history.loc[history["step"] == 6, "sampler/samples"]) == {32 * 4}
 
 
 @pytest.mark.slow
