@@ -45,6 +45,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from spo_ray.config import ROUND_KEY, ConfigError, RunConfig, total_steps
 from spo_ray.models import cached_init, load_causal_lm, save_to_cache
@@ -93,12 +94,19 @@ def rounds_dir(cache_dir: str) -> Path:
 
 
 def round_start(config: RunConfig, task: Task, loaded_from: str, state: dict, round_number: int,
-                cache_dir: str) -> str:
+                cache_dir: str, context: WorkerContext) -> str:
     """The folder of the weights in checkpoint `state` (the policy as round `round_number` − 1 left it; that
     round loaded its policy from `loaded_from`), written once per weights hash with `task`'s tokenizer —
-    under a URI cache, uploaded, so the other nodes of a trial fetch it. LoRA adapters are merged in."""
+    under a URI cache, uploaded, so the other nodes of a trial fetch it. LoRA adapters are merged in.
+
+    Of a trial's DDP workers rank 0 writes it while the others wait: transformers' `save_pretrained` writes
+    weights only on rank 0 of an initialized process group (another rank's folder would hold none)."""
     key = weights_key(state["model"])
     target = rounds_dir(cache_dir) / f"round-{key}"
+    together = context.world_size > 1 and dist.is_initialized()
+    if together and context.rank != 0:
+        dist.barrier()  # rank 0 has written (and uploaded) the folder
+        return existing_round_start(target.name, cache_dir)
     with cached_init(target) as found:
         if not found:
             model = load_causal_lm(loaded_from, config.model.model_copy(update={"gradient_checkpointing": False}))
@@ -109,6 +117,8 @@ def round_start(config: RunConfig, task: Task, loaded_from: str, state: dict, ro
                     "round": round_number, "from": str(loaded_from), "step": state["step"]}
             save_to_cache(model, task.tokenizer, info, target)
             del model
+    if together:
+        dist.barrier()
     return str(target)
 
 
@@ -171,7 +181,8 @@ def train_in_rounds(config: RunConfig, *, cache_dir: str, reference_dir: str | N
             task, stopped = first, None
         else:
             if step == first_step:  # at the round's boundary: the checkpoint holds the round's starting weights
-                start = round_start(config, first, start or first.policy_path, resume, round_number, cache_dir)
+                start = round_start(config, first, start or first.policy_path, resume, round_number, cache_dir,
+                                    context)
             task, stopped = round_task(first, config, start, round_number, cache_dir,
                                        progress and context.rank == 0)
         if stopped:

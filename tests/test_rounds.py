@@ -255,3 +255,64 @@ def test_one_round_is_the_trainer_itself(tmp_path, init_cache, monkeypatch):
     monkeypatch.setattr(rounds, "train", lambda config, **kwargs: calls.append(kwargs) or {"step": 6})
     config = validate_run(tiny_run())
     assert train_in_rounds(config, cache_dir=init_cache) == {"step": 6} and "task" not in calls[0]
+
+
+def _ddp_worker(rank, world_size, raw, cache_dir, reference_dir, out_dir):
+    """One DDP worker of a 2-round run: its rows and each checkpoint's round start, saved per rank."""
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from spo_ray.trainer import WorkerContext
+    os.environ["WANDB_MODE"] = "disabled"
+    rows, starts = [], []
+
+    def report(row, state):
+        rows.append({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+        if state is not None:
+            starts.append((row["step"], state[START_KEY], weights_key(state["model"])))
+    train_in_rounds(validate_run(raw).run_config(), cache_dir=cache_dir, reference_dir=reference_dir,
+                    report=report, context=WorkerContext(rank=rank, world_size=world_size),
+                    wrap_model=DistributedDataParallel)
+    torch.save({"rows": rows, "starts": starts}, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_workers_start_each_round_from_the_same_weights_and_sample_it_once(tmp_path):
+    from conftest import run_gloo_workers
+    raw = tiny_run(data={"sampled_pairs": {"samples_per_prompt": 4, "prompts": 24, "eval_prompts": 8,
+                                           "max_new_tokens": 4, "rounds": 2, "steps_per_round": 3,
+                                           "reference_update": "previous"}},
+                   train={"eval_every": 3, "probe_every": 3})
+    cache = tmp_path / "cache"
+    load_task(validate_run(raw), str(cache))  # the init, built before the workers start (as a sweep's driver does)
+    run_gloo_workers(_ddp_worker, (raw, str(cache), str(tmp_path / "ref"), str(tmp_path)), tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["starts"] == ranks[1]["starts"]  # the replicas' weights hash alike at every checkpoint
+    (_, _, end_of_round_one), (_, start_of_round_two, _) = ranks[0]["starts"]
+    assert start_of_round_two == f"round-{end_of_round_one}"
+    assert [p.name for p in (cache / "rounds").iterdir() if not p.name.startswith(".")] == [start_of_round_two]
+    assert len(list((cache / "samples").glob("samples-*.parquet"))) == 2  # round 1's and round 2's, once each
+    assert [(r["step"], r["round"]) for r in ranks[0]["rows"]] == [(3, 1), (6, 2)]
+
+
+def test_lora_rounds_merge_the_adapters_into_the_next_rounds_start(tmp_path, init_cache):
+    config = validate_run(tiny_run(model={"lora": {"r": 4, "alpha": 8}},
+                                   data={"sampled_pairs": {"samples_per_prompt": 4, "prompts": 24, "eval_prompts": 8,
+                                                           "max_new_tokens": 4, "rounds": 2, "steps_per_round": 3}},
+                                   train={"eval_every": 3, "probe_every": 3, "learning_rate": 1e-2}))
+    rows, states = run(config, init_cache, tmp_path / "ref")
+    assert [r["round"] for r in rows] == [1, 2]
+    folder = Path(init_cache) / "rounds" / states[1][START_KEY]
+    task = load_task(config, init_cache)
+    peft_model = load_causal_lm(task.policy_path, config.model)
+    peft_model.load_state_dict(states[0]["model"])  # the policy as round 1 ended
+    merged = load_causal_lm(folder, config.model.model_copy(update={"lora": None}))
+    assert not hasattr(merged, "peft_config")
+    ids = torch.tensor([task.tokenizer("Q: 12+34=?\nA:")["input_ids"]])
+    with torch.no_grad():
+        adapted, plain = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+        base = load_causal_lm(task.policy_path, config.model.model_copy(update={"lora": None}))(input_ids=ids).logits
+    assert (adapted - base).abs().max() > 1e-3  # round 1 did move the adapters
+    scale = adapted.abs().max()
+    assert (adapted - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * scale  # merging is exact up to rounding
