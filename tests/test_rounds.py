@@ -316,3 +316,15 @@ def test_lora_rounds_merge_the_adapters_into_the_next_rounds_start(tmp_path, ini
     assert (adapted - base).abs().max() > 1e-3  # round 1 did move the adapters
     scale = adapted.abs().max()
     assert (adapted - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * scale  # merging is exact up to rounding
+
+
+def test_a_run_in_rounds_takes_rounds_times_steps_per_round_steps_and_asha_counts_them_all(tmp_path):
+    from spo_ray.config import total_steps
+    assert total_steps(validate_run(tiny_run())) == 6
+    assert total_steps(rounds_run(rounds=3)) == 9  # 3 rounds × steps_per_round 3
+    assert total_steps(validate_run(tiny_run(data={"sampled_pairs": {"rounds": 2}}))) == 12  # default: max_steps each
+    from spo_ray.sweep import build_tuner
+    raw = tiny_run(data={"sampled_pairs": {"rounds": 2}}, tune={"scheduler": "asha"}, storage_path=str(tmp_path))
+    sweep = validate_run(raw)
+    tuner = build_tuner(raw, sweep, {}, str(tmp_path / "sweep"), resume=False)
+    assert tuner._local_tuner._tune_config.scheduler._max_t == 12
