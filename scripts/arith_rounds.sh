@@ -13,16 +13,8 @@ SWEEP=sweeps/arith_smollm2_rounds.yaml
 mkdir -p "$STORE"
 begin=$(date +%s)
 
-run() {
-    local name=$1; shift
-    local resume=()
-    [ -f "$STORE/$name/tuner.pkl" ] && resume=(--resume)
-    local start; start=$(date +%s)
-    "$PY" -m spo_ray.sweep "$SWEEP" --storage-path "$STORE" --name "$name" "${resume[@]}" "$@"
-    local code=$?
-    echo "$name: $(( $(date +%s) - start )) s, exit $code" | tee -a "$STORE/arith_rounds_wall_times.txt"
-    [ "$code" -le 1 ] && "$PY" -m analysis.report "$STORE/$name"
-}
+WALL_TIMES="$STORE/arith_rounds_wall_times.txt"
+source scripts/run_sweep.sh
 
 run arith-rounds
 if [ "${PARALLEL:-0}" = 1 ]; then
@@ -33,5 +25,5 @@ else
     run arith-rounds-simpo --set loss.name=simpo loss.beta=2.0 loss.gamma=1.0
     run arith-rounds-rpo   --set loss.name=dpo loss.nll_weight=1.0
 fi
-echo "all: $(( $(date +%s) - begin )) s" | tee -a "$STORE/arith_rounds_wall_times.txt"
+echo "all: $(( $(date +%s) - begin )) s" | tee -a "$WALL_TIMES"
 "$PY" scripts/arith_rounds.py "$STORE"

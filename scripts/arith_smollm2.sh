@@ -12,20 +12,12 @@ SWEEP=sweeps/arith_smollm2.yaml
 mkdir -p "$STORE"
 begin=$(date +%s)
 
-run() {
-    local name=$1; shift
-    local resume=()
-    [ -f "$STORE/$name/tuner.pkl" ] && resume=(--resume)
-    local start; start=$(date +%s)
-    "$PY" -m spo_ray.sweep "$SWEEP" --storage-path "$STORE" --name "$name" "${resume[@]}" "$@"
-    local code=$?
-    echo "$name: $(( $(date +%s) - start )) s, exit $code" | tee -a "$STORE/arith_wall_times.txt"
-    [ "$code" -le 1 ] && "$PY" -m analysis.report "$STORE/$name"
-}
+WALL_TIMES="$STORE/arith_wall_times.txt"
+source scripts/run_sweep.sh
 
 run arith-smollm2
 run arith-smollm2-simpo --set loss.name=simpo loss.beta=2.0 loss.gamma=1.0
 run arith-smollm2-rpo   --set loss.name=dpo loss.nll_weight=1.0
 run arith-smollm2-sft   --set model.sft_steps=24
-echo "all four: $(( $(date +%s) - begin )) s" | tee -a "$STORE/arith_wall_times.txt"
+echo "all four: $(( $(date +%s) - begin )) s" | tee -a "$WALL_TIMES"
 "$PY" scripts/arith_smollm2.py "$STORE"
