@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -166,6 +167,7 @@ def train_in_rounds(config: RunConfig, *, cache_dir: str, reference_dir: str | N
     if rounds == 1:
         return train(config, report=report, resume=resume, **common)
     context = context or WorkerContext()
+    began = time.perf_counter()
     keep = config.data.sampled_pairs.optimizer_per_round == "keep"
     step = resume["step"] if resume else 0
     if step >= rounds * steps:
@@ -201,7 +203,8 @@ def train_in_rounds(config: RunConfig, *, cache_dir: str, reference_dir: str | N
         captured: dict = {}
 
         def round_report(row: dict, state: dict | None, round_number=round_number, start=start) -> None:
-            row = {**row, ROUND_KEY: round_number}
+            # the trial's time so far, sampling and reference passes between rounds included
+            row = {**row, ROUND_KEY: round_number, "wall_time_s": time.perf_counter() - began}
             if state is not None:
                 state = {**state, START_KEY: Path(start).name if start else ""}
                 captured["state"] = state

@@ -71,6 +71,8 @@ def test_rows_carry_their_round_and_steps_run_on_from_round_to_round(two_rounds)
     _, _, _, rows, states = two_rounds
     assert [(r["step"], r["round"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
     assert [s["step"] for s in states] == [1, 2, 3, 4, 5, 6]
+    walls = [r["wall_time_s"] for r in rows]
+    assert walls == sorted(walls)  # the trial's time, not the round's: it runs on across the round boundary
     assert [s[START_KEY] for s in states[:3]] == ["", "", ""]  # round 1 starts from the init
     assert all(s[START_KEY] == f"round-{weights_key(states[2]['model'])}" for s in states[3:])
     assert rows[5]["sampler/samples"] == 24 * 4 and "eval/chosen_logp_delta" in rows[5]
