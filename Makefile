@@ -38,7 +38,8 @@ demo: venv
 # the fast numerical files again under torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), whose
 # rounding differs from AVX2/AVX-512: their tolerances must hold on any CPU.
 NUMERICAL_TESTS := tests/test_chunked_logprobs.py tests/test_logprobs.py tests/test_losses.py tests/test_trainer.py \
-	tests/test_evaluation.py tests/test_reference.py tests/test_trl_parity.py tests/test_prefix_sharing.py
+	tests/test_evaluation.py tests/test_reference.py tests/test_trl_parity.py tests/test_prefix_sharing.py \
+	tests/test_decoding.py
 test: venv
 	$(PY) -m pytest -q -ra -n 3 --dist worksteal
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -ra -n 2 -m "not slow" $(NUMERICAL_TESTS)

@@ -38,6 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from spo_ray.answers import matches  # noqa: E402
+from spo_ray.decoding import Decoder, encode_prompts  # noqa: E402
 from spo_ray.models import gguf_init, load_init  # noqa: E402
 from spo_ray.sampling import Sampling, sample_rows  # noqa: E402
 from spo_ray.tasks.chat_arithmetic import question, solve  # noqa: E402
@@ -97,6 +98,25 @@ def run_generate(model, tokenizer, prompts, args, stop_ids, seed):
     return tokens, samples
 
 
+@torch.no_grad()
+def ceiling(model, tokenizer, prompts, args, cached: int = 24, repeats: int = 3) -> float:
+    """What decoding could reach if nothing but the model ran: tokens/s of one forward of a full batch
+    (`--batch-prompts` prompts × `--samples` rows) on a cache of its prompts and `cached` tokens more (a sample's
+    typical length), best of `repeats`."""
+    decoder = Decoder(model, encode_prompts(tokenizer, prompts[:args.batch_prompts]), tokenizer.pad_token_id,
+                      cached + repeats)
+    decoder.repeat(args.samples)
+    token = torch.full((decoder.next_logits.size(0),), tokenizer.encode("1", add_special_tokens=False)[0])
+    for _ in range(cached):
+        decoder.append(token)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        decoder.append(token)
+        seconds.append(time.perf_counter() - started)
+    return len(token) / min(seconds)
+
+
 def accuracy(samples, answers) -> float:
     return sum(ended and matches(text, answers[p]) for p, text, ended in samples) / len(samples)
 
@@ -111,9 +131,12 @@ def main():
     prompts, answers = prompts_and_answers(tokenizer, args.prompts)
     print(f"{len(prompts)} prompts × {args.samples} samples, ≤ {args.max_new_tokens} new tokens, batches of "
           f"{args.batch_prompts} prompts, {args.threads} thread(s), torch {torch.__version__}", flush=True)
-    best = {"spo-ray": 0.0, "generate": 0.0}
+    best = {"spo-ray": 0.0, "generate": 0.0, "ceiling": 0.0}
     seen = {"spo-ray": [], "generate": []}
     for round_number in range(args.rounds):
+        best["ceiling"] = max(best["ceiling"], ceiling(model, tokenizer, prompts, args))
+        print(f"round {round_number + 1} ceiling   one forward of {args.batch_prompts * args.samples} cached rows = "
+              f"{best['ceiling']:6.1f} tokens/s (best so far)", flush=True)
         for name, run in (("spo-ray", run_spo_ray), ("generate", run_generate)):
             started = time.perf_counter()
             tokens, samples = run(model, tokenizer, prompts, args, stop_ids, seed=round_number)
@@ -128,7 +151,8 @@ def main():
     print(f"check: samples right {acc['spo-ray']:.3f} (spo-ray) vs {acc['generate']:.3f} (generate), "
           f"{n} samples each; two standard errors of the difference {noise:.3f}")
     print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
-          f"tokens_per_s_generate={best['generate']:.1f} accuracy_spo_ray={acc['spo-ray']:.3f} "
+          f"tokens_per_s_generate={best['generate']:.1f} tokens_per_s_ceiling={best['ceiling']:.1f} "
+          f"spo_ray_vs_ceiling={best['spo-ray'] / best['ceiling']:.2f} accuracy_spo_ray={acc['spo-ray']:.3f} "
           f"accuracy_generate={acc['generate']:.3f}")
 
 

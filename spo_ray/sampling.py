@@ -6,11 +6,13 @@ is correct, losers the others, K pairs per question by cycling through both sets
 winner where no sample is correct, questions without a loser dropped. This module does the three parts:
 
 1. **Generation** (`sample_batch`): a batch of prompts is scored once on a key/value cache
-   (`spo_ray.decoding.generate`), each row then repeated N times, and every sample extended one token at a
-   time (temperature, top-p); a sample that emits a stop token leaves the batch and its cache at once. A
-   prompt is prefilled once for its N samples (transformers' `generate` with `num_return_sequences` prefills
-   it N times) and finished samples stop costing compute (`generate` keeps stepping them until the longest
-   one ends): `benchmarks/sampling.py` measures the two against each other.
+   (`spo_ray.decoding.generate`; their common prefix, a chat template's system turn, once for all), each row
+   then repeated N times, and every sample extended one token at a time (temperature, top-p: `next_tokens`, one
+   uniform number per sample and token from the batch's generator); a sample that emits a stop token leaves
+   the batch and its cache at once. A prompt is prefilled once for its N samples (transformers' `generate`
+   with `num_return_sequences` prefills it N times) and finished samples stop costing compute (`generate`
+   keeps stepping them until the longest one ends): `benchmarks/sampling.py` measures the two against each
+   other, and against one forward of a full batch (what decoding could reach if nothing but the model ran).
 2. **The table** (`cached_samples`): the samples are a pure function of (sampler weights, prompts, sampling
    settings, seed), so they are stored once per key as a Parquet table in the sweep's shared cache, beside
    the inits it was sampled from (`<cache_dir>/samples/`: a local folder or a bucket, `spo_ray.storage`), and
@@ -41,7 +43,7 @@ import torch
 from spo_ray import storage
 from spo_ray.decoding import encode_prompts, evaluating, generate
 
-SAMPLES_FORMAT = 1
+SAMPLES_FORMAT = 2  # 2: tokens drawn by inverting the CDF at a table of uniform numbers
 
 
 @dataclass(frozen=True)
@@ -84,29 +86,48 @@ class Sampling:
 # ---------------------------------------------------------------------------------------------------
 # 1. Generation
 
-def next_tokens(logprobs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from next-token log-probs: greedy at temperature 0, else a draw from
-    softmax(logprobs / T) restricted to the smallest set of tokens whose probability reaches `top_p`."""
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from next-token logits (or log-probs: the same distribution): greedy at temperature 0,
+    else a draw from softmax(logits / T) restricted to the smallest set of tokens whose probability reaches
+    `top_p`, by inverting its cumulative distribution at the row's uniform number in [0, 1).
+
+    One number a row (not `torch.multinomial`, which draws one exponential per vocabulary entry: 150 ms a step
+    for 128 rows of a 49k vocabulary), summed in float64 so that no token's share is lost to rounding.
+    """
     if temperature == 0:
-        return logprobs.argmax(dim=-1)
-    probs = torch.softmax(logprobs.float() / temperature, dim=-1)
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each token
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always stays (before = 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logprobs.device)
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)
+    threshold = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
+    # The first token whose cumulative mass exceeds the threshold: token i with probability p_i / total (a
+    # token of probability 0 is never the first). Only a threshold rounded up to the total (u within 2^-53
+    # of 1) passes the end; it takes the last token.
+    return torch.searchsorted(cumulative, threshold, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
 def sample_batch(model, prompt_ids: list[list[int]], sampling: Sampling, stop_ids: set[int], pad_id: int,
                  generator: torch.Generator) -> list[tuple[list[int], bool]]:
     """`samples_per_prompt` samples of each prompt, prompt by prompt (`spo_ray.decoding.generate`: each prompt
     scored once, finished samples dropped from the batch): (token ids without the stop token, whether a stop
-    token ended it within `max_new_tokens`)."""
-    rows = generate(model, prompt_ids, lambda logprobs: next_tokens(logprobs, sampling.temperature, sampling.top_p,
-                                                                    generator),
-                    stop_ids, pad_id, sampling.max_new_tokens, copies=sampling.samples_per_prompt)
-    return [(ids[:-1] if ended else ids, ended) for ids, ended in rows]
+    token ended it within `max_new_tokens`).
+
+    Sample s of prompt p draws its t-th token with uniform number [p * samples_per_prompt + s, t] of a table
+    drawn from `generator` up front: which rows share a step does not decide which numbers a row gets.
+    """
+    samples = len(prompt_ids) * sampling.samples_per_prompt
+    uniforms = torch.rand(samples, sampling.max_new_tokens, generator=generator, dtype=torch.float64)
+    device = next(model.parameters()).device
+
+    def pick(logits, rows, step):
+        return next_tokens(logits, sampling.temperature, sampling.top_p, uniforms[rows.cpu(), step].to(device))
+    continued = generate(model, prompt_ids, pick, stop_ids, pad_id, sampling.max_new_tokens,
+                    copies=sampling.samples_per_prompt)
+    return [(ids[:-1] if ended else ids, ended) for ids, ended in continued]
 
 
 def plan_batches(prompt_lengths: list[int], sampling: Sampling) -> list[list[int]]:
@@ -148,10 +169,11 @@ def sample_rows(model, tokenizer, prompts: list[str], sampling: Sampling, stop_i
             indices = batches[number]
             samples = sample_batch(model, [prompt_ids[i] for i in indices], sampling, stop_ids, pad_id,
                                    batch_generator(sampling.seed, number))
-            for position, (ids, ended) in enumerate(samples):
+            completions = tokenizer.batch_decode([ids for ids, _ in samples], skip_special_tokens=True)
+            for position, ((ids, ended), completion) in enumerate(zip(samples, completions)):
                 prompt, sample = divmod(position, sampling.samples_per_prompt)
                 rows.append({"prompt": indices[prompt], "sample": sample, "ended": ended, "tokens": len(ids),
-                             "completion": tokenizer.decode(ids, skip_special_tokens=True)})
+                             "completion": completion})
             if bar:
                 bar.update(len(indices))
     if bar:

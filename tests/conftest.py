@@ -270,6 +270,22 @@ def rounding_tolerance(scale, roundings: float, dtype=None) -> float:
     return roundings * torch.finfo(dtype or torch.float32).eps * float(abs(scale))
 
 
+def naive_greedy(model, tokenizer, prompt: str, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Greedy continuation by the plain loop: the whole sequence through the model for every token, no cache,
+    no batch (the oracle of the batched, cached decoders), up to and including the first stop token."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    generated = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = model(torch.tensor([ids + generated])).logits[0, -1].argmax().item()
+        generated.append(token)
+        if token in stop_ids:
+            break
+    return generated
+
+
 # ---------------------------------------------------------------------------------------------------
 # W&B offline runs, read back
 

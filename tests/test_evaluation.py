@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import assert_as_accurate_as_float32, rounding_tolerance
+from conftest import assert_as_accurate_as_float32, naive_greedy, rounding_tolerance
 from spo_ray.models import create_small_lm
 from spo_ray.decoding import greedy_decode
 from spo_ray.tasks.arithmetic import (MASS_KEYS, ArithmeticConfig, answer_mass_split, eval_problems, evaluate_task,
@@ -83,18 +83,6 @@ def test_mass_split_sums_to_one_with_non_negative_parts():
     assert all(value >= 0.0 for value in split.values())  # sums of probabilities; malformed is ~0.97 here
 
 
-def naive_greedy(model, prompt, max_new_tokens):
-    ids = TOKENIZER(prompt, add_special_tokens=False)["input_ids"]
-    generated = []
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            token = model(torch.tensor([ids + generated])).logits[0, -1].argmax().item()
-        generated.append(token)
-        if token == TOKENIZER.eos_token_id:
-            break
-    return generated
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_batched_greedy_equals_one_example_at_a_time(arch):
     # 1- and 2-digit operands: prompts of different lengths, so left padding is exercised.
@@ -103,7 +91,7 @@ def test_batched_greedy_equals_one_example_at_a_time(arch):
     model = random_model(arch, sharpness=3.0)
     prompts = [p["prompt"] for p in problems]
     assert len({len(p) for p in prompts}) > 1
-    naive = [naive_greedy(model, prompt, 4) for prompt in prompts]
+    naive = [naive_greedy(model, TOKENIZER, prompt, 4, {TOKENIZER.eos_token_id}) for prompt in prompts]
     assert greedy_decode(model, TOKENIZER, prompts, 4, batch_size=10) == naive
     naive_correct = [
         ids[-1:] == [TOKENIZER.eos_token_id] and parse_answer(TOKENIZER.decode(ids[:-1]), cfg) == p["answer"]

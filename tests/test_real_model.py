@@ -270,7 +270,9 @@ def test_the_real_model_samples_chat_arithmetic_answers_that_the_checker_and_pai
     [table] = tmp_path.glob("samples-*.parquet")
     rows = pd.read_parquet(table).to_dict("records")
     assert len(rows) == 8 * 4 and all(isinstance(r["completion"], str) for r in rows)
-    assert sum(r["ended"] for r in rows) >= 16  # short answers end within 24 tokens
+    # The stop rule sees the end-of-turn token: a quarter of the samples end within 24 tokens (the model's share
+    # is about half, 14-18 of 32 under two samplers' random streams; a stop rule that missed it would give 0)
+    assert sum(r["ended"] for r in rows) >= 8
     assert rows == job.generate()[0]  # the same seed, the same samples
     counts = pd.read_csv(next(tmp_path.glob("samples-*-k2-gold.csv")))
     train = counts[counts["split"] == "train"].reset_index(drop=True)

@@ -107,11 +107,37 @@ def test_top_p_keeps_the_tokens_transformers_keeps():
     logits = torch.randn(64, 50, generator=generator) * 3
     for top_p in (0.3, 0.7, 0.95):
         kept_by_transformers = torch.isfinite(TopPLogitsWarper(top_p)(None, logits.clone()))
-        draws = torch.stack([next_tokens(torch.log_softmax(logits, -1), 1.0, top_p, generator) for _ in range(200)])
+        draws = torch.stack([next_tokens(torch.log_softmax(logits, -1), 1.0, top_p, torch.rand(64, generator=generator))
+                             for _ in range(200)])
         drawn = torch.zeros_like(kept_by_transformers)
         drawn[torch.arange(64).repeat(200), draws.flatten()] = True
         assert not (drawn & ~kept_by_transformers).any()  # never a token transformers would have cut
-    assert torch.equal(next_tokens(logits, 0.0, 1.0, generator), logits.argmax(-1))  # temperature 0: greedy
+    assert torch.equal(next_tokens(logits, 0.0, 1.0, None), logits.argmax(-1))  # temperature 0: greedy
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.8, 1.0), (0.5, 0.9), (2.0, 0.6)])
+def test_a_token_is_drawn_with_its_tempered_top_p_probability(temperature, top_p):
+    """The share of the uniform numbers in [0, 1) that give each token is its probability under
+    softmax(logits / T), cut to the top-p set and renormalized, computed here in float64 from the definition."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0, -4.0, 1.5, 2.5]])
+    probs = torch.softmax(logits.double()[0] / temperature, -1)
+    ranked = probs.argsort(descending=True).tolist()
+    mass, kept = 0.0, []
+    for token in ranked:  # the smallest set of top tokens whose mass reaches top_p
+        kept.append(token)
+        mass += probs[token].item()
+        if mass >= top_p:
+            break
+    expected = torch.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    # N evenly spaced numbers: token i is drawn for the ones in an interval of length p_i, so for between
+    # N p_i - 1 and N p_i + 1 of them; p_i is a float32 softmax there (a few 2^-24 relative: 1e-6 is ample).
+    n = 100_000
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = next_tokens(logits.expand(n, -1), temperature, top_p, uniforms)
+    counts = torch.bincount(drawn, minlength=logits.size(-1)).double()
+    assert torch.all((counts - n * expected).abs() <= 1.0 + n * expected * 1e-6)
+    assert set(drawn.unique().tolist()) == set(kept)
 
 
 def test_batches_fit_the_token_budget_in_prompt_order():
