@@ -15,6 +15,7 @@ method − method accuracy differences per round on the same seeds and questions
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,9 +38,20 @@ def load(root: Path) -> pd.DataFrame:
             continue
         exp = load_experiment(root / name)
         ends = round_ends(exp.results, exp.history)
-        walls = exp.results.set_index("trial_id")["wall_time_s"]
-        frames.append(ends.assign(method=method or ends["loss"], wall=ends["trial_id"].map(walls)))
+        if not ends.empty:
+            frames.append(ends.assign(method=method or ends["loss"],
+                                      wall=[trial_seconds(root / name, t) for t in ends["trial_id"]]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def trial_seconds(directory: Path, trial_id: str) -> float:
+    """The trial's time in Tune (`time_total_s` of its last result: sampling, reference passes and every
+    round's evaluation included), from its folder in the experiment."""
+    for folder in directory.glob(f"run_trial_{trial_id}_*"):
+        lines = (folder / "result.json").read_text().strip().splitlines()
+        if lines:
+            return float(json.loads(lines[-1])["time_total_s"])
+    return float("nan")
 
 
 def cell(row: pd.Series, column: str, signed: bool = True, decimals: int = 2) -> str:
