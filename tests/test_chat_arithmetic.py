@@ -111,3 +111,12 @@ def test_files_with_an_answer_column_give_prompts_and_without_one_are_refused(tm
     path.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     with pytest.raises(ConfigError, match=r"questions.jsonl line 1: missing column\(s\) 'answer'"):
         load_prompts(config.data, task.tokenizer)
+
+
+def test_retention_without_the_gsm8k_folder_is_said_in_one_line_not_dropped_silently(tmp_path, monkeypatch, capsys):
+    from spo_ray.tasks.chat_arithmetic import retention_answers
+    monkeypatch.setenv("SPO_RAY_GSM8K_DIR", str(tmp_path))  # no train.jsonl there
+    config = validate_run({"data": {"source": "chat_arithmetic", "retention_answers": 4}})
+    assert retention_answers(config, tokenizer=None, chat=True) == []
+    assert capsys.readouterr().out == (f"data.retention_answers: no GSM8K train.jsonl in {tmp_path} (set "
+                                       f"SPO_RAY_GSM8K_DIR or data.retention_path); eval/retention_logp is not logged\n")

@@ -163,7 +163,9 @@ def retention_answers(config: RunConfig, tokenizer, chat: bool) -> list[dict]:
     if data_cfg.retention_path:
         return read_retention_examples(data_cfg.retention_path, tokenizer, data_cfg.retention_answers)
     folder = Path(gsm8k.data_dir())
-    if not (folder / "train.jsonl").is_file():
+    if not (folder / "train.jsonl").is_file():  # an optional measure: said once, not an error
+        print(f"data.retention_answers: no GSM8K train.jsonl in {folder} (set SPO_RAY_GSM8K_DIR or "
+              f"data.retention_path); eval/retention_logp is not logged")
         return []
     return gsm8k.retention_examples(folder, tokenizer, chat, data_cfg.retention_answers)
 
