@@ -191,7 +191,9 @@ def train_in_rounds(config: RunConfig, *, cache_dir: str, reference_dir: str | N
             if context.rank == 0:
                 print(f"self-training rounds end: {stopped}")
             final = {**final, STOPPED_KEY: stopped}
-            if report:  # the last row again, with the reason (a row of the step already reported)
+            # The last row again, with the reason: a row of the step already reported replaces it, so only where
+            # this process holds that row (a trial resumed at the boundary has it in its tables, not here).
+            if report and final:
                 report({**final, "step": step, ROUND_KEY: round_number - 1}, None)
             return final
         if step > first_step:  # a checkpoint inside this round: its weights, AdamW, schedule and step

@@ -100,7 +100,7 @@ def round_sampling_job(task: Task, config: RunConfig, sampler_path: str, round_n
     count = spec.prompts or len(pool)
     first = (round_number - 1) * count if spec.fresh_prompts else 0
     prompts = pool[first:first + count]
-    if len(prompts) < count:
+    if spec.fresh_prompts and len(prompts) < count:  # without fresh prompts, round 1's (as many as there are)
         raise ConfigError(f"data.sampled_pairs.fresh_prompts: {spec.rounds} rounds of {count} new prompts need "
                           f"{spec.rounds * count} training prompts; the source has {len(pool)} (lower "
                           f"data.sampled_pairs.prompts or rounds, or turn fresh_prompts off)")
