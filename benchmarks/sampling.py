@@ -9,12 +9,13 @@ questions ("What is a + b? Answer with just the number.", operands 0-20, rendere
 template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
 
   (a) spo-ray       `spo_ray.sampling.sample_rows`: each prompt scored once on a key/value cache, its cache
-                    repeated for the samples, finished samples dropped from the batch as they end;
+                    repeated for the samples, finished samples dropped from the batch as they end and the next
+                    prompts joining in their places (at most `--batch-prompts` prompts' rows at a time);
   (b) transformers  `model.generate(do_sample=True, num_return_sequences=N)` on the same left-padded batch:
                     the prompt repeated N times before the first forward, every row stepped until the longest
                     one ends (finished rows are padded, not removed).
 
-Each round runs (a) then (b) on the same batches (`--batch-prompts` prompts each), interleaved so that a load
+Each round runs (a) then (b) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
 change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
 (padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
 what the two sampled: the share of samples whose final number is right and that ended, which must agree
@@ -67,12 +68,12 @@ def prompts_and_answers(tokenizer, count: int):
 
 
 def run_spo_ray(model, tokenizer, prompts, args, stop_ids, seed):
+    # The token budget of `--batch-prompts` prompts' samples at full length: at most that many rows at a time,
+    # as `generate` gets, with the next prompts joining as samples end.
+    widest = max(len(ids) for ids in encode_prompts(tokenizer, prompts)) + args.max_new_tokens
     sampling = Sampling(samples_per_prompt=args.samples, temperature=0.8, max_new_tokens=args.max_new_tokens,
-                        seed=seed, batch_tokens=10**9)
-    rows = []
-    for start in range(0, len(prompts), args.batch_prompts):
-        batch = sample_rows(model, tokenizer, prompts[start:start + args.batch_prompts], sampling, stop_ids)
-        rows += [{**r, "prompt": r["prompt"] + start} for r in batch]
+                        seed=seed, batch_tokens=args.batch_prompts * args.samples * widest)
+    rows = sample_rows(model, tokenizer, prompts, sampling, stop_ids)
     tokens = sum(r["tokens"] + r["ended"] for r in rows)
     return tokens, [(r["prompt"], r["completion"], r["ended"]) for r in rows]
 

@@ -140,7 +140,7 @@ class SampledPairsConfig(Section):
     max_new_tokens: int = Field(48, gt=0)        # a sample cut off here is never a winner
     seed: int = 0
     gold_fallback: bool = True                   # the gold answer wins where no sample is correct
-    batch_tokens: int = Field(32768, gt=0)       # a generation batch: at most this many tokens, all its rows at full length
+    batch_tokens: int = Field(32768, gt=0)       # rows sampled at once: at most this many tokens at full length
     # Self-training in rounds (Iterative RPO; spo_ray.rounds): round 1 trains on the table above; round r > 1
     # samples the trial's own policy as round r - 1 left it, verifies, pairs and trains again.
     rounds: int = Field(1, ge=1)

@@ -18,8 +18,9 @@ winner where no sample is correct, questions without a loser dropped. This modul
    the inits it was sampled from (`<cache_dir>/samples/`: a local folder or a bucket, `spo_ray.storage`), and
    read by every trial, on every node, after `--resume` — and by the next sweep under the same storage path
    that asks for the same samples (a follow-up sweep over another loss does not sample again).
-   Prompts go through in fixed batches (a token budget, prompt order), each with its own generator seeded by
-   (seed, batch number): the samples do not depend on how many workers shared the batches
+   Prompts go through in fixed batches (prompt order, up to `POOLS_PER_BATCH` times the token budget), each
+   with its own generator seeded by (seed, batch number) and decoded by one continuously refilled pool of at
+   most the budget's rows: the samples do not depend on how many workers shared the batches
    (`spo_ray.distributed.sample_on_cluster` spreads them over a Ray cluster) — only on the CPU's or GPU's
    arithmetic, as any sampling does.
 3. **Pairs** (`build_pairs`): from a table and the source's checker, per prompt, as above; the counts of
@@ -43,7 +44,11 @@ import torch
 from spo_ray import storage
 from spo_ray.decoding import encode_prompts, evaluating, generate
 
-SAMPLES_FORMAT = 2  # 2: tokens drawn by inverting the CDF at a table of uniform numbers
+SAMPLES_FORMAT = 3  # 2: tokens drawn by inverting the CDF at a table of uniform numbers; 3: refilled batches
+# A batch (a unit of work and of random numbers) holds the prompts of this many full pools: prompts join the pool
+# as samples end, so it runs full until its last prompts' longest samples (one pool a batch left a batch to its
+# few rambling samples for most of its steps: docs/benchmarks.md).
+POOLS_PER_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 48
     seed: int = 0
-    batch_tokens: int = 32768   # a generation batch holds at most this many tokens (all its rows, at full length)
+    batch_tokens: int = 32768   # rows decoded at once hold at most this many tokens (each at full length)
 
     def key_fields(self) -> dict:
         # The batch budget changes the samples too (batches set the generators), so it is part of the key.
@@ -123,20 +128,30 @@ def sample_batch(model, prompt_ids: list[list[int]], sampling: Sampling, stop_id
     uniforms = torch.rand(samples, sampling.max_new_tokens, generator=generator, dtype=torch.float64)
     device = next(model.parameters()).device
 
-    def pick(logits, rows, step):
-        return next_tokens(logits, sampling.temperature, sampling.top_p, uniforms[rows.cpu(), step].to(device))
+    def pick(logits, rows, steps):
+        return next_tokens(logits, sampling.temperature, sampling.top_p, uniforms[rows.cpu(), steps.cpu()].to(device))
     continued = generate(model, prompt_ids, pick, stop_ids, pad_id, sampling.max_new_tokens,
-                    copies=sampling.samples_per_prompt)
+                         copies=sampling.samples_per_prompt, max_rows=pool_rows([len(ids) for ids in prompt_ids],
+                                                                                 sampling))
     return [(ids[:-1] if ended else ids, ended) for ids, ended in continued]
 
 
+def pool_rows(prompt_lengths: list[int], sampling: Sampling) -> int:
+    """Rows decoded at once: as many whole prompts' samples as fit `batch_tokens` at the longest prompt's full
+    length (prompt + `max_new_tokens`), at least one prompt's."""
+    width = max(prompt_lengths) + sampling.max_new_tokens
+    per_prompt = sampling.samples_per_prompt
+    return max(1, sampling.batch_tokens // (width * per_prompt)) * per_prompt
+
+
 def plan_batches(prompt_lengths: list[int], sampling: Sampling) -> list[list[int]]:
-    """Prompt indices in consecutive batches of at most `batch_tokens` tokens, counting each prompt's
-    `samples_per_prompt` rows at their longest (prompt + `max_new_tokens`)."""
+    """Prompt indices in consecutive batches of at most `POOLS_PER_BATCH` × `batch_tokens` tokens, counting
+    each prompt's `samples_per_prompt` rows at their longest (prompt + `max_new_tokens`)."""
+    budget = POOLS_PER_BATCH * sampling.batch_tokens
     batches, current, widest = [], [], 0
     for index, length in enumerate(prompt_lengths):
         width = max(widest, length + sampling.max_new_tokens)
-        if current and (len(current) + 1) * sampling.samples_per_prompt * width > sampling.batch_tokens:
+        if current and (len(current) + 1) * sampling.samples_per_prompt * width > budget:
             batches.append(current)
             current, width = [], length + sampling.max_new_tokens
         current.append(index)

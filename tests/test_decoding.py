@@ -70,3 +70,37 @@ def test_finished_rows_are_replaced_by_the_last_rows_still_going():
     # 5 rows stay: rows 0 and 2 keep their places, rows 5 and 7 move into the places of 1 and 3, row 4 stays.
     assert fill_from_the_end(going).tolist() == [0, 5, 2, 7, 4]
     assert fill_from_the_end(torch.tensor([False, True])).tolist() == [1]
+
+
+def test_prompts_that_join_a_running_batch_continue_as_they_would_alone(monkeypatch):
+    """Continuous batching: at most 3 rows at a time over 10 prompts, so prompts join while other rows run
+    (`Decoder.admit`), a longer prompt joins a batch narrower than it (`RowCache.widen`) and rows are packed
+    when the planned columns run out (`RowCache.gather_columns`); every row is still its prompt's greedy
+    continuation by the plain loop."""
+    model = float64_model("llama")
+    prompts = PROMPTS + ["Q: 1+2=?\nA:3\nQ: 1+2+3+4+5+6+7+8+9+10+11+12+13=?\nA:", "Q: 2=?\nA:", "Q: 8-8=?\nA:",
+                         "Q: 1+2=?\nA:3\nQ: 77+23=?\nA:"]
+    stop = stop_token_that_ends_rows_at_different_steps(model)
+    expected = [naive_greedy(model, TOKENIZER, prompt, 10, stop) for prompt in prompts]
+    calls = {"admit": 0, "widen": 0, "gather_columns": 0}
+    for cls, name in ((Decoder, "admit"), (decoding.RowCache, "widen"), (decoding.RowCache, "gather_columns")):
+        def counted(*args, _original=getattr(cls, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(cls, name, counted)
+    assert greedy_decode(model, TOKENIZER, prompts, 10, batch_size=3, stop_ids=stop) == expected
+    assert all(count > 0 for count in calls.values()), calls
+
+
+def test_rows_that_join_read_no_memory_nobody_wrote(monkeypatch):
+    """A joining row's columns between its prompt and the shared next column are hidden from it by the mask,
+    but attention still multiplies them by a weight of 0: a NaN there (memory reused from a freed tensor)
+    would make the row's output NaN. Every fresh buffer is filled with NaN here, as reused memory may be."""
+    model = float64_model("llama")
+    prompts = PROMPTS + ["Q: 1+2=?\nA:3\nQ: 1+2+3+4+5+6+7+8+9+10+11+12+13=?\nA:", "Q: 2=?\nA:"]
+    stop = stop_token_that_ends_rows_at_different_steps(model)
+    expected = [naive_greedy(model, TOKENIZER, prompt, 10, stop) for prompt in prompts]
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *args, **kwargs: new_empty(self, *args, **kwargs)
+                        .fill_(float("nan")))
+    assert greedy_decode(model, TOKENIZER, prompts, 10, batch_size=3, stop_ids=stop) == expected

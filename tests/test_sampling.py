@@ -3,6 +3,8 @@ rule on tricky replies, pair building on a hand-made sample table, top-p against
 the same seed giving the same samples however the batches are shared out, the table built once and read by
 later runs, and the sweep's bad input (a sampler that gives no pairs) as one line and exit 2."""
 
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -10,9 +12,11 @@ import torch
 from conftest import tiny_run
 from spo_ray.answers import final_number, matches
 from spo_ray.config import ConfigError, validate_run
+from spo_ray.decoding import encode_prompts
 from spo_ray.models import create_small_lm
-from spo_ray.sampling import (SamplePrompt, Sampling, build_pairs, cached_samples, next_tokens, pair_order,
-                              plan_batches, sample_rows, sampler_figures, table_path)
+from spo_ray.sampling import (SamplePrompt, Sampling, batch_generator, build_pairs, cached_samples, next_tokens,
+                              pair_order, plan_batches, pool_rows, sample_batch, sample_rows, sampler_figures,
+                              table_path)
 from spo_ray.tasks.arithmetic import make_tokenizer
 
 TOKENIZER = make_tokenizer()
@@ -141,11 +145,19 @@ def test_a_token_is_drawn_with_its_tempered_top_p_probability(temperature, top_p
 
 
 def test_batches_fit_the_token_budget_in_prompt_order():
-    sampling = Sampling(samples_per_prompt=4, max_new_tokens=6, batch_tokens=200)
+    # A batch holds POOLS_PER_BATCH (4) pools of 50 tokens: 200.
+    sampling = Sampling(samples_per_prompt=4, max_new_tokens=6, batch_tokens=50)
     # Each prompt's 4 rows count at prompt + 6 tokens, the batch at its widest prompt: [0, 1] is 2 × 4 × 18 =
     # 144 tokens, adding 2 would make it 216 > 200; [2, 3] would be 2 × 4 × 36 = 288, [3, 4] too.
     assert plan_batches([10, 12, 8, 30, 5], sampling) == [[0, 1], [2], [3], [4]]
     assert plan_batches([50], sampling) == [[0]]  # a prompt over the budget still gets a batch of its own
+
+
+def test_a_pool_holds_the_whole_prompts_that_fit_the_token_budget():
+    sampling = Sampling(samples_per_prompt=4, max_new_tokens=6, batch_tokens=200)
+    assert pool_rows([10, 12], sampling) == 8  # rows of 18 tokens: 200 // (18 × 4) = 2 prompts
+    assert pool_rows([10, 30], sampling) == 4  # rows of 36: 200 // 144 = 1 prompt
+    assert pool_rows([60], sampling) == 4  # one prompt's samples even where they exceed the budget
 
 
 @pytest.fixture(scope="module")
@@ -158,10 +170,12 @@ PROMPTS = [f"Q: {a}+{b}=?\nA:" for a, b in [(12, 34), (5, 67), (80, 9), (41, 41)
 
 
 def test_the_same_seed_gives_the_same_samples_however_the_batches_are_shared(random_model):
-    sampling = Sampling(samples_per_prompt=3, temperature=1.0, max_new_tokens=5, seed=3, batch_tokens=150)
+    # pools of one prompt's 3 samples, batches of 2 prompts (the second joins as the first one's samples end)
+    sampling = Sampling(samples_per_prompt=3, temperature=1.0, max_new_tokens=5, seed=3, batch_tokens=25)
     stop = {TOKENIZER.eos_token_id}
-    batches = plan_batches([len(TOKENIZER(p)["input_ids"]) for p in PROMPTS], sampling)
-    assert len(batches) >= 3
+    lengths = [len(TOKENIZER(p)["input_ids"]) for p in PROMPTS]
+    batches = plan_batches(lengths, sampling)
+    assert len(batches) >= 3 and pool_rows(lengths, sampling) == 3
     whole = sample_rows(random_model, TOKENIZER, PROMPTS, sampling, stop)
     assert whole == sample_rows(random_model, TOKENIZER, PROMPTS, sampling, stop)
     # Two "workers", the batches handed out in another order: the same rows.
@@ -175,6 +189,22 @@ def test_the_same_seed_gives_the_same_samples_however_the_batches_are_shared(ran
     # A row that did not end ran to max_new_tokens; one that ended spent a token on its stop token.
     assert all(r["tokens"] == 5 if not r["ended"] else r["tokens"] <= 4 for r in whole)
     assert {r["ended"] for r in whole} == {True, False}
+
+
+def test_a_sample_is_the_same_whether_its_prompt_waited_for_the_pool_or_not(random_model):
+    """In float64 (no rounding differences between batch shapes), a batch sampled by a pool of one prompt at
+    a time (the others join as samples end) gives the rows a pool of all its prompts gives: a sample's
+    uniform numbers are its row's, whatever shares its step."""
+    model = copy.deepcopy(random_model).double()
+    prompt_ids = encode_prompts(TOKENIZER, PROMPTS)
+    stop, pad = {TOKENIZER.eos_token_id}, TOKENIZER.pad_token_id
+    whole = Sampling(samples_per_prompt=3, temperature=1.0, max_new_tokens=6, seed=5, batch_tokens=10**6)
+    narrow = Sampling(**{**whole.key_fields(), "batch_tokens": 30})
+    assert pool_rows([len(ids) for ids in prompt_ids], narrow) == 3
+    with torch.no_grad():
+        expected = sample_batch(model, prompt_ids, whole, stop, pad, batch_generator(5, 0))
+        assert sample_batch(model, prompt_ids, narrow, stop, pad, batch_generator(5, 0)) == expected
+    assert len({len(ids) for ids, _ in expected}) > 2  # samples end at different steps
 
 
 def test_a_sample_continues_its_prompt_as_one_prompt_alone_would(random_model):
