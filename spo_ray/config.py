@@ -141,6 +141,9 @@ class SampledPairsConfig(Section):
     seed: int = 0
     gold_fallback: bool = True                   # the gold answer wins where no sample is correct
     batch_tokens: int = Field(32768, gt=0)       # rows sampled at once: at most this many tokens at full length
+    # who samples (spo_ray.engines): spo_ray's decoder, vllm (where installed: make vllm), or auto (vllm on a
+    # GPU where installed, else spo_ray)
+    engine: Literal["auto", "spo_ray", "vllm"] = "auto"
     # Self-training in rounds (Iterative RPO; spo_ray.rounds): round 1 trains on the table above; round r > 1
     # samples the trial's own policy as round r - 1 left it, verifies, pairs and trains again.
     rounds: int = Field(1, ge=1)

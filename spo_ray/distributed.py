@@ -180,18 +180,21 @@ def install_cluster_lock() -> None:
 # Sampled pairs: a sample table generated across the cluster
 
 class Sampler:
-    """A Ray actor holding one copy of the sampler model; `sample(batch numbers)` returns their table rows."""
+    """A Ray actor holding one engine of the job's (`spo_ray.engines`: the sampler model loaded once, or a vLLM
+    engine on its folder); `sample(batch numbers)` returns their table rows."""
 
     def __init__(self, job, threads: int, use_gpu: bool):
         import torch
+
+        from spo_ray.tasks.sampled import JobSampler
         torch.set_num_threads(threads)
-        self.job = job
-        self.model = job.load_sampler("cuda" if use_gpu else "cpu")
+        self.sampler = JobSampler(job, torch.device("cuda" if use_gpu else "cpu"))
 
     def sample(self, batch_numbers: list[int]) -> list[dict]:
-        from spo_ray.sampling import sample_rows
-        return sample_rows(self.model, self.job.tokenizer, self.job.texts(), self.job.sampling, self.job.stop_ids,
-                           batch_numbers)
+        return self.sampler.rows(batch_numbers)
+
+    def close(self) -> None:
+        self.sampler.close()
 
 
 def sample_on_cluster(job, directory: str, sweep: SweepConfig) -> None:
@@ -231,11 +234,13 @@ def sample_on_cluster(job, directory: str, sweep: SweepConfig) -> None:
         for batch_rows in ActorPool(samplers).map_unordered(lambda a, b: a.sample.remote([b]), range(len(batches))):
             rows += batch_rows
             bar.update(len({row["prompt"] for row in batch_rows}))
+    ray.get([handle.close.remote() for handle in samplers])  # a vLLM engine's process ends with its actor's work
     for handle in samplers:  # their CPUs go to the trials
         ray.kill(handle)
     rows.sort(key=lambda row: (row["prompt"], row["sample"]))
     # The wall time includes starting the workers and loading the model: what the sweep waited.
-    write_samples(table_path(directory, job.key), rows, generation_figures(rows, time.perf_counter() - started, slots))
+    write_samples(table_path(directory, job.key), rows, generation_figures(rows, time.perf_counter() - started, slots,
+                                                                           job.sampling.engine))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class Sampling:
     max_new_tokens: int = 48
     seed: int = 0
     batch_tokens: int = 32768   # rows decoded at once hold at most this many tokens (each at full length)
+    engine: str = "spo_ray"     # who samples (spo_ray.engines): its samples are not the other's
 
     def key_fields(self) -> dict:
         # The batch budget changes the samples too (batches set the generators), so it is part of the key.
@@ -184,15 +185,24 @@ def sample_rows(model, tokenizer, prompts: list[str], sampling: Sampling, stop_i
             indices = batches[number]
             samples = sample_batch(model, [prompt_ids[i] for i in indices], sampling, stop_ids, pad_id,
                                    batch_generator(sampling.seed, number))
-            completions = tokenizer.batch_decode([ids for ids, _ in samples], skip_special_tokens=True)
-            for position, ((ids, ended), completion) in enumerate(zip(samples, completions)):
-                prompt, sample = divmod(position, sampling.samples_per_prompt)
-                rows.append({"prompt": indices[prompt], "sample": sample, "ended": ended, "tokens": len(ids),
-                             "completion": completion})
+            rows += batch_rows(tokenizer, indices, samples, sampling)
             if bar:
                 bar.update(len(indices))
     if bar:
         bar.close()
+    return rows
+
+
+def batch_rows(tokenizer, indices: list[int], samples: list[tuple[list[int], bool]], sampling: Sampling
+               ) -> list[dict]:
+    """Table rows of one batch's samples (prompt by prompt, `samples_per_prompt` each, as `sample_batch` gives
+    them), their completions decoded in one call."""
+    completions = tokenizer.batch_decode([ids for ids, _ in samples], skip_special_tokens=True)
+    rows = []
+    for position, ((ids, ended), completion) in enumerate(zip(samples, completions)):
+        prompt, sample = divmod(position, sampling.samples_per_prompt)
+        rows.append({"prompt": indices[prompt], "sample": sample, "ended": ended, "tokens": len(ids),
+                     "completion": completion})
     return rows
 
 
@@ -246,13 +256,13 @@ def generate_samples(model, tokenizer, prompts: list[SamplePrompt], sampling: Sa
     """Every sample of every prompt in this process, and the generation's figures."""
     started = time.perf_counter()
     rows = sample_rows(model, tokenizer, [p.text for p in prompts], sampling, stop_ids, progress=progress)
-    return rows, generation_figures(rows, time.perf_counter() - started, workers=1)
+    return rows, generation_figures(rows, time.perf_counter() - started, workers=1, engine=sampling.engine)
 
 
-def generation_figures(rows: list[dict], seconds: float, workers: int) -> dict:
+def generation_figures(rows: list[dict], seconds: float, workers: int, engine: str = "spo_ray") -> dict:
     tokens = sum(row["tokens"] + row["ended"] for row in rows)  # a stop token is generated too
     return {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "workers": workers}
+            "workers": workers, "engine": engine}
 
 
 def cached_samples(directory: str, key: str, generate: Callable[[], tuple[list[dict], dict]]

@@ -31,6 +31,8 @@ import torch
 
 from spo_ray import storage
 from spo_ray.config import ConfigError, ModelConfig, RunConfig, to_plain
+from spo_ray.decoding import encode_prompts
+from spo_ray.engines import VllmEngine, resolve_engine, vllm_rows
 from spo_ray.models import cached_init, load_causal_lm, save_to_cache, train_on_responses
 from spo_ray.reference import model_identity
 from spo_ray.results import write_csv
@@ -64,15 +66,46 @@ class SamplingJob:
         """Sample (all batches, or those numbered) in this process, on a GPU where there is one."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         started = time.perf_counter()
-        rows = sample_rows(self.load_sampler(device), self.tokenizer, self.texts(), self.sampling, self.stop_ids,
-                           batch_numbers, progress=progress)
-        return rows, generation_figures(rows, time.perf_counter() - started, workers=1)
+        sampler = JobSampler(self, device)
+        try:
+            rows = sampler.rows(batch_numbers, progress)
+        finally:
+            sampler.close()
+        return rows, generation_figures(rows, time.perf_counter() - started, workers=1, engine=self.sampling.engine)
+
+
+class JobSampler:
+    """A job's engine started once on a device (`spo_ray.engines`): spo-ray's decoder on the sampler model
+    loaded here, or a vLLM engine on the sampler's folder; `rows(batch numbers)` gives their table rows."""
+
+    def __init__(self, job: SamplingJob, device: torch.device):
+        self.job = job
+        self.engine = self.model = None
+        if job.sampling.engine == "vllm":
+            longest = max(len(ids) for ids in encode_prompts(job.tokenizer, job.texts()))
+            self.engine = VllmEngine(job.sampler_path, job.model.dtype, job.sampling.seed,
+                                     longest + job.sampling.max_new_tokens, device.type)
+        else:
+            self.model = job.load_sampler(device)
+
+    def rows(self, batch_numbers: list[int] | None = None, progress: bool = False) -> list[dict]:
+        job = self.job
+        if self.engine is not None:
+            return vllm_rows(self.engine, job.tokenizer, encode_prompts(job.tokenizer, job.texts()), job.sampling,
+                             job.stop_ids, batch_numbers)
+        return sample_rows(self.model, job.tokenizer, job.texts(), job.sampling, job.stop_ids, batch_numbers,
+                           progress=progress)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 def sampling_settings(config: RunConfig) -> Sampling:
     spec = config.data.sampled_pairs
     return Sampling(samples_per_prompt=spec.samples_per_prompt, temperature=spec.temperature, top_p=spec.top_p,
-                    max_new_tokens=spec.max_new_tokens, seed=spec.seed, batch_tokens=spec.batch_tokens)
+                    max_new_tokens=spec.max_new_tokens, seed=spec.seed, batch_tokens=spec.batch_tokens,
+                    engine=resolve_engine(spec.engine, torch.cuda.is_available()))
 
 
 def sampling_job(task: Task, config: RunConfig, sampler_path: str) -> SamplingJob:
