@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs that train in seconds, and no W&B network traffic anywhere."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -13,11 +14,14 @@ TINY_DATA = {"arithmetic": {"train_pairs": 128, "eval_pairs": 32, "eval_problems
 
 
 def tiny_run(**sections) -> dict:
-    """A run config (plain dict) on the arithmetic task from an untrained model: seconds on a CPU."""
+    """A run config (plain dict) on the arithmetic task from an untrained model: seconds on a CPU. A fresh
+    copy every call: a test that edits its config (`raw["data"]["arithmetic"] = ...`) must not change the next
+    test's in the same process (it did: another test's 16 training pairs reached the rounds sweep test under
+    xdist, depending on which worker ran what)."""
     raw = {
         "loss": {"name": "dpo", "beta": 0.1},
         "model": {"init": "scratch", "hidden_size": 32, "num_layers": 2, "num_heads": 2},
-        "data": TINY_DATA,
+        "data": copy.deepcopy(TINY_DATA),
         "train": {"max_steps": 6, "batch_size": 16, "eval_every": 3, "probe_every": 3, "log_every": 3,
                   "learning_rate": 1e-3, "warmup_steps": 0, "num_threads": 1},
     }

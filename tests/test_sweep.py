@@ -306,7 +306,7 @@ def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_
 
 @pytest.mark.slow
 def test_a_sweep_samples_its_pairs_on_ray_workers_once_and_every_trial_reads_them(tmp_path):
-    """Two trials of sampled pairs, in two self-training rounds: the driver samples round 1's table on two Ray
+    """Two trials of sampled pairs (DPO at two βs), in two self-training rounds: the driver samples round 1's table on two Ray
     actors before the first trial, with the rows an in-process sampler gives for the same seed; both trials
     train round 1 on the pairs built from it and report the sampler's figures; the initial evaluation is
     computed once; each trial then samples its own round-2 table from its own weights."""
@@ -316,7 +316,9 @@ def test_a_sweep_samples_its_pairs_on_ray_workers_once_and_every_trial_reads_the
 
     sampled = {"samples_per_prompt": 4, "prompts": 32, "eval_prompts": 8, "temperature": 1.0, "max_new_tokens": 4,
                "batch_tokens": 400, "rounds": 2, "steps_per_round": 3}
-    path = tiny_sweep(tmp_path, loss={"name": {"grid": ["dpo", "spo"]}}, data={"sampled_pairs": sampled},
+    # Two βs: weights that differ after round 1 whatever the samples (DPO and SPO can end round 1 equal to the
+    # digit where SPO's penalty never acts, and then share one round-2 table).
+    path = tiny_sweep(tmp_path, loss={"name": "dpo", "beta": {"grid": [0.1, 0.5]}}, data={"sampled_pairs": sampled},
                       train={"eval_on_start": True, "max_steps": 3})
     result = run_cli(path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -327,7 +329,7 @@ def test_a_sweep_samples_its_pairs_on_ray_workers_once_and_every_trial_reads_the
     [_] = (cache / "evaluations").glob("init-eval-*.json")
 
     raw = yaml.safe_load(path.read_text())
-    raw["loss"]["name"] = "dpo"
+    raw["loss"]["beta"] = 0.1
     config = validate_run(raw).run_config()
     job = sampling_job(load_task(config, str(cache)), config, str(cache))
     table = Path(table_path(str(cache / "samples"), job.key))
