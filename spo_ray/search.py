@@ -26,7 +26,7 @@ from ray import tune
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Repeater
 
-from spo_ray import storage
+from spo_ray import ray_internals, storage
 from spo_ray.config import SEED_KEY, SweepConfig, get_dotted, seed_values, set_dotted, to_plain
 
 # Not .json: Tune copies the experiment's .json and .pkl files into its staging folder on a resume and uploads
@@ -167,6 +167,7 @@ class SweepPBT(PopulationBasedTraining):
 
     def __init__(self, directory: str, max_steps: int, seed: int, **kwargs):
         super().__init__(**kwargs)
+        ray_internals.check_pbt(self)  # the private fields below (spo_ray.ray_internals)
         self.state_path = storage.join(directory, PBT_STATE_FILE)
         self.max_steps = max_steps
         self.random_state = random.Random(seed).getstate()
@@ -209,7 +210,7 @@ class SweepPBT(PopulationBasedTraining):
         # not clear the trial's cached run-metadata JSON (ray 2.60: only attributes set on the metadata itself
         # do). A sweep stopped before the receiver's next result would save the new config with the old
         # checkpoint, and resume the receiver from its own weights under the donor's hyperparameters.
-        trial.run_metadata.invalidate_cache()
+        ray_internals.invalidate_run_metadata(trial)
 
     def save(self) -> None:
         from spo_ray.results import write_yaml

@@ -32,7 +32,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
-from spo_ray import storage
+from spo_ray import environment, ray_internals, storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
 from spo_ray.config import (ROUND_KEY, ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name,
                             first_point, get_dotted, grid_points, load_yaml, set_dotted, to_plain, total_steps,
@@ -424,7 +424,8 @@ def recover_lost_checkpoint(trial) -> str | None:
     the newest one the state tracks; with none, it starts over."""
     import pyarrow.fs
     from ray.train import Checkpoint
-    from ray.train._internal.session import _TrainingResult
+
+    from spo_ray import ray_internals
     from spo_ray.distributed import CHECKPOINT_FILE
 
     def exists(path: str) -> bool:
@@ -443,11 +444,9 @@ def recover_lost_checkpoint(trial) -> str | None:
     later = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
                    if info.base_name.startswith(CHECKPOINT_PREFIX) and info.path not in known
                    and exists(f"{info.path}/{CHECKPOINT_FILE}"))
-    kept = tracked + [_TrainingResult(checkpoint=Checkpoint(path, fs), metrics={}) for path in later]
-    # Ray's checkpoint manager has no public setter: it keeps the results that exist, the newest as its latest.
-    manager._checkpoint_results = kept
-    manager._latest_checkpoint_result = kept[-1] if kept else None
-    trial.run_metadata.invalidate_cache()  # the metadata's cached JSON would keep the lost one (see SweepPBT._exploit)
+    kept = tracked + [ray_internals.training_result(Checkpoint(path, fs), {}) for path in later]
+    ray_internals.set_checkpoint_results(manager, kept)  # the results that exist, the newest as its latest
+    ray_internals.invalidate_run_metadata(trial)  # the metadata's cached JSON would keep the lost one
     where = f"from {kept[-1].checkpoint.path}" if kept else "from the start: none of its checkpoints is left"
     return f"trial {trial.trial_id}: its latest checkpoint {lost} is not in the store; it resumes {where}"
 
@@ -584,6 +583,7 @@ def main(argv=None) -> int:
         print_trial_table(trial_table(sweep, spaces, raw), sweep)
         return EXIT_OK
 
+    ray_internals.check()  # a Ray whose private API moved: one line now, not a failure inside Tune later
     directory = experiment_dir(sweep)
     try:  # a bucket that does not exist, refused credentials, an unreachable endpoint: one line, exit 2
         storage.check_writable(sweep.storage_path)  # first: it does not wait for a store that is down
@@ -599,6 +599,10 @@ def main(argv=None) -> int:
     sampled = prepare_tasks(raw, spaces, sweep)
     storage.make_dirs(directory)
     write_sweep_file(sweep, spaces, directory)
+    changed = environment.record(directory)
+    if changed:
+        print(f"warning: the environment changed since this sweep last ran ({'; '.join(changed)}); "
+              f"{environment.ENVIRONMENT_FILE} keeps both", file=sys.stderr)
 
     start_ray()
     start_build_locks()

@@ -21,7 +21,7 @@ import pandas as pd
 
 from spo_ray.cli import user_errors_exit_2
 from spo_ray.config import ConfigError, apply_overrides, first_point, load_yaml, to_plain, validate_sweep
-from spo_ray import storage
+from spo_ray import environment, storage
 from spo_ray.distributed import init_cache_dir
 from spo_ray.results import write_json, write_parquet, write_yaml
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     created = not storage.exists(output)
     storage.make_dirs(output)
     write_yaml(to_plain(config), storage.join(output, "config.yaml"))
+    environment.record(output)
 
     history = []
 

@@ -6,6 +6,7 @@ in-process trainer, one interrupted-then-resumed sweep, and one sweep of sampled
 Ray workers before the trials).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
+import torch
 import yaml
 
 from conftest import tiny_run
@@ -286,6 +289,8 @@ def test_the_smoke_sweep_runs_through_tune_and_its_report_shows_its_numbers(tmp_
     swept = yaml.safe_load((directory / "sweep.yaml").read_text())
     assert swept["swept"] == ["loss.name"] and swept["loss"]["name"] == {"grid": ["dpo", "spo"]}
     assert any((directory / "reference_cache").iterdir())
+    [started] = json.loads((directory / "environment.json").read_text())  # what produced these results
+    assert started["torch"] == torch.__version__ and started["ray"] == ray.__version__
 
     report = subprocess.run([sys.executable, "-m", "analysis.report", str(directory)], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

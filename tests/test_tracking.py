@@ -174,3 +174,26 @@ def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path, monkeypatc
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(ValueError, match="WANDB_MODE must be one of"):
         resolve_mode("auto")
+
+
+def test_a_trials_run_carries_its_processs_environment_in_its_config(tmp_path):
+    """What produced a trial's numbers goes with them to W&B: the versions and machine of the process that
+    trained it (a worker node's, which may differ from the driver's)."""
+    import torch
+
+    from conftest import tiny_run
+    from spo_ray.config import validate_sweep
+    from spo_ray.distributed import start_tracking
+    from spo_ray.environment import describe
+
+    raw = {**tiny_run(), "name": "env", "storage_path": str(tmp_path / "results"), "wandb": {"mode": "offline"}}
+    sweep, _ = validate_sweep(raw)
+    tracker = start_tracking(sweep, "trial_0", rank=0)
+    tracker.finish("TERMINATED")
+    [run_dir] = (tmp_path / "results" / "env" / "wandb").glob("offline-run-*")
+    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["environment.torch"] == torch.__version__
+    assert config["environment.commit"] == describe()["commit"]
+    assert config["loss"] == "dpo"
