@@ -62,6 +62,8 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="init cache for the converted GGUF (default: a temp folder)")
+    parser.add_argument("--greedy-prompts", type=int, default=200,
+                        help="greedy evaluation: this many questions, 64 rows at a time (0: skip)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (scripts/gpu_check.sh)")
     parser.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
                         help="also run vLLM (spo_ray.engines.VllmEngine; auto: where installed)")
@@ -138,6 +140,40 @@ def ceiling(model, tokenizer, prompts, args, cached: int = 24, repeats: int = 3)
     return len(token) / min(seconds)
 
 
+@torch.no_grad()
+def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64) -> str:
+    """The accuracy evaluator's workload (`--greedy-prompts` questions, `batch` rows at a time, as chat
+    arithmetic's evaluation runs): `spo_ray.decoding.greedy_decode` (rows leave as they end, the next questions
+    join) against `generate(do_sample=False)` on the same left-padded batches; tokens/s of each (up to and
+    including each reply's stop token) and how many replies are the same token for token."""
+    prompts, _ = prompts_and_answers(tokenizer, args.greedy_prompts)
+    synchronize(args.device)
+    started = time.perf_counter()
+    ours = greedy_decode(model, tokenizer, prompts, args.max_new_tokens, batch_size=batch, stop_ids=stop_ids)
+    synchronize(args.device)
+    ours_s = time.perf_counter() - started
+    tokenizer.padding_side = "left"
+    theirs = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch):
+        inputs = tokenizer(prompts[start:start + batch], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(args.device)
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=args.max_new_tokens,
+                             eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id)
+        for ids in out[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+            theirs.append(ids if end is None else ids[:end + 1])
+    synchronize(args.device)
+    theirs_s = time.perf_counter() - started
+    tokens = sum(map(len, ours))
+    same = sum(a == b for a, b in zip(ours, theirs))
+    print(f"greedy evaluation: {len(prompts)} questions, {batch} rows at a time: spo-ray {tokens} tokens in "
+          f"{ours_s:.1f} s = {tokens / ours_s:.1f} tokens/s, generate {sum(map(len, theirs))} tokens in {theirs_s:.1f} s "
+          f"= {sum(map(len, theirs)) / theirs_s:.1f} tokens/s; {same} of {len(prompts)} replies the same", flush=True)
+    return (f" greedy_speedup_vs_generate={(tokens / ours_s) / (sum(map(len, theirs)) / theirs_s):.2f} "
+            f"greedy_tokens_per_s_spo_ray={tokens / ours_s:.1f} greedy_same_as_generate={same}/{len(prompts)}")
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -200,10 +236,13 @@ def main():
                        f"spo_ray_vs_vllm={best['spo-ray'] / best['vllm']:.2f} accuracy_vllm={acc['vllm']:.3f} "
                        f"greedy_same={same}/{len(prompts)}")
         vllm.close()
+    greedy_fields = ""
+    if args.greedy_prompts:
+        greedy_fields = greedy_evaluation(model, tokenizer, args, stop_ids)
     print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
           f"tokens_per_s_generate={best['generate']:.1f} tokens_per_s_ceiling={best['ceiling']:.1f} "
           f"spo_ray_vs_ceiling={best['spo-ray'] / best['ceiling']:.2f} accuracy_spo_ray={acc['spo-ray']:.3f} "
-          f"accuracy_generate={acc['generate']:.3f}" + vllm_fields)
+          f"accuracy_generate={acc['generate']:.3f}" + vllm_fields + greedy_fields)
 
 
 if __name__ == "__main__":
