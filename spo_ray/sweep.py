@@ -75,6 +75,8 @@ def resolve(raw: dict, args) -> tuple[dict, SweepConfig, dict[str, dict]]:
     if args.name:
         raw["name"] = args.name
     sweep, spaces = validate_sweep(raw)
+    if pin_engine(raw, sweep.scaling.use_gpu):
+        sweep, spaces = validate_sweep(raw)
     if not sweep.name or "/" in sweep.name or sweep.name.startswith("."):
         raise ConfigError(f"name: {sweep.name!r} must be a plain folder name")
     raw = copy.deepcopy(raw)
@@ -82,6 +84,20 @@ def resolve(raw: dict, args) -> tuple[dict, SweepConfig, dict[str, dict]]:
     raw["cache_dir"] = init_cache_dir(sweep)
     sweep = sweep.model_copy(update={"storage_path": raw["storage_path"], "cache_dir": raw["cache_dir"]})
     return raw, sweep, spaces
+
+
+def pin_engine(raw: dict, use_gpu: bool) -> bool:
+    """`data.sampled_pairs.engine: auto` resolved once here, for the workers the sweep asks for
+    (`scaling.use_gpu`), instead of in each process: the driver samples round 1's table on the workers and
+    each trial samples its later rounds itself, and all of them must key their tables by the same engine (a
+    CPU driver would otherwise key round 1 as spo-ray's and GPU trials look for vLLM's). True where it changed
+    `raw`."""
+    from spo_ray.engines import resolve_engine
+    spec = (raw.get("data") or {}).get("sampled_pairs")
+    if not isinstance(spec, dict) or spec.get("engine", "auto") != "auto":
+        return False
+    spec["engine"] = resolve_engine("auto", gpu=use_gpu)
+    return True
 
 
 def trial_table(sweep: SweepConfig, spaces: dict[str, dict], raw: dict) -> list[dict]:

@@ -29,6 +29,20 @@ def test_auto_picks_vllm_only_on_a_gpu_where_it_is_installed(monkeypatch):
         resolve_engine("vllm", gpu=True)
 
 
+def test_a_sweep_pins_auto_for_its_workers_so_driver_and_trials_key_tables_alike(monkeypatch):
+    """The driver (maybe a CPU head node) samples round 1 on the workers, the trials (maybe on GPUs) sample
+    later rounds: `auto` is resolved once by the sweep, by `scaling.use_gpu`, not by each process's device."""
+    from spo_ray.sweep import pin_engine
+    monkeypatch.setattr(engines, "vllm_python", lambda: "/opt/vllm/bin/python")
+    raw = {"data": {"sampled_pairs": {"prompts": 8}}}
+    assert pin_engine(raw, use_gpu=True) and raw["data"]["sampled_pairs"]["engine"] == "vllm"
+    raw = {"data": {"sampled_pairs": {"engine": "auto"}}}
+    assert pin_engine(raw, use_gpu=False) and raw["data"]["sampled_pairs"]["engine"] == "spo_ray"
+    explicit = {"data": {"sampled_pairs": {"engine": "spo_ray"}}}
+    assert not pin_engine(explicit, use_gpu=True) and explicit["data"]["sampled_pairs"]["engine"] == "spo_ray"
+    assert not pin_engine({"data": {"source": "arithmetic"}}, use_gpu=True)  # no sampled pairs: nothing to pin
+
+
 def test_the_vllm_python_comes_from_the_environment_variable_first(monkeypatch, tmp_path):
     monkeypatch.setenv(engines.VLLM_PYTHON_ENV, "/somewhere/python")
     assert vllm_python() == "/somewhere/python"
