@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 
 import torch
 from transformers import PreTrainedModel
@@ -174,10 +173,6 @@ class Decoder:
         columns = self.columns = prefix + width + max_new_tokens
         self.row_cache = prefix_sharing_unsupported(model, columns, PREFIX_SHARING_MODEL_TYPES) is None
         self.head = plain_output_head(model) if self.row_cache else None
-        # On a CPU, SDPA with a mask repeats each key/value head for its query heads (transformers'
-        # `repeat_kv`) unless told to group them: grouped, a decoding step of SmolLM2-135M (9 query heads,
-        # 3 key/value heads) spends a third less in attention (docs/benchmarks.md).
-        self.grouped_attention = device.type == "cpu"
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older versions work too.
         forward = peft_base(model).forward  # a peft wrapper's keyword arguments go to its base model
         self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -213,18 +208,17 @@ class Decoder:
             # causal, and a query always sees itself (a padding column attends to something, so no NaN arises)
             mask = attention_mask_for(self.model, (valid[:, None, None, :] & (columns <= queries))
                                       | (columns == queries))
-        with grouped_query_attention(self.grouped_attention):
-            if self.head is None:
-                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                 use_cache=True, **{self.cache_arg: self.cache}, **self.keep)
-            else:  # the model's body, then its output matrix on the last position only
-                out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                            use_cache=True, **{self.cache_arg: self.cache})
+        if self.head is None:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                             **{self.cache_arg: self.cache}, **self.keep)
+        else:  # the model's body, then its output matrix on the last position only
+            out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                        use_cache=True, **{self.cache_arg: self.cache})
         self.cache = out[self.cache_arg] if self.cache_arg in out else out["past_key_values"]
         if self.head is None:
             return out.logits[:, -1].float()
         # W h^T rather than h W^T: the same products, but MKL's CPU kernel streams the 49k × 576 output matrix
-        # of SmolLM2 1.4-1.7x faster that way round (benchmarks/sampling.py, docs/benchmarks.md).
+        # of SmolLM2 1.5x (128 rows) to 1.7x (32 rows) faster that way round (benchmarks/decoding_step.py).
         return torch.mm(self.head, out.last_hidden_state[:, -1].t()).t().float()
 
     @property
@@ -299,25 +293,6 @@ def plain_output_head(model) -> torch.Tensor | None:
              and not any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale"))
              and getattr(config, "logits_scaling", 1.0) == 1.0)
     return head.weight if plain else None
-
-
-@contextlib.contextmanager
-def grouped_query_attention(enabled: bool):
-    """transformers' SDPA attention with grouped key/value heads passed to torch as they are
-    (`enable_gqa=True`) rather than repeated per query head, for the block (transformers reads the switch,
-    `TRANSFORMERS_SDPA_FORCE_GQA`, at each call; on CUDA it would move masked attention to the math kernel)."""
-    if not enabled:
-        yield
-        return
-    before = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["TRANSFORMERS_SDPA_FORCE_GQA"]
-        else:
-            os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = before
 
 
 def fill_from_the_end(going: torch.Tensor) -> torch.Tensor:

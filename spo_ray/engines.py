@@ -26,7 +26,6 @@ spo-ray one (`Sampling.engine`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,7 +34,7 @@ import sys
 from pathlib import Path
 
 from spo_ray.config import ConfigError
-from spo_ray.sampling import Sampling, batch_rows, plan_batches
+from spo_ray.sampling import Sampling, batch_rows, derived_seed, plan_batches
 
 ENGINES = ("auto", "spo_ray", "vllm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -123,11 +122,6 @@ class VllmEngine:
         self.close()
 
 
-def prompt_seed(seed: int, batch_number: int, prompt: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{batch_number}:{prompt}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
 def vllm_rows(engine: VllmEngine, tokenizer, prompt_ids: list[list[int]], sampling: Sampling, stop_ids: set[int],
               batch_numbers: list[int] | None = None) -> list[dict]:
     """`spo_ray.sampling.sample_rows`'s table rows, sampled by `engine`: the same batches (`plan_batches`),
@@ -136,7 +130,8 @@ def vllm_rows(engine: VllmEngine, tokenizer, prompt_ids: list[list[int]], sampli
     rows = []
     for number in range(len(batches)) if batch_numbers is None else batch_numbers:
         indices = batches[number]
-        seeds = [prompt_seed(sampling.seed, number, i) for i in indices] if engine.device == "cuda" else None
+        seeds = ([derived_seed(sampling.seed, number, i, bits=32) for i in indices] if engine.device == "cuda"
+                 else None)
         samples = engine.generate([prompt_ids[i] for i in indices], sampling.samples_per_prompt,
                                   sampling.temperature, sampling.top_p, sampling.max_new_tokens, stop_ids, seeds)
         rows += batch_rows(tokenizer, indices, [sample for prompt in samples for sample in prompt], sampling)

@@ -162,9 +162,14 @@ def plan_batches(prompt_lengths: list[int], sampling: Sampling) -> list[list[int
     return batches
 
 
+def derived_seed(*parts: int, bits: int = 63) -> int:
+    """A seed of `bits` bits drawn from (seed, batch number, …) by hashing: nearby inputs give unrelated seeds."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << bits) - 1)
+
+
 def batch_generator(seed: int, batch_number: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{batch_number}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & (2**63 - 1))
+    return torch.Generator().manual_seed(derived_seed(seed, batch_number))
 
 
 def sample_rows(model, tokenizer, prompts: list[str], sampling: Sampling, stop_ids: set[int],

@@ -82,17 +82,16 @@ class JobSampler:
         self.job = job
         self.engine = self.model = None
         if job.sampling.engine == "vllm":
-            longest = max(len(ids) for ids in encode_prompts(job.tokenizer, job.texts()))
+            self.prompt_ids = encode_prompts(job.tokenizer, job.texts())  # once: a Ray sampler asks batch by batch
             self.engine = VllmEngine(job.sampler_path, job.model.dtype, job.sampling.seed,
-                                     longest + job.sampling.max_new_tokens, device.type)
+                                     max(map(len, self.prompt_ids)) + job.sampling.max_new_tokens, device.type)
         else:
             self.model = job.load_sampler(device)
 
     def rows(self, batch_numbers: list[int] | None = None, progress: bool = False) -> list[dict]:
         job = self.job
         if self.engine is not None:
-            return vllm_rows(self.engine, job.tokenizer, encode_prompts(job.tokenizer, job.texts()), job.sampling,
-                             job.stop_ids, batch_numbers)
+            return vllm_rows(self.engine, job.tokenizer, self.prompt_ids, job.sampling, job.stop_ids, batch_numbers)
         return sample_rows(self.model, job.tokenizer, job.texts(), job.sampling, job.stop_ids, batch_numbers,
                            progress=progress)
 
