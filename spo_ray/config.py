@@ -27,7 +27,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from spo_ray.losses import BASE_LOSSES, LOSSES, SPO_ESTIMATORS
+from spo_ray.losses import (BASE_LOSSES, COMBINE, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LENGTH_LOSSES, LOSSES,
+                            NOT_WRAPPABLE, SPO_ESTIMATORS, loss_options)
 
 
 class ConfigError(ValueError):
@@ -39,19 +40,124 @@ class Section(BaseModel):
 
 
 class LossConfig(Section):
+    """The loss (spo_ray.losses; the table in docs/losses.md). A loss option belongs to the losses that take it:
+    `check_loss_options` refuses one that no loss of the sweep takes; a trial passes each loss only its own."""
     name: Literal[LOSSES] = "dpo"
-    base: Literal[BASE_LOSSES] = "dpo"          # the upper-level loss that spo wraps
+    base: Literal[BASE_LOSSES + (COMBINE,)] = "dpo"  # the upper-level loss that spo wraps (or a combination)
+    combine: dict[str, float] | None = None      # name (or base) combine: {loss: weight}, e.g. {dpo: 1.0, sft: 1.0}
     beta: float = Field(0.1, gt=0)
     spo_lambda: float = Field(1.0, ge=0)         # λ: weight of the safe-region penalty (0 = the base loss)
     spo_epsilon: float = Field(0.0, ge=0)        # ε: tolerance before a chosen log-prob drop is penalised
     spo_estimator: Literal[SPO_ESTIMATORS] = "reference"
     spo_inner_lr: float = Field(0.1, gt=0)       # α: first inner step of one_step (halved until it lowers g)
     spo_lambda_warmup_steps: int = Field(0, ge=0)  # λ ramps linearly from 0 over these steps
-    label_smoothing: float = Field(0.1, ge=0, lt=0.5)  # cdpo's ε
+    # ε of cdpo and robust (default 0.1), exo_pair (1e-3, must be > 0), aot and aot_unpaired (0)
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
     gamma: float = 0.5                           # simpo's target margin
     dpop_kappa: float = Field(5.0, ge=0)         # dpop's κ
+    discopop_tau: float | None = Field(None, gt=0)  # discopop's temperature τ (default 0.05)
+    # f-DPO's divergence from the reference: dpo, cdpo, ipo, hinge, exo_pair, robust, discopop, sigmoid_norm
+    f_divergence_type: Literal[F_DIVERGENCES] = "reverse_kl"
+    f_alpha_divergence_coef: float = Field(0.5, ge=0, le=1)  # alpha_divergence's α, as in the paper (TRL's 1 − α)
     nll_weight: float = Field(0.0, ge=0)         # RPO-style NLL on the chosen response
     average_logps: bool = False                  # length-averaged log-probs instead of sums (simpo: always)
+
+    @field_validator("base")
+    @classmethod
+    def spo_can_wrap(cls, value: str) -> str:
+        if value in NOT_WRAPPABLE:
+            raise ValueError(f"spo cannot wrap {value} ({NOT_WRAPPABLE[value]})")
+        return value
+
+    @field_validator("combine")
+    @classmethod
+    def weights_of_known_losses(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if not value:
+            raise ValueError("needs at least one {loss: weight}, e.g. {dpo: 1.0, sft: 1.0}")
+        for name, weight in value.items():
+            if name not in BASE_LOSSES:
+                close = difflib.get_close_matches(name, BASE_LOSSES, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; expected some of {', '.join(BASE_LOSSES)}"
+                raise ValueError(f"unknown loss '{name}'{hint}")
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"the weight of {name} must be finite and >= 0, got {weight}")
+        return value
+
+
+#: LossConfig keys every loss takes, and SPO's settings (see `check_loss_options`).
+_ALWAYS_ACCEPTED = ("name", "beta", "nll_weight", "average_logps", "base", "spo_lambda", "spo_epsilon", "spo_estimator",
+                    "spo_inner_lr", "spo_lambda_warmup_steps")
+
+
+def check_loss(loss: LossConfig) -> None:
+    """What one run's loss settings cannot be together (ConfigError naming the key)."""
+    base = loss.base if loss.name == "spo" else loss.name
+    if base == COMBINE and not loss.combine:
+        key = "loss.name" if loss.name == COMBINE else "loss.base"
+        raise ConfigError(f"loss.combine: {key} combine needs the weights of the losses it adds up, "
+                          f"e.g. {{dpo: 1.0, sft: 1.0}}")
+    members = list(loss.combine) if base == COMBINE else [base]
+    if loss.name == "spo":
+        for member in members:
+            if member in NOT_WRAPPABLE:
+                raise ConfigError(f"loss.combine: spo cannot wrap a combination with {member} "
+                                  f"({NOT_WRAPPABLE[member]})")
+    if loss.f_divergence_type != "reverse_kl" and base == COMBINE:
+        unfit = [m for m in members if m not in F_DIVERGENCE_LOSSES and m != "sft"]
+        if unfit:
+            raise ConfigError(f"loss.f_divergence_type: {loss.f_divergence_type} needs losses built on the "
+                              f"chosen-minus-rejected reward difference ({', '.join(F_DIVERGENCE_LOSSES)}); "
+                              f"the combination has {', '.join(unfit)}")
+    divides = [m for m in members if m in LENGTH_LOSSES]
+    if divides and loss.average_logps:
+        raise ConfigError(f"loss.average_logps: {divides[0]} divides by the response lengths itself; "
+                          f"leave average_logps false")
+    if divides and "simpo" in members:
+        raise ConfigError(f"loss.combine: simpo (on length-averaged log-probs) cannot be combined with "
+                          f"{divides[0]}, which divides summed log-probs by the lengths itself")
+    if "exo_pair" in members and loss.label_smoothing == 0:
+        raise ConfigError("loss.label_smoothing: exo_pair needs ε > 0 (it takes log ε; the EXO paper uses 1e-3)")
+
+
+def check_loss_options(raw: dict) -> None:
+    """Refuse a loss option set in the sweep that no loss the sweep runs takes (it would change nothing, silently).
+    With `loss.name` swept, an option taken by any of the names is fine: each trial's loss reads only its own
+    (spo_ray.trainer.batch_loss). SPO's own settings (`base`, `spo_*`) are exempt: sweep files pair a loss with
+    its SPO arm and keep them when `--set loss.name=…` picks another loss (docs/results.md does, for SimPO)."""
+    loss = raw.get("loss")
+    if is_space(loss):
+        for value in _space_values("loss", loss):
+            check_loss_options({"loss": value})
+        return
+    if not isinstance(loss, dict):
+        return
+
+    def values(key: str, default: Any) -> list:
+        value = loss.get(key, default)
+        return list(_space_values(f"loss.{key}", value)) if is_space(value) else [value]
+
+    names = values("name", "dpo")
+    runs = [name for name in names if name != "spo"] + (values("base", "dpo") if "spo" in names else [])
+    weights = [w for w in values("combine", None) if isinstance(w, dict)] if COMBINE in runs else []
+    members = {m for m in runs if m != COMBINE} | {m for w in weights for m in w if m in BASE_LOSSES}
+    takes = set(_ALWAYS_ACCEPTED) | ({"combine"} if COMBINE in runs else set())
+    takes |= {key for member in members for key in loss_options(member)}
+    if "alpha_divergence" not in values("f_divergence_type", "reverse_kl"):
+        takes.discard("f_alpha_divergence_coef")
+    running = ", ".join(dict.fromkeys(names))
+    for key in loss:
+        if key in takes:
+            continue
+        if key == "combine":
+            raise ConfigError(f"loss.combine: weights of combined losses, but no loss of this sweep combines "
+                              f"(loss.name: {running}); set loss.name: combine (or loss.base: combine under spo)")
+        if key == "f_alpha_divergence_coef" and "f_divergence_type" in takes:
+            raise ConfigError("loss.f_alpha_divergence_coef: only f_divergence_type: alpha_divergence reads it")
+        owners = [name for name in BASE_LOSSES if key in loss_options(name)]
+        raise ConfigError(f"loss.{key}: not an option of {', '.join(sorted(members)) or running} "
+                          f"(it is one of {', '.join(owners)})")
 
 
 class LoraConfig(Section):
@@ -482,6 +588,7 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         raise ConfigError(_one_line(error)) from None
     if config.model.sft_steps and config.data.sampled_pairs is None:
         raise ConfigError("model.sft_steps: SFT on the sampler's own correct answers needs data.sampled_pairs")
+    check_loss(config.loss)
     check_rounds(config)
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
@@ -547,6 +654,7 @@ def validate_sweep(raw: dict) -> tuple[SweepConfig, dict[str, dict]]:
         for value in space_values:
             check_value(raw, key, value)
     sweep = validate_run(first_point(raw))
+    check_loss_options(raw)
     check_tune(raw, sweep, spaces)
     return sweep, spaces
 

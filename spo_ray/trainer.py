@@ -34,7 +34,7 @@ from spo_ray.data import LengthGroupedSampler, PairDataset, collate, collate_pai
 from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_initial_evaluation
 from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, prefix_sharing_unsupported,
                               sequence_logps)
-from spo_ray.losses import REFERENCE_FREE_LOSSES, preference_loss
+from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, loss_options, preference_loss
 from spo_ray.memory import check_run_fits, release_freed_memory
 from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
@@ -125,22 +125,22 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
     """Mean preference loss of a batch and its metrics, from policy and reference log-probs."""
     name = loss_cfg.name
     base = loss_cfg.base if name == "spo" else name
-    averaged = loss_cfg.average_logps or base == "simpo"  # SimPO is defined on length-averaged log-probs
+    members = (loss_cfg.combine or {}) if base == COMBINE else {base: 1.0}
+    averaged = loss_cfg.average_logps or "simpo" in members  # SimPO is defined on length-averaged log-probs
     key = "avg_logps" if averaged else "logps"
     chosen, rejected = policy[f"chosen_{key}"], policy[f"rejected_{key}"]
     ref_chosen, ref_rejected = reference[f"chosen_{key}"], reference[f"rejected_{key}"]
     if base in REFERENCE_FREE_LOSSES and name != "spo":
         ref_chosen = ref_rejected = None
 
-    options = {}
-    if base == "cdpo":
-        options["label_smoothing"] = loss_cfg.label_smoothing
-    elif base == "dpop":
-        options["dpop_kappa"] = loss_cfg.dpop_kappa
-    elif base == "simpo":
-        options["gamma"] = loss_cfg.gamma
+    # The options this loss takes (a sweep over several losses sets the others too); None: the loss's default.
+    options = {key: getattr(loss_cfg, key) for key in loss_options(base, loss_cfg.combine)
+               if getattr(loss_cfg, key) is not None}
+    options.update(chosen_lengths=policy["chosen_lengths"], rejected_lengths=policy["rejected_lengths"])
     if loss_cfg.nll_weight:
-        options.update(nll_weight=loss_cfg.nll_weight, chosen_lengths=policy["chosen_lengths"])
+        options["nll_weight"] = loss_cfg.nll_weight
+        if averaged:  # ℓ̄(y_w) is already per token: the NLL term's −ℓ/|y_w| must not divide by |y_w| again
+            options["chosen_lengths"] = torch.ones_like(policy["chosen_lengths"])
     spo_lambda = spo_lambda_at(loss_cfg, step)
     one_step = name == "spo" and loss_cfg.spo_estimator == "one_step"
     if name == "spo" and not one_step:

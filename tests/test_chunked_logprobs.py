@@ -124,6 +124,8 @@ def test_the_backward_keeps_no_vocabulary_wide_tensor(monkeypatch):
 def _loss_config(name: str) -> LossConfig:
     if name == "spo_one_step":
         return LossConfig(name="spo", spo_estimator="one_step", spo_inner_lr=0.5, beta=0.5)
+    if name == "combine":
+        return LossConfig(name=name, beta=0.5, combine={"dpo": 1.0, "sft": 1.0})
     return LossConfig(name=name, beta=0.5, nll_weight=0.3 if name == "dpo" else 0.0)
 
 

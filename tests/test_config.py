@@ -149,3 +149,62 @@ def test_load_yaml_errors_name_the_file(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_yaml(listed)
+
+
+# ------------------------------------------------------------------------------------ the loss family
+
+
+@pytest.mark.parametrize("loss, expected", [
+    # an option of another loss
+    ({"name": "dpo", "label_smoothing": 0.2},
+     "loss.label_smoothing: not an option of dpo (it is one of cdpo, exo_pair, robust, aot, aot_unpaired)"),
+    ({"name": "robust", "discopop_tau": 0.1}, "loss.discopop_tau: not an option of robust (it is one of discopop)"),
+    ({"name": "nca_pair", "f_divergence_type": "forward_kl"}, "loss.f_divergence_type: not an option of nca_pair"),
+    ({"name": "dpo", "f_alpha_divergence_coef": 0.3},
+     "loss.f_alpha_divergence_coef: only f_divergence_type: alpha_divergence reads it"),
+    # weights for losses not combined
+    ({"name": "dpo", "combine": {"dpo": 1.0, "sft": 1.0}},
+     "loss.combine: weights of combined losses, but no loss of this sweep combines (loss.name: dpo)"),
+    ({"name": "combine"}, "loss.combine: loss.name combine needs the weights of the losses it adds up"),
+    ({"name": "combine", "combine": {"dpo": 1.0, "sfft": 1.0}},
+     "loss.combine: unknown loss 'sfft' (did you mean 'sft'?)"),
+    ({"name": "combine", "combine": {"dpo": -1.0}}, "loss.combine: the weight of dpo must be finite and >= 0"),
+    ({"name": "combine", "combine": {"dpo": 1.0, "nca_pair": 1.0}, "f_divergence_type": "js_divergence"},
+     "loss.f_divergence_type: js_divergence needs losses built on the chosen-minus-rejected reward difference"),
+    # SPO over what it cannot wrap
+    ({"name": "spo", "base": "sft"}, "loss.base: spo cannot wrap sft (SFT on the chosen responses is SPO's lower"),
+    ({"name": "spo", "base": "aot"}, "loss.base: spo cannot wrap aot (aot sorts the log-ratios across the batch"),
+    ({"name": "spo", "base": "aot_unpaired"}, "loss.base: spo cannot wrap aot_unpaired"),
+    ({"name": "spo", "base": "combine", "combine": {"dpo": 1.0, "sft": 1.0}},
+     "loss.combine: spo cannot wrap a combination with sft"),
+    ({"name": "spo", "base": "combine"}, "loss.combine: loss.base combine needs the weights"),
+    # settings that contradict each other
+    ({"name": "sigmoid_norm", "average_logps": True}, "loss.average_logps: sigmoid_norm divides by the response"),
+    ({"name": "combine", "combine": {"simpo": 1.0, "sft": 1.0}}, "loss.combine: simpo (on length-averaged"),
+    ({"name": "exo_pair", "label_smoothing": 0.0}, "loss.label_smoothing: exo_pair needs ε > 0"),
+])
+def test_a_loss_setting_that_does_not_apply_is_one_line_naming_the_key(loss, expected):
+    assert error_of({"loss": loss}).startswith(expected)
+
+
+@pytest.mark.parametrize("loss", [
+    {"name": {"grid": ["dpo", "cdpo", "robust"]}, "label_smoothing": 0.2},  # taken by some of the sweep's losses
+    {"name": {"grid": ["ipo", "spo"]}, "base": "discopop", "discopop_tau": 0.1, "spo_lambda": 2.0},
+    {"name": "combine", "combine": {"dpo": 1.0, "sft": {"grid": [0.0, 0.5, 1.0]}}},  # a weight as a grid axis
+    {"name": "spo", "base": "combine", "combine": {"robust": 0.5, "nca_pair": 1.0}, "label_smoothing": 0.2},
+    {"name": "discopop", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    {"name": "simpo", "gamma": 1.0, "spo_lambda": 2.0, "base": "dpo"},  # SPO's settings stay when the name changes
+    {"name": {"grid": ["exo_pair", "aot", "sft", "sigmoid_norm", "apo_down", "sppo_hard", "bco_pair"]}},
+])
+def test_every_loss_and_its_own_options_are_accepted(loss):
+    validate_sweep({"loss": loss})
+
+
+def test_a_loss_option_error_exits_2_before_anything_runs(tmp_path, capsys):
+    from spo_ray.train import main
+    config = tmp_path / "bad.yaml"
+    config.write_text("loss: {name: dpo, discopop_tau: 0.1}\n")
+    assert main([str(config), "--output", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: loss.discopop_tau: not an option of dpo (it is one of discopop)")
+    assert not (tmp_path / "run").exists()

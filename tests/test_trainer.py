@@ -270,6 +270,18 @@ def test_batch_loss_measures_summed_deltas_even_for_averaged_losses():
     assert metrics["rejected_logp_delta"].item() == -1.0
 
 
+def test_the_nll_term_of_an_averaged_loss_is_the_per_token_nll_once():
+    """SimPO + NLL (and any loss with average_logps): the NLL is −ℓ(y_w)/|y_w| = −ℓ̄(y_w), not −ℓ̄(y_w)/|y_w|."""
+    cfg = validate_run({"loss": {"name": "simpo", "beta": 2.0, "gamma": 0.5, "nll_weight": 1.0}}).loss
+    policy = {"chosen_logps": torch.tensor([-4.0]), "rejected_logps": torch.tensor([-6.0]),
+              "chosen_avg_logps": torch.tensor([-2.0]), "rejected_avg_logps": torch.tensor([-2.0]),
+              "chosen_lengths": torch.tensor([2.0]), "rejected_lengths": torch.tensor([3.0])}
+    reference = {key: value - 1 for key, value in policy.items() if key.endswith("logps")}
+    loss, _ = batch_loss(cfg, policy, reference, step=0)
+    expected = -math.log(1 / (1 + math.exp(0.5))) + 2.0  # SimPO's term as above, plus −(−4)/2
+    assert abs(loss.item() - expected) <= rounding_tolerance(expected, 6)
+
+
 def test_a_single_run_uses_every_cpu_unless_the_config_names_a_number():
     import os
     from spo_ray.config import validate_sweep

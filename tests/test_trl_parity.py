@@ -134,3 +134,185 @@ def test_dpo_loss_and_rewards_match_trl_dpo_trainer(trl_trainer, rows):
                             ("chosen_logps", "logps/chosen"), ("rejected_logps", "logps/rejected")]:
         assert_as_accurate_as_float32(theirs[theirs_key], ours[key], exact[key], key, scale=logps)
     assert ours["reward_accuracy"] == theirs["rewards/accuracies"]  # a mean of 0/1 over ≤ 4 pairs: exact
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every loss type of TRL 1.16 against TRL's own code, on the same log-probs.
+#
+# TRL 1.16 computes its losses inline in `DPOTrainer._compute_loss`, after the model's forward. We call that very
+# method on a DPOTrainer instance whose model returns per-token log-probs built from our per-sequence ones (the
+# whole log-prob on a response's first token, 0.0 on the others, so TRL's sum over tokens gives ours back exactly),
+# with the reference log-probs "precomputed" in the inputs. The attributes are the ones `DPOTrainer.__init__` sets
+# from a real `DPOConfig`. Both sides run in float64 and are compared value and gradient.
+
+from collections import defaultdict  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from conftest import rounding_tolerance  # noqa: E402
+from spo_ray.losses import TRL_LOSS_TYPES, loss_options  # noqa: E402
+
+
+def parity_batch(seed: int, size: int = 6, unit_lengths: bool = False) -> dict[str, torch.Tensor]:
+    """Summed log-probs of plausible size (2–40 nats), references within 4 nats, lengths 1–30 tokens."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(size, generator=g, dtype=torch.float64)
+
+    pc, pr = -uniform(2.0, 40.0), -uniform(2.0, 40.0)
+    lengths = (torch.ones(2, size, dtype=torch.float64) if unit_lengths
+               else torch.randint(1, 31, (2, size), generator=g).double())
+    return {"pc": pc, "pr": pr, "rc": pc + uniform(-4.0, 4.0), "rr": pr + uniform(-4.0, 4.0),
+            "chosen_lengths": lengths[0], "rejected_lengths": lengths[1]}
+
+
+def trl_compute_loss(batch: dict, loss_types: list[str], beta: float, tmp_path, loss_weights=None, **config):
+    """TRL's batch loss for `batch`, and its gradient with respect to the policy's log-probs."""
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, beta=beta,
+                         loss_type=loss_types, loss_weights=loss_weights, precompute_ref_log_probs=True, **config)
+    trainer = object.__new__(trl.DPOTrainer)  # DPOTrainer.__init__ minus the model, data and optimizer set-up
+    trainer.args, trainer.beta, trainer.precompute_ref_logps = args, args.beta, args.precompute_ref_log_probs
+    trainer.loss_types, trainer.loss_weights = args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)
+    trainer.ld_alpha, trainer.label_smoothing, trainer.use_weighting = args.ld_alpha, args.label_smoothing, False
+    trainer.f_divergence_type, trainer.f_alpha_divergence_coef = args.f_divergence_type, args.f_alpha_divergence_coef
+    trainer.aux_loss_enabled, trainer._tp_size, trainer._total_train_tokens = False, 1, 0
+    trainer._metrics = defaultdict(lambda: defaultdict(list))
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t,
+                                          gather_for_metrics=lambda t: t)
+    trainer.model = SimpleNamespace(training=False)
+
+    policy = torch.cat([batch["pc"], batch["pr"]]).detach().requires_grad_(True)
+    lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).long()
+    rows, width = len(lengths), int(lengths.max()) + 1  # position 0: a prompt token
+    positions = torch.arange(width).unsqueeze(0)
+    completion_mask = (positions >= 1) & (positions <= lengths.unsqueeze(1))
+    first_tokens = (torch.arange(rows), torch.zeros(rows, dtype=torch.long))
+    per_token = torch.zeros(rows, width - 1, dtype=policy.dtype).index_put(first_tokens, policy)
+
+    def model(**kwargs):
+        zeros = torch.zeros(rows, width - 1, dtype=policy.dtype)
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    inputs = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
+              "completion_mask": completion_mask.long(), "ref_chosen_logps": batch["rc"],
+              "ref_rejected_logps": batch["rr"]}
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(policy.dtype)  # TRL makes `torch.tensor(label_smoothing)` (exo_pair) in the default dtype
+    try:
+        loss = trl.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    (grad,) = torch.autograd.grad(loss, policy)
+    return loss.detach(), grad
+
+
+def our_loss(batch: dict, loss_types: list[str], beta: float, loss_weights=None, **config):
+    """Our batch loss for the same TRL settings, and its gradient with respect to the policy's log-probs."""
+    pc, pr = (batch[k].detach().clone().requires_grad_(True) for k in ("pc", "pr"))
+    names = [TRL_LOSS_TYPES[t] for t in loss_types]
+    options = {"chosen_lengths": batch["chosen_lengths"], "rejected_lengths": batch["rejected_lengths"]}
+    if len(names) > 1:
+        options["combine"] = dict(zip(names, loss_weights or [1.0] * len(names)))
+        name = "combine"
+    else:
+        (name,) = names
+    takes = set().union(*(loss_options(n) for n in names))
+    for key, value in config.items():
+        if key in takes:
+            options[key] = 1.0 - value if key == "f_alpha_divergence_coef" else value  # the paper's α: TRL's 1 − α
+    chosen, rejected, ref_chosen, ref_rejected = pc, pr, batch["rc"], batch["rr"]
+    if name == "ipo":  # TRL's ipo divides each log-ratio by its length: our ipo on length-averaged log-probs
+        chosen, ref_chosen = chosen / batch["chosen_lengths"], ref_chosen / batch["chosen_lengths"]
+        rejected, ref_rejected = rejected / batch["rejected_lengths"], ref_rejected / batch["rejected_lengths"]
+    losses, _ = preference_loss(name, chosen, rejected, ref_chosen, ref_rejected, beta=beta, **options)
+    loss = losses.mean()
+    grads = torch.autograd.grad(loss, [pc, pr], allow_unused=True)  # sft: the rejected side is unused
+    return loss.detach(), torch.cat([torch.zeros_like(x) if g is None else g for x, g in zip((pc, pr), grads)])
+
+
+F_DIVERGENCE_TYPES = ["forward_kl", "js_divergence"]
+PARITY_CASES = [
+    (["sigmoid"], {}),
+    (["hinge"], {}),
+    (["ipo"], {}),
+    (["exo_pair"], {"label_smoothing": 1e-3}),
+    (["exo_pair"], {"label_smoothing": 0.2}),
+    (["nca_pair"], {}),
+    (["robust"], {"label_smoothing": 0.0}),
+    (["robust"], {"label_smoothing": 0.3}),
+    (["bco_pair"], {}),
+    (["sppo_hard"], {}),
+    (["aot"], {}),
+    (["aot"], {"label_smoothing": 0.2}),
+    (["aot_unpaired"], {}),
+    (["aot_unpaired"], {"label_smoothing": 0.1}),
+    (["apo_zero"], {}),
+    (["apo_down"], {}),
+    (["discopop"], {}),
+    (["discopop"], {"discopop_tau": 0.5}),
+    (["sft"], {}),
+    (["sigmoid_norm"], {}),
+    (["sigmoid", "sft"], {}),                                          # RPO-style, equal weights
+    (["sigmoid", "bco_pair", "sft"], {"loss_weights": [0.8, 0.2, 1.0]}),  # MPO's recipe
+    (["robust", "exo_pair", "apo_zero"], {"loss_weights": [1.0, 0.5, 2.0], "label_smoothing": 0.1}),
+    (["sigmoid_norm", "sft"], {"loss_weights": [1.0, 0.3], "f_divergence_type": "js_divergence"}),
+] + [
+    ([loss_type], {"f_divergence_type": kind, "label_smoothing": 0.1} if loss_type in ("exo_pair", "robust")
+     else {"f_divergence_type": kind})
+    for loss_type in ("sigmoid", "hinge", "exo_pair", "robust", "discopop", "sigmoid_norm")
+    for kind in F_DIVERGENCE_TYPES
+]
+
+
+def _case_id(case) -> str:
+    loss_types, config = case
+    return "+".join(loss_types) + "".join(f"-{k}={v}" for k, v in config.items())
+
+
+def assert_equal_to_float64_rounding(ours, theirs, batch, what: str) -> None:
+    """Equal up to the roundings by which the two orders of operations may differ: 16 roundings (4 suffice today)
+    of values no larger than the log-ratio sums (twice the largest log-prob) or the result itself."""
+    inputs = max(batch[k].abs().max().item() for k in ("pc", "pr", "rc", "rr"))
+    scale = max(2 * inputs, ours.abs().max().item(), theirs.abs().max().item())
+    error = (ours - theirs).abs().max().item()
+    assert error <= rounding_tolerance(scale, 16, torch.float64), f"{what}: ours {ours}, TRL's {theirs}"
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("case", PARITY_CASES, ids=[_case_id(c) for c in PARITY_CASES])
+def test_every_trl_loss_type_equals_trls_own_code_in_float64(case, beta, tmp_path):
+    loss_types, config = case
+    for seed in range(2):
+        batch = parity_batch(seed)
+        theirs, their_grad = trl_compute_loss(batch, loss_types, beta, tmp_path, **config)
+        ours, our_grad = our_loss(batch, loss_types, beta, **config)
+        assert_equal_to_float64_rounding(ours, theirs, batch, "loss")
+        assert_equal_to_float64_rounding(our_grad, their_grad, batch, "gradient")
+        assert our_grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", F_DIVERGENCE_TYPES)
+def test_ipo_under_an_f_divergence_equals_trls_on_one_token_responses(kind, tmp_path):
+    # TRL's ipo divides f′(sequence ratio) by the length; ours applies f′ to the log-probs it is given (with
+    # average_logps: the per-token ratio). The two agree where every response is one token long.
+    batch = parity_batch(3, unit_lengths=True)
+    theirs, their_grad = trl_compute_loss(batch, ["ipo"], 0.3, tmp_path, f_divergence_type=kind)
+    ours, our_grad = our_loss(batch, ["ipo"], 0.3, f_divergence_type=kind)
+    assert_equal_to_float64_rounding(ours, theirs, batch, "loss")
+    assert_equal_to_float64_rounding(our_grad, their_grad, batch, "gradient")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "sigmoid_norm"])
+@pytest.mark.parametrize("trl_alpha", [0.2, 0.5, 0.9])
+def test_alpha_divergence_is_trls_with_one_minus_alpha_in_float32(loss_type, trl_alpha, tmp_path):
+    # TRL's α-divergence computes (u^{α−1} − 1)/(α − 1), the f-DPO paper's (1 − u^{−α})/α at 1 − α (see
+    # spo_ray.losses.f_divergence_scores; test_losses checks ours against the paper's formula in float64). TRL's
+    # clamp table has no float64 entry, so its α-divergence runs only in float32 and below: compare there.
+    batch = {k: v.float() for k, v in parity_batch(4).items()}
+    config = {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": trl_alpha, "label_smoothing": 0.2}
+    theirs, their_grad = trl_compute_loss(batch, [loss_type], 0.2, tmp_path, **config)
+    ours, our_grad = our_loss(batch, [loss_type], 0.2, **config)
+    inputs = max(batch[k].abs().max().item() for k in ("pc", "pr", "rc", "rr"))
+    for got, want in [(ours, theirs), (our_grad, their_grad)]:
+        scale = max(2 * inputs, want.abs().max().item())
+        assert (got - want).abs().max().item() <= rounding_tolerance(scale, 16)
