@@ -18,7 +18,9 @@ template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
   (c) vLLM          where it is installed (`spo_ray.engines.VllmEngine`: vLLM in its own environment, `make
                     vllm`, or `SPO_RAY_VLLM_PYTHON`), all prompts in one request list, the engine started once
                     before the rounds (its start-up is printed and in the last line, not in its tokens/s); then
-                    greedy replies of both engines compared token for token.
+                    greedy replies of both engines compared token for token; and the greedy evaluation as
+                    `data.eval_engine: vllm` runs it (`PolicyEngine`: a first evaluation that starts the engine,
+                    a later one that writes the weights and reloads them in place), against spo-ray's.
 
 Each round runs (a) then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
 change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
@@ -50,7 +52,7 @@ from spo_ray.sampling import Sampling, sample_rows  # noqa: E402
 from spo_ray.tasks.chat_arithmetic import question, solve  # noqa: E402
 from spo_ray.tasks.pairs import chat_prompt, end_of_turn_id  # noqa: E402
 from spo_ray.config import ChatArithmeticConfig  # noqa: E402
-from spo_ray.engines import VllmEngine, vllm_python, vllm_rows  # noqa: E402
+from spo_ray.engines import PolicyEngine, VllmEngine, vllm_python, vllm_rows  # noqa: E402
 
 
 def parse_args():
@@ -141,11 +143,12 @@ def ceiling(model, tokenizer, prompts, args, cached: int = 24, repeats: int = 3)
 
 
 @torch.no_grad()
-def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64) -> str:
+def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64, with_vllm: bool = False) -> str:
     """The accuracy evaluator's workload (`--greedy-prompts` questions, `batch` rows at a time, as chat
     arithmetic's evaluation runs): `spo_ray.decoding.greedy_decode` (rows leave as they end, the next questions
     join) against `generate(do_sample=False)` on the same left-padded batches; tokens/s of each (up to and
-    including each reply's stop token) and how many replies are the same token for token."""
+    including each reply's stop token) and how many replies are the same token for token. `with_vllm`: also
+    the vLLM evaluator's first evaluation (engine start) and a later one (weights written and reloaded)."""
     prompts, _ = prompts_and_answers(tokenizer, args.greedy_prompts)
     synchronize(args.device)
     started = time.perf_counter()
@@ -170,8 +173,32 @@ def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64) -> str:
     print(f"greedy evaluation: {len(prompts)} questions, {batch} rows at a time: spo-ray {tokens} tokens in "
           f"{ours_s:.1f} s = {tokens / ours_s:.1f} tokens/s, generate {sum(map(len, theirs))} tokens in {theirs_s:.1f} s "
           f"= {sum(map(len, theirs)) / theirs_s:.1f} tokens/s; {same} of {len(prompts)} replies the same", flush=True)
-    return (f" greedy_speedup_vs_generate={(tokens / ours_s) / (sum(map(len, theirs)) / theirs_s):.2f} "
-            f"greedy_tokens_per_s_spo_ray={tokens / ours_s:.1f} greedy_same_as_generate={same}/{len(prompts)}")
+    fields = (f" greedy_speedup_vs_generate={(tokens / ours_s) / (sum(map(len, theirs)) / theirs_s):.2f} "
+              f"greedy_tokens_per_s_spo_ray={tokens / ours_s:.1f} greedy_same_as_generate={same}/{len(prompts)}")
+    if not with_vllm:
+        return fields
+    # `data.eval_engine: vllm` as a trial runs it (spo_ray.engines.PolicyEngine): the first evaluation starts
+    # the engine on the written weights, each later one writes them again and reloads them in place.
+    policy = PolicyEngine("float32")
+    try:
+        started = time.perf_counter()
+        policy.greedy(model, tokenizer, prompts, args.max_new_tokens, stop_ids)
+        first_s = time.perf_counter() - started
+        started = time.perf_counter()
+        replies = policy.greedy(model, tokenizer, prompts, args.max_new_tokens, stop_ids)
+        later_s = time.perf_counter() - started
+        start_s, reload_s = policy.started_s, policy.reloaded_s[0]
+    finally:
+        policy.close()
+    vllm_tokens = sum(map(len, replies))
+    same_vllm = sum(a == b for a, b in zip(ours, replies))
+    print(f"greedy evaluation by vLLM (data.eval_engine: vllm): first {first_s:.1f} s (engine start {start_s:.1f} s), "
+          f"each later {later_s:.1f} s (weights written, then reloaded in {reload_s:.2f} s) = "
+          f"{vllm_tokens / later_s:.1f} tokens/s against spo-ray's {tokens / ours_s:.1f}; {same_vllm} of "
+          f"{len(prompts)} replies the same as spo-ray's", flush=True)
+    return fields + (f" eval_vllm_start_s={start_s:.1f} eval_vllm_reload_s={reload_s:.2f} "
+                     f"eval_vllm_later_s={later_s:.1f} eval_spo_ray_s={ours_s:.1f} "
+                     f"eval_spo_ray_vs_vllm={later_s / ours_s:.2f} eval_vllm_same={same_vllm}/{len(prompts)}")
 
 
 def synchronize(device: str) -> None:
@@ -238,7 +265,7 @@ def main():
         vllm.close()
     greedy_fields = ""
     if args.greedy_prompts:
-        greedy_fields = greedy_evaluation(model, tokenizer, args, stop_ids)
+        greedy_fields = greedy_evaluation(model, tokenizer, args, stop_ids, with_vllm=vllm is not None)
     print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
           f"tokens_per_s_generate={best['generate']:.1f} tokens_per_s_ceiling={best['ceiling']:.1f} "
           f"spo_ray_vs_ceiling={best['spo-ray'] / best['ceiling']:.2f} accuracy_spo_ray={acc['spo-ray']:.3f} "

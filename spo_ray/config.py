@@ -283,6 +283,9 @@ class DataConfig(Section):
     chat_template: bool | Literal["auto"] = "auto"
     eval_questions: int = Field(64, ge=0)        # gsm8k, chat_arithmetic: held-out questions whose greedy answers are checked
     max_new_tokens: int = Field(256, gt=0)       # gsm8k, chat_arithmetic: the longest greedy answer
+    # who decodes those answers (spo_ray.engines): spo_ray's decoder on the model itself, vllm (where installed:
+    # make vllm) on a copy of its weights at each evaluation, or auto (vllm on a GPU where installed, else spo_ray)
+    eval_engine: Literal["auto", "spo_ray", "vllm"] = "auto"
     # Capability retention, where accuracy is too low to show a regression: the per-token log-prob of
     # held-out reference answers that are in no pair, logged as eval/retention_logp. gsm8k: train.jsonl's
     # solutions; files/hub: retention_path, a local JSONL/Parquet/CSV with prompt and response columns.
@@ -590,6 +593,7 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
         raise ConfigError("model.sft_steps: SFT on the sampler's own correct answers needs data.sampled_pairs")
     check_loss(config.loss)
     check_rounds(config)
+    check_eval_engine(config)
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
         if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
@@ -608,6 +612,19 @@ def total_steps(config: RunConfig) -> int:
     if spec is None or spec.rounds == 1:
         return config.train.max_steps
     return spec.rounds * (spec.steps_per_round or config.train.max_steps)
+
+
+def check_eval_engine(config: RunConfig) -> None:
+    """Where `data.eval_engine: vllm` has nothing to decode or cannot see the whole model."""
+    if config.data.eval_engine != "vllm":
+        return
+    if config.data.source not in ("gsm8k", "chat_arithmetic"):
+        raise ConfigError(f"data.eval_engine: vllm decodes the greedy answers of gsm8k and chat_arithmetic; "
+                          f"data.source {config.data.source} has none to decode (the built-in arithmetic task's "
+                          f"own small model decodes with spo_ray)")
+    if isinstance(config, SweepConfig) and config.scaling.strategy == "fsdp":
+        raise ConfigError("data.eval_engine: vllm cannot run with scaling.strategy: fsdp yet (the engine loads the "
+                          "whole model, which no FSDP worker holds); use spo_ray or ddp")
 
 
 def check_rounds(config: RunConfig) -> None:

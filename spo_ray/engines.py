@@ -16,6 +16,11 @@ by folder, not by tensor: the sampler's init folder, or a self-training round's 
 that folder. Pushing tensors into a running engine (NeMo RL's and verl's refit) needs vLLM in the trainer's
 own process and environment, which the pins rule out here.
 
+**The evaluators' engine.** `data.eval_engine` (same values) decodes gsm8k's and chat_arithmetic's greedy
+answers: with `vllm`, each evaluation writes the policy's current weights to a folder (LoRA merged in) and
+reloads them into one engine the trial process keeps (`PolicyEngine`): a reload costs a fraction of a start
+(docs/benchmarks.md, "The evaluator's engine"), and the engine's prefix cache is emptied with it.
+
 **Seeds.** vLLM seeds a request on a GPU (`SamplingParams.seed`): each prompt gets a seed from (seed, batch
 number, prompt), so its samples do not depend on what else shares the engine's batch. On a CPU per-request
 seeds fail ("CPU Generator does not use offset"), so the engine is seeded once and a batch is sampled in one
@@ -37,6 +42,7 @@ from spo_ray.config import ConfigError
 from spo_ray.sampling import Sampling, batch_rows, derived_seed, plan_batches
 
 ENGINES = ("auto", "spo_ray", "vllm")
+GREEDY_SOURCES = ("gsm8k", "chat_arithmetic")  # the data sources whose evaluators decode (`data.eval_engine`)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON_ENV = "SPO_RAY_VLLM_PYTHON"
 
@@ -53,14 +59,14 @@ def vllm_python() -> str | None:
     return str(local) if local.exists() else None
 
 
-def resolve_engine(engine: str, gpu: bool) -> str:
-    """The engine `engine` means in a process with (`gpu`) or without a CUDA device: `auto` is vLLM on a GPU
-    where it is installed, else spo-ray's; `vllm` where it is not installed is bad input."""
+def resolve_engine(engine: str, gpu: bool, key: str = "data.sampled_pairs.engine") -> str:
+    """The engine `engine` (the value of `key`) means in a process with (`gpu`) or without a CUDA device:
+    `auto` is vLLM on a GPU where it is installed, else spo-ray's; `vllm` where it is not installed is bad input."""
     if engine == "auto":
         return "vllm" if gpu and vllm_python() else "spo_ray"
     if engine == "vllm" and vllm_python() is None:
-        raise ConfigError(f"data.sampled_pairs.engine: vllm is not installed here (make vllm builds .venv-vllm; or "
-                          f"set {VLLM_PYTHON_ENV} to a Python that imports vllm; or use engine: spo_ray)")
+        raise ConfigError(f"{key}: vllm is not installed here (make vllm builds .venv-vllm; or set "
+                          f"{VLLM_PYTHON_ENV} to a Python that imports vllm; or use {key.rsplit('.', 1)[-1]}: spo_ray)")
     return engine
 
 
@@ -69,21 +75,22 @@ class VllmEngine:
     `generate` calls as its owner makes; `close` ends it. `started_s`: its start-up, model load included."""
 
     def __init__(self, model_path: str, dtype: str, seed: int, max_model_len: int, device: str = "cpu",
-                 python: str | None = None, gpu_memory_utilization: float = 0.3):
+                 python: str | None = None, gpu_memory_utilization: float = 0.3, sleep: bool = False):
         python = python or vllm_python()
         if python is None:
             raise ConfigError("data.sampled_pairs.engine: vllm is not installed here (make vllm)")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of key/value cache on a CPU (vLLM's default is 4)
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        self.device = device
+        self.device, self.max_model_len = device, max_model_len
         self.process = subprocess.Popen([python, "-m", "spo_ray.vllm_worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO_ROOT))
         # On a CPU, torch.compile costs vLLM 111 s of start-up for no throughput (docs/benchmarks.md): eager there;
         # on a GPU, vLLM's default (compiled, CUDA graphs).
         self.started_s = self._ask({"model": str(model_path), "dtype": dtype, "seed": seed,
                                     "max_model_len": max_model_len, "gpu_memory_utilization": gpu_memory_utilization,
-                                    "enforce_eager": device != "cuda"})["started_s"]
+                                    "enforce_eager": device != "cuda",
+                                    "sleep": sleep and device == "cuda"})["started_s"]
 
     def _ask(self, message: dict) -> dict:
         try:
@@ -106,6 +113,17 @@ class VllmEngine:
                            "max_tokens": max_tokens, "stop_token_ids": sorted(stop_ids), "seeds": seeds})
         return [[(ids[:-1] if ids and ids[-1] in stop_ids else ids, finish == "stop") for ids, finish in prompt]
                 for prompt in reply["samples"]]
+
+    def greedy(self, prompt_ids: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        """Per prompt, its greedy continuation as token ids up to and including the first stop token, or
+        `max_tokens` of them (`spo_ray.decoding.greedy_decode`'s replies)."""
+        reply = self._ask({"prompts": prompt_ids, "n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens,
+                           "stop_token_ids": sorted(stop_ids), "seeds": None})
+        return [ids for [[ids, _]] in reply["samples"]]
+
+    def reload(self, model_path: str) -> float:
+        """Load the weights of `model_path` (the same architecture) into the running engine; its seconds."""
+        return self._ask({"reload": str(model_path)})["reloaded_s"]
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -136,3 +154,75 @@ def vllm_rows(engine: VllmEngine, tokenizer, prompt_ids: list[list[int]], sampli
                                   sampling.temperature, sampling.top_p, sampling.max_new_tokens, stop_ids, seeds)
         rows += batch_rows(tokenizer, indices, [sample for prompt in samples for sample in prompt], sampling)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluators' greedy decoding (`data.eval_engine`)
+
+class PolicyEngine:
+    """vLLM decoding a trained model's current weights: each call writes them to a folder of its own
+    (`spo_ray.models.save_weights`, LoRA merged in) and loads them into one engine kept for the process's
+    evaluations — started at the first, reloaded in place at the next (cheaper than a new engine: the
+    `started_s` and `reloaded_s` it keeps say by how much). On a GPU the engine sleeps between evaluations
+    so the trainer has the memory back."""
+
+    def __init__(self, dtype: str):
+        import tempfile
+        self.dtype = dtype
+        self.folder = Path(tempfile.mkdtemp(prefix="spo_ray-eval-weights-"))
+        self.engine: VllmEngine | None = None
+        self.started_s: float | None = None
+        self.reloaded_s: list[float] = []
+
+    def greedy(self, model, tokenizer, prompts: list[str], max_new_tokens: int, stop_ids: set[int]
+               ) -> list[list[int]]:
+        from spo_ray.decoding import encode_prompts
+        from spo_ray.models import save_weights
+
+        prompt_ids = encode_prompts(tokenizer, prompts)
+        length = max(map(len, prompt_ids), default=0) + max_new_tokens
+        save_weights(model, tokenizer, self.folder)
+        if self.engine is not None and self.engine.max_model_len < length:
+            self.engine.close()  # longer questions than the engine was sized for: a new one
+            self.engine = None
+        if self.engine is None:
+            device = next(model.parameters()).device.type
+            self.engine = VllmEngine(self.folder, self.dtype, 0, -(-length // 256) * 256, device, sleep=True)
+            self.started_s = self.engine.started_s
+        else:
+            self.reloaded_s.append(self.engine.reload(self.folder))
+        return self.engine.greedy(prompt_ids, max_new_tokens, stop_ids)
+
+    def close(self) -> None:
+        import shutil
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_POLICY_ENGINES: dict[str, PolicyEngine] = {}
+
+
+def policy_engine(dtype: str) -> PolicyEngine:
+    """This process's `PolicyEngine` for `dtype`: one for all its evaluations (and rounds), closed at exit."""
+    if dtype not in _POLICY_ENGINES:
+        import atexit
+        _POLICY_ENGINES[dtype] = engine = PolicyEngine(dtype)
+        atexit.register(engine.close)
+    return _POLICY_ENGINES[dtype]
+
+
+def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                   stop_ids: set[int] | None, engine: str = "spo_ray", dtype: str = "float32") -> list[list[int]]:
+    """An evaluator's greedy replies (token ids up to and including the first stop token — EOS where
+    `stop_ids` is None — or `max_new_tokens` of them) by `engine`, already resolved: spo-ray's decoder on
+    `model` itself (`spo_ray.decoding.greedy_decode`, at most `batch_size` rows at a time), or vLLM on a copy
+    of its current weights (`PolicyEngine`)."""
+    if engine == "vllm":
+        stop_ids = stop_ids if stop_ids is not None else {tokenizer.eos_token_id}
+        return policy_engine(dtype).greedy(model, tokenizer, prompts, max_new_tokens, stop_ids)
+    from spo_ray import decoding
+    from spo_ray.logprobs import peft_base
+    # A peft model's forward signature (the cache argument) is its base model's: decode with that.
+    return decoding.greedy_decode(peft_base(model), tokenizer, prompts, max_new_tokens, batch_size, stop_ids=stop_ids)

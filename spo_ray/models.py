@@ -153,6 +153,34 @@ def train_on_responses(model, tokenizer, examples: list[dict], steps: int, seed:
     return losses
 
 
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights of `model` as its transformers model names them; for a peft LoRA model the base weights with
+    each adapter's update added (W + scaling · B A, peft's `get_delta_weight`), computed apart: the live model
+    and its adapters are left as they are (peft's merge_adapter/unmerge_adapter would round W on the way back)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base is model:
+        return model.state_dict()
+    weights = {name.replace(".base_layer.", "."): tensor for name, tensor in base.state_dict().items()
+               if ".lora_" not in name}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer") and not module.merged:
+                key = f"{name}.weight"
+                weights[key] = weights[key] + sum(module.get_delta_weight(a) for a in module.active_adapters)
+    return weights
+
+
+def save_weights(model, tokenizer, folder: Path) -> Path:
+    """Write `model`'s current weights (LoRA merged in, `merged_state_dict`) and `tokenizer` as a transformers
+    folder another engine can load (`spo_ray.engines`' vLLM evaluator), replacing what `folder` held."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    folder.mkdir(parents=True, exist_ok=True)
+    base.save_pretrained(folder, state_dict=merged_state_dict(model))
+    if not (folder / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_to_cache(model, tokenizer, info: dict, target: Path) -> Path:
     """Write model, tokenizer and `info` (as init.json) into `target`, the folder `*_dir` functions name.
 

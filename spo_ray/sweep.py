@@ -87,17 +87,24 @@ def resolve(raw: dict, args) -> tuple[dict, SweepConfig, dict[str, dict]]:
 
 
 def pin_engine(raw: dict, use_gpu: bool) -> bool:
-    """`data.sampled_pairs.engine: auto` resolved once here, for the workers the sweep asks for
-    (`scaling.use_gpu`), instead of in each process: the driver samples round 1's table on the workers and
+    """`data.sampled_pairs.engine` and `data.eval_engine` resolved once here, for the workers the sweep asks
+    for (`scaling.use_gpu`), instead of in each process: the driver samples round 1's table on the workers and
     each trial samples its later rounds itself, and all of them must key their tables by the same engine (a
-    CPU driver would otherwise key round 1 as spo-ray's and GPU trials look for vLLM's). True where it changed
-    `raw`."""
-    from spo_ray.engines import resolve_engine
-    spec = (raw.get("data") or {}).get("sampled_pairs")
-    if not isinstance(spec, dict) or spec.get("engine", "auto") != "auto":
-        return False
-    spec["engine"] = resolve_engine("auto", gpu=use_gpu)
-    return True
+    CPU driver would otherwise key round 1 as spo-ray's and GPU trials look for vLLM's); the trials share
+    their initial evaluation by a key that holds the evaluator's engine. `vllm` where it is not installed is
+    bad input here, before any trial. True where it changed `raw`."""
+    from spo_ray.engines import GREEDY_SOURCES, resolve_engine
+    data = raw.setdefault("data", {})  # validated already: a mapping where present
+    before = {"sampled_pairs": dict(data["sampled_pairs"]) if isinstance(data.get("sampled_pairs"), dict) else None,
+              "eval_engine": data.get("eval_engine")}
+    if isinstance(data.get("sampled_pairs"), dict):
+        spec = data["sampled_pairs"]
+        spec["engine"] = resolve_engine(spec.get("engine", "auto"), gpu=use_gpu)
+    engine = resolve_engine(data.get("eval_engine", "auto"), gpu=use_gpu, key="data.eval_engine")
+    if data.get("source", "arithmetic") not in GREEDY_SOURCES and data.get("eval_engine", "auto") == "auto":
+        engine = "spo_ray"  # nothing for vLLM to decode there
+    data["eval_engine"] = engine
+    return before != {"sampled_pairs": data.get("sampled_pairs"), "eval_engine": data["eval_engine"]}
 
 
 def trial_table(sweep: SweepConfig, spaces: dict[str, dict], raw: dict) -> list[dict]:

@@ -38,9 +38,16 @@ def test_a_sweep_pins_auto_for_its_workers_so_driver_and_trials_key_tables_alike
     assert pin_engine(raw, use_gpu=True) and raw["data"]["sampled_pairs"]["engine"] == "vllm"
     raw = {"data": {"sampled_pairs": {"engine": "auto"}}}
     assert pin_engine(raw, use_gpu=False) and raw["data"]["sampled_pairs"]["engine"] == "spo_ray"
-    explicit = {"data": {"sampled_pairs": {"engine": "spo_ray"}}}
+    explicit = {"data": {"source": "gsm8k", "sampled_pairs": {"engine": "spo_ray"}, "eval_engine": "spo_ray"}}
     assert not pin_engine(explicit, use_gpu=True) and explicit["data"]["sampled_pairs"]["engine"] == "spo_ray"
-    assert not pin_engine({"data": {"source": "arithmetic"}}, use_gpu=True)  # no sampled pairs: nothing to pin
+    # The evaluator's engine the same way, where the source has greedy answers to decode; elsewhere ours.
+    for source, gpu, engine in [("gsm8k", True, "vllm"), ("chat_arithmetic", False, "spo_ray"),
+                                ("arithmetic", True, "spo_ray"), ("files", True, "spo_ray")]:
+        raw = {"data": {"source": source}}
+        assert pin_engine(raw, use_gpu=gpu) and raw["data"]["eval_engine"] == engine, source
+    monkeypatch.setattr(engines, "vllm_python", lambda: None)  # asked for by name where it is missing: bad input
+    with pytest.raises(ConfigError, match=r"^data\.eval_engine: vllm is not installed here .* use eval_engine: spo_ray"):
+        pin_engine({"data": {"source": "gsm8k", "eval_engine": "vllm"}}, use_gpu=True)
 
 
 def test_the_vllm_python_comes_from_the_environment_variable_first(monkeypatch, tmp_path):
@@ -79,19 +86,39 @@ FAKE_VLLM = textwrap.dedent('''
         def __init__(self, outputs):
             self.outputs = outputs
 
+    def weights_offset(folder):
+        """0 without weights; else a number from 1 to 7 that depends on the safetensors' values."""
+        import glob
+        files = sorted(glob.glob(f"{folder}/*.safetensors"))
+        if not files:
+            return 0
+        from safetensors.numpy import load_file
+        total = sum(float(abs(a.astype("float64")).sum()) for f in files for a in load_file(f).values())
+        return int(total * 1000) % 7 + 1
+
     class LLM:
         def __init__(self, **kwargs):
             print("engine starting with", json.dumps(kwargs))  # vLLM prints too: must not reach the replies
             self.seed = kwargs["seed"]
+            self.offset = weights_offset(kwargs["model"])
+            self.prefix_cache = {}  # like vLLM's: a prompt seen before answers from it until it is reset
+
+        def collective_rpc(self, method, kwargs):
+            assert method == "reload_weights"
+            self.offset = weights_offset(kwargs["weights_path"])
+
+        def reset_prefix_cache(self):
+            self.prefix_cache.clear()
 
         def generate(self, prompts, params, use_tqdm=False):
             outputs = []
             for prompt, p in zip(prompts, params):
+                offset = self.prefix_cache.setdefault(tuple(prompt["prompt_token_ids"]), self.offset)
                 samples = []
                 for s in range(p.n):
                     ids, finish = [], "length"
                     for t in range(p.max_tokens):
-                        ids.append(prompt["prompt_token_ids"][-1] + s + t + 1 + (p.seed or 0) % 2)
+                        ids.append(prompt["prompt_token_ids"][-1] + s + t + 1 + (p.seed or 0) % 2 + offset)
                         if ids[-1] in p.stop_token_ids:
                             finish = "stop"
                             break
@@ -130,6 +157,86 @@ def test_the_vllm_worker_answers_requests_and_table_rows_come_out_as_ours(fake_v
     assert [(r["prompt"], r["sample"], r["tokens"], r["ended"]) for r in rows] == [
         (0, 0, 3, False), (0, 1, 3, False), (1, 0, 3, False), (1, 1, 3, False), (2, 0, 1, True), (2, 1, 0, True)]
     assert rows[0]["completion"] == tokenizer.decode([7, 8, 9], skip_special_tokens=True)
+
+
+def test_the_evaluator_engine_decodes_the_policys_current_weights_with_one_engine(fake_vllm, monkeypatch):
+    """`data.eval_engine: vllm`: each evaluation writes the policy's weights and reloads them into the engine
+    started at the first; the stand-in answers by those weights, and from its prefix cache unless emptied."""
+    import torch
+    from spo_ray.engines import PolicyEngine
+    from spo_ray.models import create_small_lm
+    monkeypatch.setenv(engines.VLLM_PYTHON_ENV, fake_vllm)
+    tokenizer = make_tokenizer()
+    model = create_small_lm(len(tokenizer), hidden_size=16, num_layers=1, num_heads=2)
+    fake = {}
+    exec(FAKE_VLLM, fake)  # the stand-in's own reading of a weights folder
+    prompts = ["1+2=", "30+4="]
+    last = [tokenizer(p, add_special_tokens=False)["input_ids"][-1] for p in prompts]
+    stop = {last[0] + 2 + 2}  # ends the first prompt's reply on its second token when the offset is 2
+    policy = PolicyEngine("float32")
+    try:
+        offsets = []
+        for change in (0.0, 0.25, 0.5):
+            with torch.no_grad():
+                model.model.norm.weight.add_(change)
+            replies = policy.greedy(model, tokenizer, prompts, 3, stop)
+            offsets.append(fake["weights_offset"](policy.folder))
+            expected = []
+            for token in last:
+                ids = []
+                for t in range(3):
+                    ids.append(token + t + 1 + offsets[-1])
+                    if ids[-1] in stop:
+                        break
+                expected.append(ids)
+            assert replies == expected  # the stop token is kept, as spo_ray.decoding.greedy_decode keeps it
+        assert len(set(offsets)) > 1  # the weights changed what the engine answers
+        assert policy.started_s >= 0 and len(policy.reloaded_s) == 2  # one start, then reloads
+    finally:
+        folder = policy.folder
+        policy.close()
+    assert not folder.exists()
+
+
+def test_a_lora_policys_weights_are_written_merged_and_the_live_model_is_untouched(tmp_path):
+    """What the vLLM evaluator loads: W + scaling · B A per adapted layer, the same function as the peft model
+    (float64: the two compute x(W + BA·s) and xW + xA·B·s, equal to ~1e-13), the adapters left unmerged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from spo_ray.models import create_small_lm, save_weights
+    tokenizer = make_tokenizer()
+    model = create_small_lm(len(tokenizer), hidden_size=16, num_layers=2, num_heads=2).double()
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: the merge would add nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    save_weights(model, tokenizer, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float64)
+    ids = torch.tensor([tokenizer("12+34=46", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        theirs, ours = merged(ids).logits, model(input_ids=ids).logits
+        plain = model.get_base_model()
+        with model.disable_adapter():
+            without = plain(ids).logits
+    assert (theirs - without).abs().max() > 1e-3  # the adapters matter here
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any("lora" in key for key in merged.state_dict())
+
+
+def test_eval_engine_vllm_is_refused_where_there_is_nothing_to_decode_or_no_whole_model():
+    from spo_ray.config import validate_run
+    with pytest.raises(ConfigError, match=r"^data\.eval_engine: vllm decodes the greedy answers of gsm8k and "
+                                          r"chat_arithmetic; data\.source arithmetic has none"):
+        validate_run({"data": {"eval_engine": "vllm"}})
+    with pytest.raises(ConfigError, match=r"^data\.eval_engine: vllm cannot run with scaling\.strategy: fsdp"):
+        validate_run({"data": {"source": "chat_arithmetic", "eval_engine": "vllm"},
+                      "scaling": {"strategy": "fsdp", "num_workers": 2}})
+    assert validate_run({"data": {"source": "gsm8k", "eval_engine": "vllm"}}).data.eval_engine == "vllm"
 
 
 def test_a_vllm_worker_that_dies_is_one_error_naming_it(tmp_path, monkeypatch):
@@ -213,3 +320,40 @@ def test_vllm_and_spo_ray_sample_the_same_distribution_and_greedy_text_on_the_re
     same = sum((a[:-1] if a and a[-1] in stop else a) == ids for a, [(ids, _)] in zip(greedy_ours, greedy_theirs))
     # float32 on one CPU, two sets of kernels: a reply may part ways where two tokens' logits are within rounding
     assert same >= len(prompts) - 2, f"{same} of {len(prompts)} greedy replies the same"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed (make vllm, or SPO_RAY_VLLM_PYTHON)")
+def test_the_vllm_evaluator_follows_the_policy_through_a_weight_change_on_the_real_model(tmp_path):
+    """`data.eval_engine: vllm` on SmolLM2: greedy replies equal ours before and after the policy's weights
+    change (reloaded in place, the prefix cache emptied: the same prompts would otherwise answer from the old
+    keys and values)."""
+    import torch
+
+    from spo_ray.config import ChatArithmeticConfig
+    from spo_ray.decoding import greedy_decode
+    from spo_ray.engines import PolicyEngine
+    from spo_ray.models import gguf_init, load_init
+    from spo_ray.tasks.chat_arithmetic import question
+    from spo_ray.tasks.pairs import chat_prompt, end_of_turn_id
+
+    model, tokenizer = load_init(gguf_init("smollm2-135m-instruct", "float32", str(tmp_path)))
+    cfg = ChatArithmeticConfig()
+    prompts = [chat_prompt(tokenizer, question(cfg, (a, b, "*"))) for a in range(2, 10, 2) for b in (3, 7, 11, 13)]
+    stop = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    policy = PolicyEngine("float32")
+    ours, theirs = [], []
+    try:
+        for change in (False, True):
+            if change:  # a different policy: the final norm rescaled, unevenly
+                with torch.no_grad():
+                    model.model.norm.weight.mul_(torch.linspace(0.6, 1.6, model.model.norm.weight.numel()))
+            with torch.no_grad():
+                ours.append(greedy_decode(model, tokenizer, prompts, 24, stop_ids=stop))
+            theirs.append(policy.greedy(model, tokenizer, prompts, 24, stop))
+        print(f"vLLM evaluator: started in {policy.started_s:.1f} s, reloaded in {policy.reloaded_s[0]:.2f} s")
+    finally:
+        policy.close()
+    assert sum(a != b for a, b in zip(*ours)) >= len(prompts) // 2  # the change moved most of our replies
+    for mine, its in zip(ours, theirs):  # float32 on one CPU, two sets of kernels: at most 2 part ways
+        assert sum(a == b for a, b in zip(mine, its)) >= len(prompts) - 2

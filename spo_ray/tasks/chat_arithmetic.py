@@ -33,9 +33,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from spo_ray import decoding
+import torch
+
 from spo_ray.answers import matches
 from spo_ray.config import ChatArithmeticConfig, RunConfig
+from spo_ray.engines import greedy_replies, resolve_engine
 from spo_ray.sampling import SamplePrompt, SamplingSource
 from spo_ray.tasks import arithmetic, gsm8k
 from spo_ray.tasks.pairs import (SPLIT_SEED, PairReport, assistant_turn, chat_prompt, end_of_turn_id, eval_keys,
@@ -142,11 +144,11 @@ def accuracy_evaluator(config: RunConfig, tokenizer, render: Renderer, problems:
     prompts = [render.prompt(question(cfg, p)) for p in problems]
     stop_ids = render.stop_ids()
 
+    engine = resolve_engine(config.data.eval_engine, torch.cuda.is_available(), "data.eval_engine")
+
     def evaluate(model) -> dict:
-        from spo_ray.logprobs import peft_base
-        # A peft model's forward signature (the cache argument) is its base model's: decode with that.
-        replies = decoding.greedy_decode(peft_base(model), tokenizer, prompts, config.data.max_new_tokens, 64,
-                                         stop_ids=stop_ids)
+        replies = greedy_replies(model, tokenizer, prompts, config.data.max_new_tokens, 64, stop_ids, engine,
+                                 config.model.dtype)
         ended = [bool(ids) and ids[-1] in stop_ids for ids in replies]
         correct = [int(done and matches(tokenizer.decode(ids[:-1], skip_special_tokens=True), solve(*p)))
                    for ids, done, p in zip(replies, ended, problems)]

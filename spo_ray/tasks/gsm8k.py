@@ -42,9 +42,11 @@ import re
 import time
 from pathlib import Path
 
-from spo_ray import decoding
+import torch
+
 from spo_ray.answers import final_number
 from spo_ray.config import ConfigError, DataConfig, RunConfig
+from spo_ray.engines import greedy_replies, resolve_engine
 from spo_ray.models import cached_init, create_small_lm, save_to_cache, small_lm_kwargs, train_on_responses
 from spo_ray.tasks.pairs import (PAIR_COLUMNS, PairReport, assistant_turn, cap, chat_prompt, end_of_turn_id,
                                  eval_keys, finish_splits, pair_task, render_response, retention_evaluator,
@@ -165,21 +167,19 @@ def gsm8k_sft_examples(folder: str | Path | None = None) -> list[dict]:
 # ------------------------------------------------------------------------------------------ accuracy
 
 def gsm8k_accuracy(model, tokenizer, questions: list[str], answers: list, *, max_new_tokens: int | None = None,
-                   batch_size: int = 32, stop_ids: set[int] | None = None) -> dict[str, float]:
+                   batch_size: int = 32, stop_ids: set[int] | None = None, engine: str = "spo_ray",
+                   dtype: str = "float32") -> dict[str, float]:
     """Greedy-decoding accuracy on GSM8K prompts: exact match of the extracted final answer.
 
     `accuracy` reads the marked answer (`extract_answer`), `accuracy_flexible` the last number of the
     response (what a model that never learnt the `A:` format still gets right). Decoding stops at a token
-    of `stop_ids` (default: EOS) or after `max_new_tokens` (default `MAX_NEW_TOKENS`).
+    of `stop_ids` (default: EOS) or after `max_new_tokens` (default `MAX_NEW_TOKENS`); `engine` decodes
+    (`spo_ray.engines.greedy_replies`: spo_ray, or vllm on a copy of the weights in `dtype`).
     """
-    from spo_ray.logprobs import peft_base
-
     if not questions:
         return {"accuracy": float("nan"), "accuracy_flexible": float("nan")}
-    # A peft model wraps the transformers model whose layers carry the adapters; decode with that one,
-    # whose forward signature (the key/value cache argument) the decoder knows.
-    responses = decoding.greedy_decode(peft_base(model), tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS,
-                                       batch_size, stop_ids=stop_ids)
+    responses = greedy_replies(model, tokenizer, questions, max_new_tokens or MAX_NEW_TOKENS, batch_size,
+                               stop_ids, engine, dtype)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
     strict = sum(extract_answer(t) == a for t, a in zip(texts, answers))
     flexible = sum(last_number(t) == a for t, a in zip(texts, answers))
@@ -283,6 +283,7 @@ def gsm8k_evaluator(config: RunConfig, tokenizer, eval_questions: list[dict], fo
     prompts = [chat_prompt(tokenizer, q["question"]) if chat else q["prompt"] for q in eval_questions]
     answers = [q["answer"] for q in eval_questions]
     stop_ids = {tokenizer.eos_token_id} | ({end_of_turn_id(tokenizer)} - {None} if chat else set())
+    engine = resolve_engine(data_cfg.eval_engine, torch.cuda.is_available(), "data.eval_engine")
     retention = None
     if data_cfg.retention_answers:
         retention = retention_evaluator(retention_examples(folder, tokenizer, chat, data_cfg.retention_answers),
@@ -292,7 +293,7 @@ def gsm8k_evaluator(config: RunConfig, tokenizer, eval_questions: list[dict], fo
         metrics = {}
         if prompts:
             metrics.update(gsm8k_accuracy(model, tokenizer, prompts, answers, max_new_tokens=data_cfg.max_new_tokens,
-                                          stop_ids=stop_ids))
+                                          stop_ids=stop_ids, engine=engine, dtype=config.model.dtype))
         if retention:
             metrics.update(retention(model))
         return metrics
