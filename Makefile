@@ -16,7 +16,7 @@ SWEEP ?= sweeps/beta.yaml
 RESULTS ?= results
 NAME ?= $(basename $(notdir $(SWEEP)))
 
-.PHONY: venv demo test test-fast vllm lock clean
+.PHONY: venv demo test test-fast docs vllm lock clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -ra -n 2 -m "not slow"
+
+# The docs site (mkdocs.yml) into site/: the configuration and CLI reference pages regenerated first
+# (scripts/reference_docs.py). `make docs MKDOCS_FLAGS=--strict` fails on a warning, as CI does.
+MKDOCS_FLAGS ?=
+docs: venv
+	$(PY) scripts/reference_docs.py --write
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build $(MKDOCS_FLAGS)
 
 # Refresh constraints.txt: the newest allowed versions in a scratch venv, written only if the fast suite passes.
 lock:

@@ -1,6 +1,10 @@
 """Turn one experiment directory into `report.md`, `tables/*.{md,tex,csv}` and `plots/*.png`.
 
-    python -m analysis.report EXPERIMENT_DIR [--metric eval/accuracy] [--decimals 3] [--out DIR] [--wandb [MODE]]
+    python -m analysis.report EXPERIMENT_DIR [--metric METRIC [--mode max|min]] [--decimals 3] [--out DIR] [--wandb [MODE]]
+
+The main metric (the one tables rank by and figures plot and colour by) is the sweep's own `tune.metric` and
+`tune.mode`, read from sweep.yaml, unless `--metric` names another; eval/accuracy (higher is better) where
+sweep.yaml has none. The report's first line says which it used and why.
 
 Everything is written into the experiment directory (or `--out`), with links in report.md relative to it,
 so the directory can be zipped or pushed to a repository and still render. EXPERIMENT_DIR may be a storage
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -51,21 +56,55 @@ def tune_settings(exp: Experiment) -> dict:
     return tune if isinstance(tune, dict) else {}
 
 
+DEFAULT_METRIC, DEFAULT_MODE = "eval/accuracy", "max"
+
+
+@dataclass(frozen=True)
+class MainMetric:
+    """What the report ranks and colours by, and why that one (said in the report's first lines)."""
+    name: str
+    higher_is_better: bool
+    source: str
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.higher_is_better else "min"
+
+
+def main_metric(exp: Experiment, metric: str | None = None, mode: str | None = None) -> MainMetric:
+    """The sweep's own `tune.metric` and `tune.mode` (sweep.yaml) unless `metric` names another; eval/accuracy
+    (max) where sweep.yaml has none. A metric other than the sweep's is minimized when `mode` says so, or when
+    its name ends in "loss"."""
+    tune = tune_settings(exp)
+    swept_metric, swept_mode = tune.get("metric"), tune.get("mode")
+    if metric is None or metric == swept_metric:
+        if isinstance(swept_metric, str) and swept_metric:
+            chosen = mode or (swept_mode if swept_mode in ("max", "min") else DEFAULT_MODE)
+            source = "the sweep's tune.metric" if metric is None else "--metric, also the sweep's tune.metric"
+            return MainMetric(swept_metric, chosen == "max", source)
+        if metric is None:
+            return MainMetric(DEFAULT_METRIC, (mode or DEFAULT_MODE) == "max",
+                              "the default: sweep.yaml names no tune.metric")
+    chosen = mode or ("min" if metric.endswith("loss") else "max")
+    return MainMetric(metric, chosen == "max", "--metric")
+
+
 def report_configs(results: pd.DataFrame) -> list[str]:
     """The configuration columns worth a table column: the loss plus every parameter that varies."""
     varying = [c for c in config_columns(results) if results[c].nunique(dropna=False) > 1]
     return (["loss"] if "loss" in results.columns and "loss" not in varying else []) + varying
 
 
-def build_tables(exp: Experiment, metric: str) -> dict[str, pd.DataFrame]:
-    """Every table of the report, by file stem; empty frames for the ones the sweep cannot fill."""
+def build_tables(exp: Experiment, metric: str, higher_is_better: bool | None = None) -> dict[str, pd.DataFrame]:
+    """Every table of the report, by file stem; empty frames for the ones the sweep cannot fill. Best values
+    are the highest unless `higher_is_better` is False (None: lowest only for a metric named *loss)."""
     results = exp.results
     by = report_configs(results)
     tables = {"summary": summary_table(results, [metric, *[m for m in LOGP_METRICS if m != metric]], by=by)}
     mass = [c for c in plots.MASS_COLUMNS if c in results.columns]
     if mass:
         tables["mass"] = summary_table(results, mass, by=by)
-    lower_is_better = metric.endswith("loss")
+    lower_is_better = metric.endswith("loss") if higher_is_better is None else not higher_is_better
     tables["best_configs"] = best_configs(results, metric, config=by, higher_is_better=not lower_is_better)
     tables["paired_spo_dpo"] = paired_differences(results, metric)
     tables["before_after"] = before_after(results, exp.history, metric, by=by)
@@ -102,7 +141,8 @@ def initial_mass(exp: Experiment) -> pd.DataFrame:
     return pd.DataFrame({column: by_init for column, by_init in values.items() if by_init})
 
 
-def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
+def draw_plots(exp: Experiment, plot_dir: Path, metric: str,
+               higher_is_better: bool | None = None) -> dict[str, Path | None]:
     """Every figure by name; None where the sweep lacks what the figure needs."""
     return {
         "logp_evolution": plots.plot_logp_evolution(exp.history, plot_dir / "logp_evolution.png"),
@@ -115,13 +155,14 @@ def draw_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path |
         "mass_split": plots.plot_mass_split(exp.results, plot_dir / "mass_split.png", initial_mass(exp)),
         "rounds": plots.plot_rounds(per_round(round_ends(exp.results, exp.history, metric), metric,
                                               by=report_configs(exp.results)), plot_dir / "rounds.png", metric),
-        **search_plots(exp, plot_dir, metric),
+        **search_plots(exp, plot_dir, metric, higher_is_better),
     }
 
 
-def search_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path | None]:
+def search_plots(exp: Experiment, plot_dir: Path, metric: str,
+                 higher_is_better: bool | None = None) -> dict[str, Path | None]:
     """A searcher's best-so-far curves; a PBT population's lineage with the best trial's path."""
-    higher = not metric.endswith("loss")
+    higher = not metric.endswith("loss") if higher_is_better is None else higher_is_better
     figures = {}
     if tune_settings(exp).get("search") == "optuna":
         curve = search.configurations(exp.results, metric, higher)
@@ -135,19 +176,22 @@ def search_plots(exp: Experiment, plot_dir: Path, metric: str) -> dict[str, Path
     return figures
 
 
-def write_report(directory: str | Path, metric: str = "eval/accuracy", decimals: int = 3,
-                 out: str | Path | None = None, wandb_mode: str | None = None) -> Path | str:
+def write_report(directory: str | Path, metric: str | None = None, decimals: int = 3,
+                 out: str | Path | None = None, wandb_mode: str | None = None, mode: str | None = None) -> Path | str:
     """Write report.md, tables/ and plots/ into `out` (default: the experiment directory; for a storage URI,
-    uploaded into it); return where report.md is. With `wandb_mode` ("" for sweep.yaml's `wandb.mode`), also
-    log the tables and plots to W&B as a run in the sweep's group (analysis.dashboard)."""
+    uploaded into it); return where report.md is. `metric` and `mode` default to the sweep's `tune.metric` and
+    `tune.mode` (main_metric). With `wandb_mode` ("" for sweep.yaml's `wandb.mode`), also log the tables and
+    plots to W&B as a run in the sweep's group (analysis.dashboard)."""
     exp = load_experiment(directory)
+    main = main_metric(exp, metric, mode)
+    metric = main.name
     root = Path(out) if out is not None else exp.path  # exp.path: a URI's local copy
-    tables = build_tables(exp, metric)
+    tables = build_tables(exp, metric, main.higher_is_better)
     for stem, table in tables.items():
         write_table(table, root / "tables" / stem, decimals)
-    figures = draw_plots(exp, root / "plots", metric)
+    figures = draw_plots(exp, root / "plots", metric, main.higher_is_better)
     report = root / REPORT_FILE
-    report.write_text(render_markdown(exp, tables, figures, metric, decimals, root), encoding="utf-8")
+    report.write_text(render_markdown(exp, tables, figures, metric, decimals, root, main), encoding="utf-8")
     if wandb_mode is not None:
         from analysis.dashboard import log_report
         log_report(exp, tables, figures, metric, {name: title for name, (title, _) in PLOTS.items()}, root,
@@ -173,11 +217,13 @@ def upload_report(root: Path, uri: str) -> None:
 
 def render_markdown(
     exp: Experiment, tables: dict[str, pd.DataFrame], figures: dict[str, Path | None], metric: str, decimals: int,
-    root: Path | None = None,
+    root: Path | None = None, main: MainMetric | None = None,
 ) -> str:
     """The report's text: what was used, the tables inline, the figures linked relatively."""
     used, total = len(exp.results), len(exp.all_results) if exp.all_results is not None else len(exp.results)
-    lines = [f"# Experiment report: {exp.path.name}", "", f"Main metric: `{metric}`. Trials used: {used} of {total}."]
+    why = f" ({main.source}; {'higher' if main.higher_is_better else 'lower'} is better)" if main else ""
+    lines = [f"# Experiment report: {exp.path.name}", "",
+             f"Main metric: `{metric}`{why}. Trials used: {used} of {total}."]
     lines += [f"- {note}" for note in exp.skipped]
     if metric not in exp.results.columns:
         lines.append(f"- results.csv has no column `{metric}`: its tables are empty")
@@ -276,21 +322,29 @@ def environment_lines(entries: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: exit 0 on success, 2 with one line on stderr for a bad or unreadable directory."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (also read by the CLI reference, scripts/reference_docs.py)."""
     from spo_ray.tracking import MODES as WANDB_MODES  # the trials' modes (a module of the standard library alone)
 
     parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
     parser.add_argument("experiment_dir", help="directory or storage URI holding results.csv (and history.parquet)")
     parser.add_argument("--out", help="write the report into this local folder instead of the experiment's")
-    parser.add_argument("--metric", default="eval/accuracy", help="metric for the tables and plots")
+    parser.add_argument("--metric", help="metric for the tables and plots (default: the sweep's tune.metric, "
+                                         "else eval/accuracy)")
+    parser.add_argument("--mode", choices=["max", "min"], help="whether higher or lower --metric is better "
+                                                               "(default: the sweep's tune.mode for its own metric)")
     parser.add_argument("--decimals", type=int, default=3, help="decimals in Markdown/LaTeX cells")
     parser.add_argument("--wandb", nargs="?", const="", metavar="MODE", choices=["", *WANDB_MODES],
                         help="also log the tables and plots to W&B, as a run in the sweep's group; MODE (auto, "
                              "online, offline, disabled) defaults to sweep.yaml's wandb.mode")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit 0 on success, 2 with one line on stderr for a bad or unreadable directory."""
+    args = build_parser().parse_args(argv)
     try:
-        report = write_report(args.experiment_dir, args.metric, args.decimals, args.out, args.wandb)
+        report = write_report(args.experiment_dir, args.metric, args.decimals, args.out, args.wandb, args.mode)
     except (FileNotFoundError, NotADirectoryError, ExperimentError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -346,6 +346,38 @@ def test_write_report_links_existing_plots_and_lists_skipped_trials(experiment_d
         assert_valid_png(png)
 
 
+def best_betas(directory: Path) -> dict[str, float]:
+    best = pd.read_csv(directory / "tables" / "best_configs.csv")
+    return dict(zip(best["loss"], best["beta"]))
+
+
+def test_the_report_ranks_by_the_sweeps_own_metric_and_mode_and_says_so(experiment_dir):
+    import yaml
+
+    # eval/mass_mistake is 1 − accuracy here, so it ranks the β's the other way round from eval/accuracy.
+    sweep = experiment_dir / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "hand-made", "tune": {"metric": "eval/mass_mistake", "mode": "max"}}))
+    text = write_report(experiment_dir).read_text()
+    assert "Main metric: `eval/mass_mistake` (the sweep's tune.metric; higher is better)." in text
+    assert best_betas(experiment_dir) == {"dpo": 0.3, "spo": 0.3}  # means 0.5 / 0.317 beat 0.4 / 0.183
+    assert "| loss | beta | spo_lambda | n | eval/mass_mistake |" in text
+
+    sweep.write_text(yaml.safe_dump({"tune": {"metric": "eval/mass_mistake", "mode": "min"}}))
+    text = write_report(experiment_dir).read_text()
+    assert "Main metric: `eval/mass_mistake` (the sweep's tune.metric; lower is better)." in text
+    assert best_betas(experiment_dir) == {"dpo": 0.1, "spo": 0.1}
+
+    text = write_report(experiment_dir, metric="eval/accuracy").read_text()  # --metric wins over the sweep's
+    assert "Main metric: `eval/accuracy` (--metric; higher is better)." in text
+    assert best_betas(experiment_dir) == {"dpo": 0.1, "spo": 0.1}
+
+
+def test_without_a_tune_metric_the_report_falls_back_to_accuracy(experiment_dir):
+    text = write_report(experiment_dir).read_text()  # sweep.yaml: name only
+    assert "Main metric: `eval/accuracy` (the default: sweep.yaml names no tune.metric; higher is better)." in text
+    assert best_betas(experiment_dir) == {"dpo": 0.1, "spo": 0.1}
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "analysis.report", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CITED_FILE = re.compile(r"\b((?:tests|benchmarks|sweeps|scripts|spo_ray|analysis)/[\w./-]+\.(?:py|yaml|sh|md))\b")
 CITED_TEST = re.compile(r"`(test_\w+)")
