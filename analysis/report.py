@@ -89,6 +89,20 @@ def main_metric(exp: Experiment, metric: str | None = None, mode: str | None = N
     return MainMetric(metric, chosen == "max", "--metric")
 
 
+def check_metric_name(exp: Experiment, metric: str) -> None:
+    """`--metric` must name a metric the experiment's trials reported (a column of results.csv or
+    history.parquet); nothing to check before any trial has reported one."""
+    import difflib
+
+    frames = [frame for frame in (exp.all_results, exp.results, exp.history) if frame is not None]
+    reported = sorted({column for frame in frames for column in frame.columns if "/" in column})
+    if reported and metric not in reported:
+        close = difflib.get_close_matches(metric, reported, n=3, cutoff=0.6)
+        hint = ("did you mean " + " or ".join(f"'{name}'" for name in close) + "?" if close
+                else "it reports " + ", ".join(reported[:12]) + (", …" if len(reported) > 12 else ""))
+        raise ExperimentError(f"--metric: '{metric}' is not a metric of {exp.path} ({hint})")
+
+
 def report_configs(results: pd.DataFrame) -> list[str]:
     """The configuration columns worth a table column: the loss plus every parameter that varies."""
     varying = [c for c in config_columns(results) if results[c].nunique(dropna=False) > 1]
@@ -184,6 +198,8 @@ def write_report(directory: str | Path, metric: str | None = None, decimals: int
     plots to W&B as a run in the sweep's group (analysis.dashboard)."""
     exp = load_experiment(directory)
     main = main_metric(exp, metric, mode)
+    if main.source == "--metric":
+        check_metric_name(exp, main.name)
     metric = main.name
     root = Path(out) if out is not None else exp.path  # exp.path: a URI's local copy
     tables = build_tables(exp, metric, main.higher_is_better)

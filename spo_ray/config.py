@@ -399,15 +399,27 @@ class RunConfig(Section):
     @classmethod
     def schedule_of_changeable_keys(cls, schedule: dict) -> dict:
         for key, entries in schedule.items():
-            if key not in CHANGEABLE_KEYS:
-                raise ValueError(f"{key} cannot change during a run; a schedule takes "
-                                 f"{', '.join(CHANGEABLE_KEYS)}")
+            why = not_changeable(key)
+            if why:
+                where = key if why.startswith("cannot") else f"{key}:"  # a known key, or a typo's hint
+                raise ValueError(f"{where} {why}; a schedule takes {', '.join(CHANGEABLE_KEYS)}")
             steps = [step for step, _ in entries]
             if not entries or steps != sorted(set(steps)) or steps[0] < 0:
                 raise ValueError(f"{key} needs [step, value] entries with distinct steps ≥ 0 in increasing order")
             for _, value in entries:
                 check_changed_value(key, value, RunConfig())
         return schedule
+
+
+def not_changeable(key: str, mutated: bool = False) -> str | None:
+    """Why `key` cannot be a schedule's (or, `mutated`, PBT's) key, with the nearest changeable one for a
+    typo; None where it can."""
+    if key in CHANGEABLE_KEYS:
+        return None
+    if key in _known_keys(SweepConfig):
+        return "cannot be mutated" if mutated else "cannot change during a run"
+    close = difflib.get_close_matches(key, CHANGEABLE_KEYS, n=1, cutoff=0.6)
+    return "unknown key" + (f" (did you mean '{close[0]}'?)" if close else "")
 
 
 def check_changed_value(key: str, value: Any, config: "RunConfig") -> None:
@@ -702,9 +714,11 @@ def seed_values(raw: dict, sweep: SweepConfig) -> list[int]:
 
 
 def check_tune(raw: dict, sweep: SweepConfig, spaces: dict[str, dict]) -> None:
-    """`tune.search: optuna` and `tune.scheduler: pbt` ask things of the rest of the sweep; say which one is
-    missing, in one line naming the key, before Ray starts (Tune would fail later, with a trace)."""
+    """`tune.metric` must be one the trials report; `tune.search: optuna` and `tune.scheduler: pbt` ask things
+    of the rest of the sweep; say which one is missing, in one line naming the key, before Ray starts (Tune would
+    fail later, with a trace)."""
     tune = sweep.tune
+    check_metric(raw, sweep)
     if tune.search == "optuna":
         _check_searcher(raw, spaces, tune)
     elif tune.points_to_evaluate:
@@ -736,7 +750,8 @@ def _check_searcher(raw: dict, spaces: dict[str, dict], tune: TuneConfig) -> Non
         where = f"tune.points_to_evaluate[{i}]"
         if set(point) != set(searched):
             missing, extra = sorted(set(searched) - set(point)), sorted(set(point) - set(searched))
-            raise ConfigError(f"{where}: " + (f"{extra[0]} is not a searched key" if extra else f"gives no value "
+            raise ConfigError(f"{where}: " + (f"{extra[0]} is not a searched key ({did_you_mean(extra[0], searched)})"
+                                              if extra else f"gives no value "
                                               f"for {missing[0]} (a point names every searched key)"))
         for key, value in point.items():
             kind, spec = next(iter(spaces[key].items()))
@@ -759,12 +774,10 @@ def _check_pbt(raw: dict, sweep: SweepConfig) -> None:
                           "{loss.spo_lambda: {loguniform: [0.1, 10]}}")
     for key, space in tune.mutations.items():
         where = f"tune.mutations.{key}"
-        if key not in CHANGEABLE_KEYS:
-            known = key in _known_keys(SweepConfig)
-            close = difflib.get_close_matches(key, CHANGEABLE_KEYS, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close and not known else ""
-            raise ConfigError(f"{where}: {'cannot be mutated' if known else 'unknown key'}{hint}; PBT mutates "
-                              f"numeric keys a run can change between steps: {', '.join(CHANGEABLE_KEYS)}")
+        why = not_changeable(key, mutated=True)
+        if why:
+            raise ConfigError(f"{where}: {why}; PBT mutates numeric keys a run can change between steps: "
+                              f"{', '.join(CHANGEABLE_KEYS)}")
         if not is_space(space) or next(iter(space)) not in MUTATION_KINDS:
             raise ConfigError(f"{where}: a mutation is {{uniform: [low, high]}}, {{loguniform: [low, high]}} or "
                               f"{{choice: [values in order]}}, got {space!r}")
@@ -796,6 +809,98 @@ def _check_pbt(raw: dict, sweep: SweepConfig) -> None:
         raise ConfigError("tune.max_concurrent_trials: PBT needs its whole population alive (Tune would make a "
                           "trial only when another ends); leave it unset: the CPUs each trial reserves "
                           "(scaling.cpus_per_worker) limit how many train at once")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names: a value that names something else (a metric, a key, an init) names one that exists
+
+def did_you_mean(value: str, valid, shown=None) -> str:
+    """The hint of a one-line error about a name: the nearest valid names, else `shown` (default: every valid
+    one), at most 12 of them."""
+    valid = sorted(set(valid))
+    close = difflib.get_close_matches(value, valid, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"'{name}'" for name in close) + "?"
+    shown = list(dict.fromkeys(valid if shown is None else shown))
+    return "expected one of " + ", ".join(shown[:12]) + (", …" if len(shown) > 12 else "")
+
+
+#: What a trial reports (spo_ray.trainer's rows), by prefix. The loss's metrics go to train/ (each logged
+#: window's mean) and eval/ (over the evaluation pairs): spo_ray.losses.preference_loss's, `<member>_loss` of a
+#: combination, the trainer's one_step terms (train/ only, as spo_lambda; tests/test_names.py runs every loss).
+LOSS_METRICS = ("loss", "chosen_logps", "rejected_logps", "chosen_logp_delta", "rejected_logp_delta",
+                "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "nll", "spo_penalty",
+                "safe_region_violation", *(f"{name}_loss" for name in BASE_LOSSES))
+TRAIN_METRICS = LOSS_METRICS + ("spo_lambda", "spo_inner_step", "grad_norm", "learning_rate", "tokens_per_s")
+PROBE_METRICS = ("chosen_grad_norm", "rejected_grad_norm", "grad_cosine")  # spo_ray.trainer.gradient_terms
+#: Each data.source's evaluator (`evaluate` in spo_ray/tasks/*.py; their tests pin the keys), under eval/.
+#: retention_logp: where held-out answers exist (data.retention_path, or GSM8K's solutions).
+EVALUATOR_METRICS = {"arithmetic": ("accuracy", "mass_correct", "mass_mistake", "mass_other", "mass_malformed"),
+                     "chat_arithmetic": ("accuracy", "ended_share", "retention_logp"),
+                     "gsm8k": ("accuracy", "accuracy_flexible", "retention_logp"),
+                     "files": ("retention_logp",), "hub": ("retention_logp",)}
+#: With data.sampled_pairs: spo_ray.sampling.sampler_figures, and the evaluation pairs sampled.
+SAMPLER_METRICS = ("prompts", "samples", "sample_accuracy", "ended_share", "prompts_with_pair",
+                   "prompts_right_and_wrong", "prompts_all_correct", "prompts_none_correct", "gold_used", "pairs",
+                   "tokens_per_s", "seconds", "eval_pairs")
+
+
+def evaluator_metrics(sources) -> list[str]:
+    """What the evaluators of every one of these data sources report, and the loss's main ones: the names
+    worth showing first."""
+    common = [name for name in EVALUATOR_METRICS[sources[0]] if all(name in EVALUATOR_METRICS[s] for s in sources)]
+    return [*(f"eval/{m}" for m in common), "eval/reward_accuracy", "eval/reward_margin", "eval/loss"]
+
+
+def reported_metrics(sources, sampled: bool) -> list[str]:
+    """The metrics the trials of every one of these data sources may report (with data.sampled_pairs:
+    `sampled`); which loss metrics a trial reports depends on its loss (checked at its first report)."""
+    return list(dict.fromkeys([*evaluator_metrics(sources), *(f"train/{m}" for m in TRAIN_METRICS),
+                               *(f"eval/{m}" for m in LOSS_METRICS), *(f"probe/{m}" for m in PROBE_METRICS),
+                               *(f"sampler/{m}" for m in SAMPLER_METRICS if sampled)]))
+
+
+def metric_is_used(tune: TuneConfig) -> bool:
+    """Whether `tune.metric` steers anything: typed in the YAML, or read by a scheduler or searcher. (The default
+    eval/accuracy under FIFO only labels Tune's best result; pair files, which have no accuracy, keep it.)"""
+    return "metric" in tune.model_fields_set or tune.scheduler != "fifo" or tune.search != "basic"
+
+
+def check_metric(raw: dict, sweep: SweepConfig) -> None:
+    """`tune.metric` must be a metric the sweep's trials report. A name this module does not know, and that is
+    close to none it knows, is left to the trials' first report (`missing_metric`): a new evaluator's metric
+    must not be refused here before this list learns it."""
+    metric = sweep.tune.metric
+    if not metric_is_used(sweep.tune):
+        return
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    source = data.get("source", "arithmetic")
+    sources = list(_space_values("data.source", source)) if is_space(source) else [source]
+    reported = reported_metrics(sources, sampled=data.get("sampled_pairs") is not None)
+    if metric in reported:
+        return
+    known = reported_metrics(list(EVALUATOR_METRICS), sampled=True) + [
+        f"eval/{name}" for names in EVALUATOR_METRICS.values() for name in names]
+    shown = evaluator_metrics(sources)
+    if metric in known:  # a metric of another source, or of sampled pairs
+        owners = [source for source, names in EVALUATOR_METRICS.items() if metric.removeprefix("eval/") in names]
+        where = "data.sampled_pairs" if metric.startswith("sampler/") else f"data.source {' or '.join(owners)}"
+        raise ConfigError(f"tune.metric: '{metric}' is reported only with {where}, not by every trial of this "
+                          f"sweep ({did_you_mean(metric, shown)})")
+    typo = difflib.get_close_matches(metric, known, n=1, cutoff=0.8)
+    if typo or metric.partition("/")[0] not in ("train", "eval", "probe", "sampler"):
+        raise ConfigError(f"tune.metric: '{metric}' is not a metric the trials report "
+                          f"({did_you_mean(metric, reported, shown)})")
+
+
+def missing_metric(metric: str, row: dict) -> str | None:
+    """The one line for a trial's report that should hold `metric` and does not: one with other metrics of its
+    kind (eval/, train/, probe/, sampler/ arrive together), naming those nearest to it. None otherwise."""
+    prefix = metric.partition("/")[0] + "/"
+    if metric in row or not any(key.startswith(prefix) for key in row):
+        return None
+    reported = [key for key, value in row.items() if "/" in key and is_finite_number(value)]
+    return f"tune.metric: '{metric}' is not a metric the trials report ({did_you_mean(metric, reported)})"
 
 
 def first_point(raw: dict) -> dict:

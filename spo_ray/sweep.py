@@ -14,8 +14,8 @@ Runs a sweep through Ray Tune, in this order:
      reported row) in the experiment directory `<storage_path>/<name>/`.
 
 Exit codes: 0 every trial finished; 1 some trials ended ERROR or DIVERGED (results.csv lists them with their
-error); 2 bad input; 130 interrupted by Ctrl+C or SIGTERM (continue with `--resume`: finished trials are not
-run again).
+error); 2 bad input (also a tune.metric that the trials' first report lacks: the sweep stops there); 130
+interrupted by Ctrl+C or SIGTERM (continue with `--resume`: finished trials are not run again).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Callable
 from spo_ray import environment, ray_internals, storage
 from spo_ray.cli import EXIT_OK, EXIT_TRIALS_FAILED, user_errors_exit_2
 from spo_ray.config import (ROUND_KEY, ConfigError, SweepConfig, apply_overrides, check_batch_size, column_name,
-                            first_point, get_dotted, grid_points, load_yaml, set_dotted, to_plain, total_steps,
-                            trial_columns, validate_run, validate_sweep)
+                            first_point, get_dotted, grid_points, load_yaml, metric_is_used, missing_metric,
+                            set_dotted, to_plain, total_steps, trial_columns, validate_run, validate_sweep)
 from spo_ray.distributed import (ERROR_KEY, TRIAL_STATUS_KEY, experiment_dir, init_cache_dir,
                                  one_line_error, start_build_locks, uses_ray_train, worker_resources)
 from spo_ray.tracking import resolve_mode
@@ -430,6 +430,23 @@ def tables_callback(directory: str, swept: list[str]):
     return WriteResultTables()
 
 
+def metric_callback(metric: str, found: list[str]):
+    """The Tune callback that stops the sweep at the first report that should hold `tune.metric` and does not
+    (`spo_ray.config.missing_metric`): a name the config alone cannot refuse (a metric only some losses
+    report, or one the config's list does not know) costs one report, not the whole budget. It stops as
+    Ctrl+C does and leaves the line in `found`, which `main` raises (exit 2)."""
+    from ray.tune import Callback
+
+    class CheckMetric(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            line = None if found else missing_metric(metric, result)
+            if line:
+                found.append(line)
+                signal.raise_signal(signal.SIGINT)
+
+    return CheckMetric()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Resuming from checkpoints the saved state names but the store no longer holds
 
@@ -541,7 +558,8 @@ def default_concurrency(sweep: SweepConfig) -> int | None:
     return max(1, fits)
 
 
-def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], directory: str, resume: bool):
+def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], directory: str, resume: bool,
+                metric_errors: list[str] | None = None):
     from ray import tune
     from ray.tune import CLIReporter
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -585,7 +603,9 @@ def build_tuner(raw: dict, sweep: SweepConfig, spaces: dict[str, dict], director
             **storage.for_ray(sweep.storage_path), name=sweep.name,
             failure_config=tune.FailureConfig(max_failures=tune_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints),
-            callbacks=[tables_callback(directory, list(spaces)), lost_checkpoints_callback()],
+            callbacks=[tables_callback(directory, list(spaces)), lost_checkpoints_callback(),
+                       *([metric_callback(cfg.metric, metric_errors)]
+                         if metric_errors is not None and metric_is_used(cfg) else [])],
             progress_reporter=reporter, verbose=1,
         ),
     )
@@ -631,9 +651,13 @@ def main(argv=None) -> int:
     start_build_locks()
     stop_on_sigterm()
     prepare_samples(sampled, sweep)
-    tuner = build_tuner(raw, sweep, spaces, directory, args.resume)
+    metric_errors: list[str] = []
+    tuner = build_tuner(raw, sweep, spaces, directory, args.resume, metric_errors)
     try:
         tuner.fit()
+        if metric_errors:
+            raise ConfigError(f"{metric_errors[0]}; the sweep stopped at that first report ({directory} keeps "
+                              f"it: pass --name to start the corrected one)")
         return summarize(directory, args, expected=len(trial_table(sweep, spaces, raw)))
     except storage.StoreUnavailable as error:
         print(f"error: the sweep stopped because the store did not answer ({error}); once it does, continue "

@@ -398,6 +398,16 @@ def test_report_cli_on_a_missing_directory_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_report_metric_that_the_trials_never_reported_is_one_line_naming_the_nearest(experiment_dir, capsys):
+    from analysis.report import main
+
+    assert main([str(experiment_dir), "--metric", "eval/acuracy"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: --metric: 'eval/acuracy' is not a metric of ") and "\n" not in line
+    assert line.endswith("(did you mean 'eval/accuracy' or 'eval/mass_correct'?)")
+    assert not (experiment_dir / "report.md").exists()
+
+
 def test_accuracy_vs_beta_draws_a_log_beta_axis_and_each_inits_step_0_value(experiment_dir, tmp_path,
                                                                            monkeypatch):
     drawn = {}

@@ -533,3 +533,18 @@ def test_optuna_runs_each_suggestion_for_every_seed_through_tune(tmp_path):
     by_lambda = results.groupby("spo_lambda")["seed"].apply(sorted)
     assert list(by_lambda) == [[0, 1]] * 2  # two suggestions, each for both seeds
     assert results["spo_lambda"].iloc[0] == 1.0  # points_to_evaluate first
+
+
+@pytest.mark.slow
+def test_a_tune_metric_no_trial_reports_stops_the_sweep_at_the_first_report_with_exit_2(tmp_path):
+    """A name the config cannot refuse on its own (unlike every known metric) costs one report, not the
+    budget: Tune stops as on Ctrl+C, and the sweep exits 2 with the one line naming the metric."""
+    config = tiny_sweep(tmp_path, name="metric", loss={"name": {"grid": ["dpo", "spo"]}},
+                        train={"max_steps": 200, "log_every": 5, "eval_every": 100},
+                        tune={"max_concurrent_trials": 1, "metric": "eval/brand_new_metric", "mode": "max"})
+    result = run_cli(config)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "eval/brand_new_metric" in lines[0] and "Traceback" not in result.stderr
+    results = pd.read_csv(tmp_path / "results" / "metric" / "results.csv", keep_default_na=False)
+    assert not (results["status"] == "TERMINATED").any()  # stopped at the first report, before any trial ended

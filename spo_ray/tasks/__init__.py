@@ -19,8 +19,11 @@ source builds itself goes into `model_path`. Imports point down only: this regis
 
 from __future__ import annotations
 
-from spo_ray.config import ConfigError, RunConfig
-from spo_ray.models import gguf_init, is_gguf
+import difflib
+from pathlib import Path
+
+from spo_ray.config import ConfigError, RunConfig, did_you_mean
+from spo_ray.models import PACKAGED_GGUF, gguf_init, is_gguf
 from spo_ray.storage import local_mirror
 from spo_ray.tasks import arithmetic, chat_arithmetic, gsm8k, pairs, sampled
 from spo_ray.tasks.task import Task
@@ -48,7 +51,31 @@ def model_path(name: str, key: str, config: RunConfig, cache_dir: str, progress:
             return str(gguf_init(name, config.model.dtype, cache_dir))
         except ConfigError as error:  # name the key it came from (init or reference)
             raise ConfigError(str(error).replace("model.init:", f"{key}:", 1)) from None
+    check_not_a_typo(name, key)
     return name
+
+
+def built_in_models() -> list[str]:
+    """The names `model.init` (and `model.reference`, `data.sampled_pairs.sampler`) takes beside paths and hub ids."""
+    return [*arithmetic.INIT_NAMES, gsm8k.LOCAL_MODEL_NAME, *PACKAGED_GGUF]
+
+
+def check_not_a_typo(name: str, key: str) -> None:
+    """Refuse a model name that is a near miss of a built-in one and nothing else: no local path, no owner/name
+    hub id (hub ids cannot be checked offline, so any other name goes to `transformers` as given)."""
+    if "/" in name or ":" in name or Path(name).expanduser().exists():
+        return
+    if difflib.get_close_matches(name, built_in_models(), n=1, cutoff=0.8):
+        raise ConfigError(f"{key}: '{name}' is neither a built-in model nor a local path "
+                          f"({did_you_mean(name, built_in_models())})")
+
+
+def check_init_steps(config: RunConfig) -> None:
+    """`model.init_steps` names built-in inits: a key that names none would train nothing."""
+    trained = [*arithmetic.INIT_NAMES, gsm8k.LOCAL_MODEL_NAME]  # the ones built here, by training steps
+    for name in config.model.init_steps:
+        if name not in trained:
+            raise ConfigError(f"model.init_steps.{name}: not a built-in init ({did_you_mean(name, trained)})")
 
 
 def load_task(config: RunConfig, cache_dir: str, progress: bool = False, samples_dir: str | None = None) -> Task:
@@ -57,6 +84,7 @@ def load_task(config: RunConfig, cache_dir: str, progress: bool = False, samples
     evaluator. With `data.sampled_pairs`, the pairs are the sampler's, read from (or sampled into)
     `samples_dir`; without a `samples_dir`, the source's own pairs (the sweep driver samples separately)."""
     cache_dir = local_mirror(cache_dir)
+    check_init_steps(config)
     policy_path = model_path(config.model.init, "model.init", config, cache_dir, progress)
     reference_path = (model_path(config.model.reference, "model.reference", config, cache_dir, progress)
                       if config.model.reference else policy_path)
