@@ -42,12 +42,13 @@ class Section(BaseModel):
 class LossConfig(Section):
     """The loss (spo_ray.losses; the table in docs/losses.md). A loss option belongs to the losses that take it:
     `check_loss_options` refuses one that no loss of the sweep takes; a trial passes each loss only its own."""
-    name: Literal[LOSSES] = "dpo"
+    name: Literal[LOSSES] = "dpo"                # the loss (the table in docs/losses.md); spo wraps loss.base
     base: Literal[BASE_LOSSES + (COMBINE,)] = "dpo"  # the upper-level loss that spo wraps (or a combination)
     combine: dict[str, float] | None = None      # name (or base) combine: {loss: weight}, e.g. {dpo: 1.0, sft: 1.0}
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0)               # β: the inverse temperature of the implicit reward β·log π/π_ref
     spo_lambda: float = Field(1.0, ge=0)         # λ: weight of the safe-region penalty (0 = the base loss)
     spo_epsilon: float = Field(0.0, ge=0)        # ε: tolerance before a chosen log-prob drop is penalised
+    # reference: P(θ) from the reference's log-probs; one_step: from one inner step on the chosen NLL
     spo_estimator: Literal[SPO_ESTIMATORS] = "reference"
     spo_inner_lr: float = Field(0.1, gt=0)       # α: first inner step of one_step (halved until it lowers g)
     spo_lambda_warmup_steps: int = Field(0, ge=0)  # λ ramps linearly from 0 over these steps
@@ -161,10 +162,10 @@ def check_loss_options(raw: dict) -> None:
 
 
 class LoraConfig(Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(8, gt=0)                      # LoRA's rank
+    alpha: int = Field(16, gt=0)                 # LoRA's scale numerator: updates are scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)      # dropout on the adapters' input
+    target_modules: list[str] | str = "all-linear"  # the adapted layers: module names, or all-linear
 
 
 class ModelConfig(Section):
@@ -173,36 +174,37 @@ class ModelConfig(Section):
     reference: str | None = None                 # default: the init itself (the usual DPO set-up)
     init_steps: dict[str, int] = {}              # built-in inits: training steps, e.g. {base: 300}
     arch: Literal["llama", "gpt2"] = "llama"     # built-in models only
-    hidden_size: int = Field(128, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    hidden_size: int = Field(128, gt=0)          # built-in models only: width
+    num_layers: int = Field(4, gt=0)             # built-in models only: depth
+    num_heads: int = Field(4, gt=0)              # built-in models only: attention heads
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # weights' dtype; auto: the checkpoint's own
     # A second kind of init: `init` after a short SFT on the sampler's own correct answers to the training
     # prompts (rejection-sampling fine-tuning; needs data.sampled_pairs). The reference is that model too,
     # unless `reference` names another. Built once into the init cache, like the built-in inits.
     sft_steps: int = Field(0, ge=0)
-    sft_learning_rate: float = Field(1e-5, gt=0)
-    sft_batch_size: int = Field(8, gt=0)
+    sft_learning_rate: float = Field(1e-5, gt=0)  # the sft_steps' AdamW learning rate
+    sft_batch_size: int = Field(8, gt=0)         # the sft_steps' examples per step
+    # transformers' attention kernel (sdpa, eager, ...); default: its choice
     attn_implementation: str | None = None
     # Activation checkpointing: auto → on only when spo_ray.memory finds that a training step would not fit
     # without it, on the fewest layers that fit (each costs its forward once more); true/false: all layers, none.
     gradient_checkpointing: bool | Literal["auto"] = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False              # run a hub model's own Python code (off unless you trust it)
     lora: LoraConfig | None = None
 
 
 class ArithmeticTaskConfig(Section):
-    min_digits: int = Field(2, ge=1, le=4)
-    max_digits: int = Field(2, ge=1, le=4)
-    operations: list[Literal["+", "-"]] = ["+"]
+    min_digits: int = Field(2, ge=1, le=4)       # operands have min_digits to max_digits digits
+    max_digits: int = Field(2, ge=1, le=4)       # the operands' most digits
+    operations: list[Literal["+", "-"]] = ["+"]  # + and/or -
     reverse_answer: bool = True                  # least-significant digit first: learnable in minutes
     working: bool = False                        # carry-by-carry working before the answer
     mistake_rate: float = Field(0.4, ge=0, le=1)  # share of the base corpus' answers that are mistakes
-    pretrain_examples: int = Field(50_000, gt=0)
-    sft_examples: int = Field(20_000, gt=0)
-    train_pairs: int = Field(2000, gt=0)
-    eval_pairs: int = Field(256, gt=0)
-    eval_problems: int = Field(200, gt=0)
+    pretrain_examples: int = Field(50_000, gt=0)  # the base init's pretraining problems
+    sft_examples: int = Field(20_000, gt=0)      # the sft inits' supervised problems
+    train_pairs: int = Field(2000, gt=0)         # preference pairs to train on
+    eval_pairs: int = Field(256, gt=0)           # held-out pairs (eval/ log-prob metrics)
+    eval_problems: int = Field(200, gt=0)        # held-out problems for greedy accuracy and the answer-mass split
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # share of all problems held out for evaluation
     seed: int = 0                                # the task's data seed (not the trial seed)
 
@@ -211,6 +213,7 @@ class ChatArithmeticConfig(Section):
     """`data.source: chat_arithmetic`: arithmetic questions in words, for instruct models (user turns)."""
     operations: list[Literal["+", "-", "*"]] = ["+"]   # "-": the larger operand first (answers are >= 0)
     operands: tuple[int, int] = (0, 20)                 # every operand in [low, high], both included
+    # the user turn; {a}, {op} and {b} are filled in
     question: str = "What is {a} {op} {b}? Answer with just the number."
     train_questions: int | None = Field(None, gt=0)     # training prompts (default: every training problem)
 
@@ -241,10 +244,10 @@ class SampledPairsConfig(Section):
     eval_prompts: int = Field(32, gt=0)          # held-out prompts sampled for the evaluation pairs
     samples_per_prompt: int = Field(8, ge=2)     # N
     pairs_per_prompt: int = Field(4, gt=0)       # K, cycling through the prompt's winners and losers
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(0.8, ge=0)        # sampling temperature (0: greedy)
+    top_p: float = Field(1.0, gt=0, le=1)        # nucleus sampling's mass
     max_new_tokens: int = Field(48, gt=0)        # a sample cut off here is never a winner
-    seed: int = 0
+    seed: int = 0                                # the samples' seed (with the batch number)
     gold_fallback: bool = True                   # the gold answer wins where no sample is correct
     batch_tokens: int = Field(32768, gt=0)       # rows sampled at once: at most this many tokens at full length
     # who samples (spo_ray.engines): spo_ray's decoder, vllm (where installed: make vllm), or auto (vllm on a
@@ -267,16 +270,17 @@ class DataConfig(Section):
     chat_arithmetic: ChatArithmeticConfig = ChatArithmeticConfig()
     sampled_pairs: SampledPairsConfig | None = None
     path: str | None = None                      # files: a JSONL/Parquet/CSV file; hub: a dataset id
-    eval_path: str | None = None
+    eval_path: str | None = None                 # files: held-out pairs (default: eval_fraction of path's)
     name: str | None = None                      # hub dataset config name
-    split: str = "train"
-    eval_split: str | None = None
-    revision: str | None = None
+    split: str = "train"                         # hub: the training split
+    eval_split: str | None = None                # hub: the held-out split (default: eval_fraction of split's)
+    revision: str | None = None                  # hub: a dataset commit, tag or branch
     columns: dict[str, str] = {}                 # e.g. {prompt: question, chosen: good, rejected: bad}
+    # the share of pairs held out where no eval_path / eval_split is given
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    max_train_pairs: int | None = Field(None, gt=0)
-    max_eval_pairs: int | None = Field(None, gt=0)
-    max_length: int = Field(512, gt=8)
+    max_train_pairs: int | None = Field(None, gt=0)  # at most this many training pairs (a seeded sample)
+    max_eval_pairs: int | None = Field(None, gt=0)  # at most this many held-out pairs
+    max_length: int = Field(512, gt=8)           # prompt + response tokens; longer pairs are truncated, as TRL does
     tokenizer: str | None = None                 # default: the model's tokenizer
     # gsm8k: render prompts as a user message with the tokenizer's chat template (pairs and accuracy alike);
     # auto: when the tokenizer has one (instruct models), off for base models.
@@ -294,25 +298,26 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    seed: int = 0
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0                                # the run's seed: data order, sampling of batches, dropout
+    learning_rate: float = Field(1e-4, gt=0)     # AdamW's peak learning rate
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warm-up
+    warmup_steps: int = Field(10, ge=0)          # linear warm-up from 0
+    weight_decay: float = Field(0.0, ge=0)       # AdamW's decoupled weight decay
     # AdamW as one fused kernel over each parameter (torch's fused=True; TRL's and the HF Trainer's default), or
     # torch's per-tensor loop; the same update, to float32 rounding (tests/test_trainer.py)
     optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
-    max_steps: int = Field(200, gt=0)
+    max_steps: int = Field(200, gt=0)            # optimizer steps
     batch_size: int = Field(32, gt=0)            # global pairs per optimizer step, over all workers
+    # micro-batches per step (each worker's share of batch_size split this many ways)
     grad_accum_steps: int = Field(1, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int = Field(50, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # global-norm gradient clipping (null: none)
+    eval_every: int = Field(50, gt=0)            # steps between held-out evaluations (and at the last step)
     eval_on_start: bool = False                  # also evaluate and probe the initial weights, as step 0 (TRL's name)
     eval_batch_size: int = Field(128, gt=0)      # evaluation batches: at most this many pairs …
     eval_batch_tokens: int = Field(16384, gt=0)  # … and this many tokens (chosen + rejected rows, padding included)
     probe_every: int = Field(50, gt=0)           # gradient-term diagnostics (∇ℓ(y_w), ∇ℓ(y_l))
-    probe_pairs: int = Field(8, gt=0)
-    log_every: int = Field(10, gt=0)
+    probe_pairs: int = Field(8, gt=0)            # pairs the gradient probe measures
+    log_every: int = Field(10, gt=0)             # steps between train/ rows (averaged over them)
     checkpoint_every: int = Field(0, ge=0)       # 0: only at the end
     length_grouping: bool = True                 # batch similar lengths together to cut padding
     # auto: run each pair as one row, its prompt once (spo_ray.data.collate_shared_prompts), on the models whose
@@ -329,9 +334,9 @@ class ReferenceConfig(Section):
 
 
 class ScalingConfig(Section):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    num_workers: int = Field(1, gt=0)            # >1: a Ray Train job of this many workers per trial (DDP or FSDP)
+    use_gpu: bool = False                        # one GPU per worker
+    cpus_per_worker: float = Field(1, gt=0)      # CPUs per worker (torch threads, too)
     gpus_per_worker: float = Field(1, ge=0)      # fractions let several small trials share a GPU
     resources_per_worker: dict[str, float] = {}  # extra custom resources
     force_ray_train: bool = False                # run 1-worker trials through TorchTrainer too
@@ -347,15 +352,16 @@ class TuneConfig(Section):
     # basic: Tune's variant generator (grids crossed, random spaces drawn anew per trial); optuna: a model-based
     # searcher over the random spaces, each suggestion run for every train.seed of a seed grid (check_tune).
     search: Literal["basic", "optuna"] = "basic"
+    # fifo: every trial runs to the end; asha: stop the worst early; pbt: population based training
     scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
-    metric: str = "eval/accuracy"
-    mode: Literal["max", "min"] = "max"
+    metric: str = "eval/accuracy"                # what the scheduler, the searcher and the report rank by
+    mode: Literal["max", "min"] = "max"          # max or min of tune.metric
     num_samples: int = Field(1, gt=0)            # grid repeats, random spaces drawn anew (optuna: suggestions)
-    max_concurrent_trials: int | None = Field(None, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)  # default: as many as the cluster's free resources fit
     grace_period: int = Field(1, gt=0)           # asha: evaluations before a trial may be stopped
-    reduction_factor: float = Field(2, gt=1)
+    reduction_factor: float = Field(2, gt=1)     # asha: the share of trials kept at each rung is 1 / this
     max_failures: int = Field(1, ge=0)           # retries of a trial whose worker died
-    keep_checkpoints: int = Field(1, gt=0)
+    keep_checkpoints: int = Field(1, gt=0)       # checkpoints kept per trial (the latest)
     reuse_actors: bool = True                    # run the next trial in a finished trial's process (no re-import)
     seed: int = 0                                # the searcher's sampler and PBT's mutations
     # optuna
@@ -370,10 +376,11 @@ class TuneConfig(Section):
 
 
 class WandbConfig(Section):
+    # auto: online with a key in the environment, else offline; online, offline, disabled
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "spo-ray"
-    entity: str | None = None
-    tags: list[str] = []
+    project: str = "spo-ray"                     # the W&B project the trials log to
+    entity: str | None = None                    # a W&B team or user (default: the key's)
+    tags: list[str] = []                         # added to every trial's run
 
 
 #: Keys whose value may change between two steps of a run (a PBT mutation, a `schedule` entry): numbers that
@@ -453,7 +460,7 @@ URI_SECRETS = ("access_key", "secret_key", "session_token", "access_token")
 
 class SweepConfig(RunConfig):
     """A run configuration plus how to sweep, scale and store it."""
-    name: str = "sweep"
+    name: str = "sweep"                          # the experiment folder's name, <storage_path>/<name>
     storage_path: str = "results"                # a folder, or a URI: s3://bucket/path, gs://… (spo_ray.storage)
     cache_dir: str | None = None                 # built-in inits; default <storage_path>/.cache
     scaling: ScalingConfig = ScalingConfig()
