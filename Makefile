@@ -38,12 +38,13 @@ demo: venv
 # The suite over three xdist workers (most of a test's wall time is waiting on Ray, subprocesses and a store
 # that is down on purpose, so three share two cores well; the slow tests go first, tests/conftest.py), then
 # the fast numerical files again under torch's portable CPU kernels (ATEN_CPU_CAPABILITY=default), whose
-# rounding differs from AVX2/AVX-512: their tolerances must hold on any CPU.
+# rounding differs from AVX2/AVX-512: their tolerances must hold on any CPU. The 15 slowest tests are listed
+# at the end of the first run (what to look at when the suite outgrows its 12 minutes).
 NUMERICAL_TESTS := tests/test_chunked_logprobs.py tests/test_logprobs.py tests/test_losses.py tests/test_trainer.py \
 	tests/test_evaluation.py tests/test_reference.py tests/test_trl_parity.py tests/test_prefix_sharing.py \
 	tests/test_decoding.py
 test: venv
-	$(PY) -m pytest -q -ra -n 3 --dist worksteal
+	$(PY) -m pytest -q -ra -n 3 --dist worksteal --durations=15
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -ra -n 2 -m "not slow" $(NUMERICAL_TESTS)
 
 test-fast: venv

@@ -1,0 +1,102 @@
+"""The loss atlas: which losses displace the chosen reply, and does SPO fix each of them?
+
+    .venv/bin/python scripts/atlas.py results/atlas [--figure docs/img/atlas.png]
+
+Reads an experiment of `sweeps/atlas.yaml` (`loss.name: spo` over every base it can wrap, λ ∈ {0, 1}: λ = 0 is
+exactly the base loss) and prints, per base loss, the final held-out chosen and rejected log-prob deltas, the
+answer-mass split and greedy accuracy (mean ± std over seeds) without and with SPO, then the paired SPO − base
+differences per loss (matched on seed; 95% percentile bootstrap of the mean) for accuracy and the chosen delta.
+The figure puts one arrow per loss from (chosen Δ, accuracy change from the init) without SPO to the same with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from analysis.collect import load_experiment  # noqa: E402
+from analysis.tables import bootstrap_interval, to_markdown  # noqa: E402
+
+METRICS = ["eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "eval/mass_correct",
+           "eval/mass_mistake", "eval/mass_other", "eval/mass_malformed"]
+PAIRED = ["eval/accuracy", "eval/chosen_logp_delta"]
+
+
+def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per base loss and λ: mean ± std of METRICS over seeds; per base loss: paired SPO − base of PAIRED)."""
+    rows = []
+    for (base, lam), group in results.groupby(["base_loss", "spo_lambda"], sort=False):
+        row = {"loss": base, "SPO": "λ 1" if lam > 0 else "–", "seeds": len(group)}
+        for metric in METRICS:
+            values = group[metric].astype(float)
+            row[metric.removeprefix("eval/")] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    paired_rows = []
+    for base, group in results.groupby("base_loss", sort=False):
+        wide = group.pivot_table(index="seed", columns="spo_lambda", values=PAIRED)
+        row = {"loss": base}
+        for metric in PAIRED:
+            if (metric, 1.0) not in wide or (metric, 0.0) not in wide:
+                continue  # one arm has no finished trial yet
+            diff = (wide[(metric, 1.0)] - wide[(metric, 0.0)]).dropna().to_numpy()
+            low, high = bootstrap_interval(diff)
+            row[f"SPO − base {metric.removeprefix('eval/')}"] = f"{diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+        row["pairs"] = len(wide)
+        paired_rows.append(row)
+    return summary, pd.DataFrame(paired_rows)
+
+
+def draw(results: pd.DataFrame, init_accuracy: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = results.groupby(["base_loss", "spo_lambda"], sort=False)[["eval/chosen_logp_delta", "eval/accuracy"]].mean()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for base in dict.fromkeys(results["base_loss"]):
+        if (base, 0.0) not in means.index or (base, 1.0) not in means.index:
+            continue
+        x0, y0 = means.loc[(base, 0.0)]
+        x1, y1 = means.loc[(base, 1.0)]
+        y0, y1 = y0 - init_accuracy, y1 - init_accuracy
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "color": "tab:blue", "lw": 1})
+        ax.plot([x0], [y0], "o", color="tab:red", ms=4)
+        ax.annotate(base, (x0, y0), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1)  # apo_down's −27 nats beside the rest's −6 to +0.15
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("held-out chosen log-prob Δ against the reference (nats; linear within ±1, log beyond)")
+    ax.set_ylabel("greedy accuracy − the init's")
+    ax.set_title("Each loss without SPO (dot) → with SPO, λ 1 (arrow head); mean of 3 seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment")
+    parser.add_argument("--figure", default=None, help="where to write the arrows figure (PNG)")
+    args = parser.parse_args()
+    exp = load_experiment(args.experiment)
+    results = exp.results
+    summary, paired = atlas_tables(results)
+    starts = exp.history[exp.history["step"] == 0]["eval/accuracy"].dropna() if exp.history is not None else []
+    init_accuracy = float(np.mean(starts)) if len(starts) else float("nan")
+    print(f"{len(results)} trials TERMINATED of {len(exp.all_results)}; the init's accuracy {init_accuracy:.3f}\n")
+    print(to_markdown(summary))
+    print()
+    print(to_markdown(paired))
+    if args.figure:
+        draw(results, init_accuracy, Path(args.figure))
+        print(f"\nwrote {args.figure}")
+
+
+if __name__ == "__main__":
+    main()
