@@ -29,13 +29,16 @@ PAIRED = ["eval/accuracy", "eval/chosen_logp_delta"]
 
 
 def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per base loss and λ: mean ± std of METRICS over seeds; per base loss: paired SPO − base of PAIRED)."""
+    """(per base loss and λ: mean ± std of METRICS over seeds; per base loss: paired SPO − base of PAIRED). A
+    metric the task does not report (the answer-mass split is the built-in task's) is left out."""
+    metrics = [m for m in METRICS if m in results.columns]
     rows = []
     for (base, lam), group in results.groupby(["base_loss", "spo_lambda"], sort=False):
         row = {"loss": base, "SPO": "λ 1" if lam > 0 else "–", "seeds": len(group)}
-        for metric in METRICS:
+        for metric in metrics:
             values = group[metric].astype(float)
-            row[metric.removeprefix("eval/")] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+            spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""  # one seed: no spread to show
+            row[metric.removeprefix("eval/")] = f"{values.mean():.3f}{spread}"
         rows.append(row)
     summary = pd.DataFrame(rows)
     paired_rows = []
@@ -47,7 +50,8 @@ def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 continue  # one arm has no finished trial yet
             diff = (wide[(metric, 1.0)] - wide[(metric, 0.0)]).dropna().to_numpy()
             low, high = bootstrap_interval(diff)
-            row[f"SPO − base {metric.removeprefix('eval/')}"] = f"{diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+            interval = f" [{low:+.3f}, {high:+.3f}]" if len(diff) > 1 else ""  # one pair: no interval
+            row[f"SPO − base {metric.removeprefix('eval/')}"] = f"{diff.mean():+.3f}{interval}"
         row["pairs"] = len(wide)
         paired_rows.append(row)
     return summary, pd.DataFrame(paired_rows)
