@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spo_ray.losses import (BASE_LOSSES, COMBINE, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LENGTH_LOSSES, LOSSES,
-                            NOT_WRAPPABLE, SPO_ESTIMATORS, loss_options)
+                            NOT_WRAPPABLE, SPO_ESTIMATORS, f_divergence_unfit, loss_options)
 
 
 class ConfigError(ValueError):
@@ -106,7 +106,7 @@ def check_loss(loss: LossConfig) -> None:
                 raise ConfigError(f"loss.combine: spo cannot wrap a combination with {member} "
                                   f"({NOT_WRAPPABLE[member]})")
     if loss.f_divergence_type != "reverse_kl" and base == COMBINE:
-        unfit = [m for m in members if m not in F_DIVERGENCE_LOSSES and m != "sft"]
+        unfit = f_divergence_unfit(members)
         if unfit:
             raise ConfigError(f"loss.f_divergence_type: {loss.f_divergence_type} needs losses built on the "
                               f"chosen-minus-rejected reward difference ({', '.join(F_DIVERGENCE_LOSSES)}); "

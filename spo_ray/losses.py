@@ -62,6 +62,11 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 #: combination (it has no reference to diverge from).
 F_DIVERGENCE_LOSSES = ("dpo", "cdpo", "ipo", "hinge", "exo_pair", "robust", "discopop", "sigmoid_norm")
 
+
+def f_divergence_unfit(members) -> list[str]:
+    """The losses among `members` that cannot take a non-default f-divergence (`sft` may sit beside them)."""
+    return [m for m in members if m not in F_DIVERGENCE_LOSSES and m != "sft"]
+
 # Options each loss understands, with their defaults. Anything else is a caller's typo.
 _BASE_OPTIONS = {"nll_weight": 0.0, "chosen_lengths": None, "rejected_lengths": None}
 _F_DIVERGENCE_OPTIONS = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
@@ -425,7 +430,7 @@ def preference_loss(
         _check_member_options(member, member_opts)
     f_divergence_type = options.get("f_divergence_type", "reverse_kl")
     if f_divergence_type != "reverse_kl":
-        unfit = [m for m in weights if m not in F_DIVERGENCE_LOSSES and m != "sft"]
+        unfit = f_divergence_unfit(weights)
         if unfit:
             raise ValueError(f"f_divergence_type: {f_divergence_type} needs losses built on the chosen-minus-"
                              f"rejected reward difference ({', '.join(F_DIVERGENCE_LOSSES)}); not {', '.join(unfit)}")
