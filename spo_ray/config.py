@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from spo_ray.losses import (BASE_LOSSES, COMBINE, F_DIVERGENCE_LOSSES, F_DIVERGENCES, LENGTH_LOSSES, LOSSES,
-                            NOT_WRAPPABLE, SPO_ESTIMATORS, f_divergence_unfit, loss_options)
+                            NOT_WEIGHTABLE, NOT_WRAPPABLE, REFERENCE_FREE_LOSSES, SPO_ESTIMATORS, f_divergence_unfit,
+                            loss_options)
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,9 @@ class LossConfig(Section):
     f_alpha_divergence_coef: float = Field(0.5, ge=0, le=1)  # alpha_divergence's α, as in the paper (TRL's 1 − α)
     nll_weight: float = Field(0.0, ge=0)         # RPO-style NLL on the chosen response
     average_logps: bool = False                  # length-averaged log-probs instead of sums (simpo: always)
+    # LD-DPO's α: the tokens of the longer reply past the shorter one's length count α times (1: plain sums)
+    ld_alpha: float | None = Field(None, ge=0, le=1)
+    use_weighting: bool = False                  # WPO: weight each pair's loss by how on-policy its replies are
 
     @field_validator("base")
     @classmethod
@@ -88,8 +92,8 @@ class LossConfig(Section):
 
 
 #: LossConfig keys every loss takes, and SPO's settings (see `check_loss_options`).
-_ALWAYS_ACCEPTED = ("name", "beta", "nll_weight", "average_logps", "base", "spo_lambda", "spo_epsilon", "spo_estimator",
-                    "spo_inner_lr", "spo_lambda_warmup_steps")
+_ALWAYS_ACCEPTED = ("name", "beta", "nll_weight", "average_logps", "ld_alpha", "use_weighting", "base", "spo_lambda",
+                    "spo_epsilon", "spo_estimator", "spo_inner_lr", "spo_lambda_warmup_steps")
 
 
 def check_loss(loss: LossConfig) -> None:
@@ -118,6 +122,14 @@ def check_loss(loss: LossConfig) -> None:
     if divides and "simpo" in members:
         raise ConfigError(f"loss.combine: simpo (on length-averaged log-probs) cannot be combined with "
                           f"{divides[0]}, which divides summed log-probs by the lengths itself")
+    if loss.ld_alpha is not None and (loss.average_logps or "simpo" in members):
+        view = "loss.average_logps" if loss.average_logps else "simpo"
+        raise ConfigError(f"loss.ld_alpha: LD-DPO down-weights the tail of summed log-probs; {view} averages them "
+                          f"over the tokens instead (use one or the other)")
+    if loss.use_weighting:
+        refused = [m for m in members if m in NOT_WEIGHTABLE]
+        if refused:
+            raise ConfigError(f"loss.use_weighting: WPO weights each pair's loss; {NOT_WEIGHTABLE[refused[0]]}")
     if "exo_pair" in members and loss.label_smoothing == 0:
         raise ConfigError("loss.label_smoothing: exo_pair needs ε > 0 (it takes log ε; the EXO paper uses 1e-3)")
 
@@ -331,6 +343,11 @@ class ReferenceConfig(Section):
     cache: bool = True                           # compute reference log-probs once per sweep and share them
     batch_size: int = Field(128, gt=0)           # reference-pass batches: at most this many pairs …
     batch_tokens: int = Field(16384, gt=0)       # … and this many tokens (chosen + rejected rows, padding included)
+    # TR-DPO: every sync_steps steps the reference moves toward the policy, π_ref ← α·π_θ + (1 − α)·π_ref (the
+    # trial then runs the reference on every batch; SPO's safe region stays the initial reference's)
+    sync: bool = False
+    sync_steps: int = Field(512, gt=0)           # TR-DPO's τ: steps between syncs (TRL's ref_model_sync_steps)
+    mixup_alpha: float = Field(0.6, gt=0, le=1)  # TR-DPO's α: 1 copies the policy (TRL's ref_model_mixup_alpha)
 
 
 class ScalingConfig(Section):
@@ -386,7 +403,8 @@ class WandbConfig(Section):
 #: Keys whose value may change between two steps of a run (a PBT mutation, a `schedule` entry): numbers that
 #: the loss reads every step, or the optimizer takes from its next step on (spo_ray.trainer.apply_optimizer_settings).
 CHANGEABLE_KEYS = ("loss.beta", "loss.spo_lambda", "loss.spo_epsilon", "loss.spo_inner_lr",
-                   "loss.label_smoothing", "loss.gamma", "loss.dpop_kappa", "loss.nll_weight",
+                   "loss.label_smoothing", "loss.gamma", "loss.dpop_kappa", "loss.discopop_tau",
+                   "loss.f_alpha_divergence_coef", "loss.nll_weight", "loss.ld_alpha",
                    "train.learning_rate", "train.weight_decay", "train.max_grad_norm")
 
 
@@ -613,6 +631,7 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
     check_loss(config.loss)
     check_rounds(config)
     check_eval_engine(config)
+    check_reference_sync(config)
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
         if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
@@ -644,6 +663,21 @@ def check_eval_engine(config: RunConfig) -> None:
     if isinstance(config, SweepConfig) and config.scaling.strategy == "fsdp":
         raise ConfigError("data.eval_engine: vllm cannot run with scaling.strategy: fsdp yet (the engine loads the "
                           "whole model, which no FSDP worker holds); use spo_ray or ddp")
+
+
+def check_reference_sync(config: RunConfig) -> None:
+    """Where TR-DPO's reference sync (`reference.sync`) has no reference to move, or cannot move it."""
+    if not config.reference.sync:
+        return
+    loss = config.loss
+    base = loss.base if loss.name == "spo" else loss.name
+    members = list(loss.combine or {}) if base == COMBINE else [base]
+    if all(m in REFERENCE_FREE_LOSSES for m in members):
+        over = f" (SPO's penalty keeps the initial reference)" if loss.name == "spo" else ""
+        raise ConfigError(f"reference.sync: loss {base} uses no reference model{over}, so there is none to sync")
+    if isinstance(config, SweepConfig) and config.scaling.strategy == "fsdp":
+        raise ConfigError("reference.sync: cannot run with scaling.strategy: fsdp yet (the reference would be "
+                          "sharded and saved with every checkpoint); use ddp")
 
 
 def check_rounds(config: RunConfig) -> None:
@@ -837,7 +871,7 @@ def did_you_mean(value: str, valid, shown=None) -> str:
 #: combination, the trainer's one_step terms (train/ only, as spo_lambda; tests/test_names.py runs every loss).
 LOSS_METRICS = ("loss", "chosen_logps", "rejected_logps", "chosen_logp_delta", "rejected_logp_delta",
                 "chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy", "nll", "spo_penalty",
-                "safe_region_violation", *(f"{name}_loss" for name in BASE_LOSSES))
+                "safe_region_violation", "wpo_weight", *(f"{name}_loss" for name in BASE_LOSSES))
 TRAIN_METRICS = LOSS_METRICS + ("spo_lambda", "spo_inner_step", "grad_norm", "learning_rate", "tokens_per_s")
 PROBE_METRICS = ("chosen_grad_norm", "rejected_grad_norm", "grad_cosine")  # spo_ray.trainer.gradient_terms
 #: Each data.source's evaluator (`evaluate` in spo_ray/tasks/*.py; their tests pin the keys), under eval/.

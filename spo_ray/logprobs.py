@@ -76,14 +76,34 @@ def chunk_positions(vocab_size: int) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
 
 
+def _as_float32(logits: Tensor) -> Tensor:
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _chunk_logps(head, hidden: Tensor, labels: Tensor) -> Tensor:
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return -F.cross_entropy(logits, labels, reduction="none")
+    return -F.cross_entropy(_as_float32(head(hidden)), labels, reduction="none")
 
 
-def chunked_token_logps(head, hidden: Tensor, labels: Tensor, chunk: int) -> Tensor:
-    """log-softmax(head(hidden))[label] for (M, H) hidden states and (M,) labels, `chunk` rows at a time.
+def wpo_aligned_logps(logits: Tensor, logps: Tensor) -> Tensor:
+    """log π(y_t) − log Σ_v π(v)², per scored token, without gradient: the exponent of WPO's weight (Zhou et al.
+    2024, arXiv:2406.11827, Eq. 2; TRL's `use_weighting`). Σ_v π(v)² is the probability that two samples of the
+    token agree, so the difference is the token's log-prob renormalised to the policy's own sampling: an
+    off-policy token scores low. log Σ_v π(v)² = logsumexp(2z) − 2·logsumexp(z) for logits z."""
+    with torch.no_grad():
+        logits = _as_float32(logits)
+        return logps.detach() - ((2 * logits).logsumexp(-1) - 2 * logits.logsumexp(-1))
+
+
+def _chunk_logps_and_wpo(head, hidden: Tensor, labels: Tensor) -> Tensor:
+    """(2, m): the chunk's token log-probs (with gradient) over WPO's aligned ones (without)."""
+    logits = _as_float32(head(hidden))
+    logps = -F.cross_entropy(logits, labels, reduction="none")
+    return torch.stack([logps, wpo_aligned_logps(logits, logps)])
+
+
+def chunked_token_logps(head, hidden: Tensor, labels: Tensor, chunk: int, wpo: bool = False) -> Tensor:
+    """log-softmax(head(hidden))[label] for (M, H) hidden states and (M,) labels, `chunk` rows at a time;
+    `wpo`: (2, M), WPO's aligned log-probs under them (`wpo_aligned_logps`), from the same logits.
 
     With gradients on and more than one chunk, each chunk is checkpointed (non-reentrant): the backward
     recomputes the chunk's logits from its hidden states, so at most one chunk of logits (and their gradient)
@@ -91,14 +111,17 @@ def chunked_token_logps(head, hidden: Tensor, labels: Tensor, chunk: int) -> Ten
     than a chunk, and no recomputation: the full-logits path's speed).
     """
     checkpointed = torch.is_grad_enabled() and hidden.requires_grad and hidden.size(0) > chunk
+    of_chunk = _chunk_logps_and_wpo if wpo else _chunk_logps
     parts = []
     for start in range(0, hidden.size(0), chunk):
         piece, targets = hidden[start:start + chunk], labels[start:start + chunk]
         if checkpointed:
-            parts.append(checkpoint(_chunk_logps, head, piece, targets, use_reentrant=False))
+            parts.append(checkpoint(of_chunk, head, piece, targets, use_reentrant=False))
         else:
-            parts.append(_chunk_logps(head, piece, targets))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+            parts.append(of_chunk(head, piece, targets))
+    if not parts:
+        return hidden.new_zeros((2, 0) if wpo else 0, dtype=torch.float32)
+    return torch.cat(parts, dim=-1)
 
 
 _TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}
@@ -172,6 +195,15 @@ def _head_replaced(head: torch.nn.Module, replacement):
         del head.forward
 
 
+def _row_scoring(input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor):
+    """A row a sequence: the model's inputs, and (rows, columns, labels) of its scored tokens (t scores t+1),
+    in order within each row."""
+    rows, columns = response_mask[:, 1:].bool().nonzero(as_tuple=True)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
+              "position_ids": position_ids_from_mask(attention_mask)}
+    return inputs, rows, columns, input_ids[rows, columns + 1]
+
+
 def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
                    parameters: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run `model` (any transformers causal LM) and return (summed response log-probs, token counts) per row.
@@ -179,35 +211,55 @@ def sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_ma
     `parameters`: weights to run the model with instead of its own (`torch.func.functional_call`), e.g.
     the one_step estimator's stepped copy.
     """
-    rows, columns = response_mask[:, 1:].bool().nonzero(as_tuple=True)  # position t scores token t+1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "position_ids": position_ids_from_mask(attention_mask)}
-    return scored_logps(model, inputs, rows, columns, input_ids[rows, columns + 1], rows, input_ids.size(0),
-                        parameters)
+    inputs, rows, columns, labels = _row_scoring(input_ids, attention_mask, response_mask)
+    return scored_logps(model, inputs, rows, columns, labels, rows, input_ids.size(0), parameters)
+
+
+def scored_token_logps(model, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor, labels: Tensor,
+                       parameters: dict | None = None, wpo: bool = False) -> Tensor:
+    """log π(labels[m]) (M,), where the logits at position columns[m] of row rows[m] of the model's forward over
+    `inputs` score token labels[m]; `wpo`: (2, M), WPO's aligned log-probs under them (`wpo_aligned_logps`)."""
+    head = fused_head(model)
+    if head is None:
+        return full_logits_token_logps(model, inputs, rows, columns, labels, parameters, wpo)
+    return fused_token_logps(model, head, inputs, rows, columns, labels, parameters, wpo)
+
+
+def sequence_sums(values: Tensor, sequences: Tensor, count: int) -> Tensor:
+    """Σ values[m] over the m with sequences[m] = s, for s < `count` (at least float32)."""
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    return torch.zeros(count, dtype=dtype, device=values.device).index_add(0, sequences, values.to(dtype))
 
 
 def scored_logps(model, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor, labels: Tensor,
                  sequences: Tensor, count: int, parameters: dict | None = None) -> tuple[Tensor, Tensor]:
-    """Σ log π(labels[m]) over the m with sequences[m] = s, and their count, for s < `count`: the logits at
-    position columns[m] of row rows[m] of the model's forward over `inputs` score token labels[m].
+    """Σ log π(labels[m]) over the m with sequences[m] = s, and their count, for s < `count` (`scored_token_logps`).
 
     The general form of `sequence_logps` (where a row is a sequence and t scores t+1), also for rows that
     hold several sequences (`spo_ray.data.collate_shared_prompts`).
     """
-    head = fused_head(model)
-    if head is None:
-        per_token = full_logits_token_logps(model, inputs, rows, columns, labels, parameters)
-    else:
-        per_token = fused_token_logps(model, head, inputs, rows, columns, labels, parameters)
-    sums = torch.zeros(count, dtype=per_token.dtype, device=per_token.device).index_add(0, sequences, per_token)
-    counts = torch.zeros(count, dtype=torch.float32, device=per_token.device).index_add(
-        0, sequences, torch.ones_like(sequences, dtype=torch.float32))
-    return sums, counts
+    per_token = scored_token_logps(model, inputs, rows, columns, labels, parameters)
+    return sequence_sums(per_token, sequences, count), sequence_sums(torch.ones_like(per_token), sequences, count)
+
+
+def shared_prefix(sequences: Tensor, count: int) -> Tensor:
+    """For the scored tokens of a preference batch (sequence i < count/2 is pair i's chosen reply, count/2 + i its
+    rejected one; each sequence's tokens in order): True where a token lies within the first min(|y_w|, |y_l|)
+    tokens of its reply — LD-DPO's "public" part of the pair (Liu et al. 2024, arXiv:2409.06411)."""
+    lengths = torch.bincount(sequences, minlength=count)
+    order = torch.argsort(sequences, stable=True)
+    ordinal = torch.empty_like(sequences)
+    ordinal[order] = torch.arange(sequences.numel(), device=sequences.device) - (lengths.cumsum(0) - lengths)[
+        sequences[order]]
+    half = count // 2
+    shared = torch.minimum(lengths[:half], lengths[half:])
+    return ordinal < shared[sequences % half]
 
 
 def fused_token_logps(model, head: torch.nn.Module, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor,
-                      labels: Tensor, parameters: dict | None = None) -> Tensor:
-    """The scored tokens' log-probs (M,) with the chunked head swapped in for `head` (the module docstring)."""
+                      labels: Tensor, parameters: dict | None = None, wpo: bool = False) -> Tensor:
+    """The scored tokens' log-probs (M,) with the chunked head swapped in for `head` (the module docstring);
+    `wpo`: (2, M) (`chunked_token_logps`)."""
     kwargs = {}
     if takes_logits_to_keep(model):  # the model hands the head only the columns some row needs
         kept = torch.unique(columns)
@@ -215,14 +267,14 @@ def fused_token_logps(model, head: torch.nn.Module, inputs: dict[str, Tensor], r
         columns = torch.searchsorted(kept, columns)
     vocab = getattr(transformers_model(model).config, "vocab_size", None) or head.weight.size(0)
 
-    def response_head(original, hidden):  # hidden: (N, kept columns, H) → (1, 1, M) token log-probs
+    def response_head(original, hidden):  # hidden: (N, kept columns, H) → (1, 1, M or 2M) token log-probs
         # Not a view: FSDP hooks the root's outputs for its backward and warns that a view's can be lost.
-        per_token = chunked_token_logps(original, hidden[rows, columns], labels, chunk_positions(vocab))
+        per_token = chunked_token_logps(original, hidden[rows, columns], labels, chunk_positions(vocab), wpo)
         return per_token.reshape(1, 1, -1).clone()
 
     with _head_replaced(head, response_head):
         out = _call(model, parameters, **inputs, use_cache=False, **kwargs)
-    return out.logits.reshape(-1)
+    return out.logits.reshape(2, -1) if wpo else out.logits.reshape(-1)
 
 
 def full_logits_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
@@ -233,16 +285,17 @@ def full_logits_sequence_logps(model, input_ids: Tensor, attention_mask: Tensor,
 
 
 def full_logits_token_logps(model, inputs: dict[str, Tensor], rows: Tensor, columns: Tensor, labels: Tensor,
-                            parameters: dict | None = None) -> Tensor:
+                            parameters: dict | None = None, wpo: bool = False) -> Tensor:
     """The scored tokens' log-probs (M,) from the model's full logits from the first scoring column on
-    (transformers' `logits_to_keep` where the model takes it): (N, T', V) logits at once."""
+    (transformers' `logits_to_keep` where the model takes it): (N, T', V) logits at once. `wpo`: (2, M)."""
     width = inputs["input_ids"].size(1)
     start = int(columns.min()) if columns.numel() else 0
     keep = {"logits_to_keep": width - start} if start and takes_logits_to_keep(model) else {}
     out = _call(model, parameters, **inputs, use_cache=False, **keep)
     offset = width - out.logits.size(1)  # the positions left out of the logits (0 or start)
-    logits = out.logits[rows, columns - offset]
-    return -F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels, reduction="none")
+    logits = _as_float32(out.logits[rows, columns - offset])
+    logps = -F.cross_entropy(logits, labels, reduction="none")
+    return torch.stack([logps, wpo_aligned_logps(logits, logps)]) if wpo else logps
 
 
 #: Attention implementations that apply a custom 4D mask as given (flash attention takes none, flex attention
@@ -289,26 +342,49 @@ def _call(model, parameters: dict | None, **kwargs):
     return functional_call(model, parameters, args=(), kwargs=kwargs)
 
 
-def concatenated_forward(model, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def concatenated_forward(model, batch: dict[str, Tensor], wpo: bool = False) -> dict[str, Tensor]:
     """Chosen and rejected log-probs of a preference batch from one forward pass.
 
     Returns `chosen_logps`, `rejected_logps` (summed over response tokens), `chosen_avg_logps`,
-    `rejected_avg_logps` (their per-token means) and `chosen_lengths`, `rejected_lengths`, each (B,).
+    `rejected_avg_logps` (their per-token means), `chosen_shared_logps`, `rejected_shared_logps` (summed over the
+    first min(|y_w|, |y_l|) tokens of each reply: LD-DPO's public part, `shared_prefix`) and `chosen_lengths`,
+    `rejected_lengths`, each (B,). `wpo`: also `chosen_wpo_logps`, `rejected_wpo_logps`, the per-token means of
+    WPO's aligned log-probs (`wpo_aligned_logps`; no gradient).
     """
     if "pair_attention" in batch:  # one row a pair, its prompt shared (spo_ray.data.collate_shared_prompts)
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                   "attention_mask": attention_mask_for(model, batch["pair_attention"])}
-        sums, counts = scored_logps(model, inputs, batch["score_rows"], batch["score_columns"],
-                                    batch["score_labels"], batch["score_sequences"], 2 * batch["input_ids"].size(0))
+        rows, columns, labels = batch["score_rows"], batch["score_columns"], batch["score_labels"]
+        sequences, count = batch["score_sequences"], 2 * batch["input_ids"].size(0)
     else:
-        sums, counts = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
-    half = sums.size(0) // 2
+        inputs, rows, columns, labels = _row_scoring(batch["input_ids"], batch["attention_mask"],
+                                                     batch["response_mask"])
+        sequences, count = rows, batch["input_ids"].size(0)
+    per_token = scored_token_logps(model, inputs, rows, columns, labels, wpo=wpo)
+    if wpo:
+        return pair_views(per_token[0], sequences, count, aligned=per_token[1].detach())
+    return pair_views(per_token, sequences, count)
+
+
+def pair_views(per_token: Tensor, sequences: Tensor, count: int, aligned: Tensor | None = None) -> dict[str, Tensor]:
+    """`concatenated_forward`'s outputs from the scored tokens' log-probs (M,), the sequence each counts for
+    (i < count/2: pair i's chosen reply, count/2 + i: its rejected one; each sequence's tokens in order) and,
+    for WPO, their aligned log-probs (`wpo_aligned_logps`)."""
+    sums = sequence_sums(per_token, sequences, count)
+    counts = sequence_sums(torch.ones_like(per_token), sequences, count)
+    shared = sequence_sums(per_token * shared_prefix(sequences, count), sequences, count)
+    half = count // 2
     averages = sums / counts.clamp(min=1)
-    return {
+    out = {
         "chosen_logps": sums[:half], "rejected_logps": sums[half:],
         "chosen_avg_logps": averages[:half], "rejected_avg_logps": averages[half:],
+        "chosen_shared_logps": shared[:half], "rejected_shared_logps": shared[half:],
         "chosen_lengths": counts[:half], "rejected_lengths": counts[half:],
     }
+    if aligned is not None:
+        means = sequence_sums(aligned, sequences, count) / counts.clamp(min=1)
+        out.update(chosen_wpo_logps=means[:half], rejected_wpo_logps=means[half:])
+    return out
 
 
 @torch.no_grad()

@@ -68,7 +68,10 @@ def f_divergence_unfit(members) -> list[str]:
     return [m for m in members if m not in F_DIVERGENCE_LOSSES and m != "sft"]
 
 # Options each loss understands, with their defaults. Anything else is a caller's typo.
-_BASE_OPTIONS = {"nll_weight": 0.0, "chosen_lengths": None, "rejected_lengths": None}
+# wpo_chosen_logps, wpo_rejected_logps: WPO's per-token mean aligned log-probs (`wpo_weights`); given, they weight
+# each pair's loss.
+_BASE_OPTIONS = {"nll_weight": 0.0, "chosen_lengths": None, "rejected_lengths": None,
+                 "wpo_chosen_logps": None, "wpo_rejected_logps": None}
 _F_DIVERGENCE_OPTIONS = {"f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5}
 _LOSS_OPTIONS = {
     "dpo": {**_F_DIVERGENCE_OPTIONS},
@@ -91,9 +94,17 @@ _LOSS_OPTIONS = {
     "sft": {},
     "sigmoid_norm": {**_F_DIVERGENCE_OPTIONS},
 }
-_SPO_OPTIONS = {"base": "dpo", "spo_lambda": 1.0, "spo_epsilon": 0.0, "spo_estimator": "reference"}
+# spo_chosen_logps, spo_ref_chosen_logps: what the safe region is measured on where the loss's own inputs are
+# another view (LD-DPO's down-weighted tails; TR-DPO's drifting reference): default, the loss's inputs.
+_SPO_OPTIONS = {"base": "dpo", "spo_lambda": 1.0, "spo_epsilon": 0.0, "spo_estimator": "reference",
+                "spo_chosen_logps": None, "spo_ref_chosen_logps": None}
 #: Losses that read the response lengths (`chosen_lengths`, `rejected_lengths`) themselves.
 LENGTH_LOSSES = ("sft", "sigmoid_norm")
+#: Losses WPO's per-pair weights cannot apply to, and why (TRL refuses the same two).
+NOT_WEIGHTABLE = {
+    "aot": "aot sorts the log-ratios across the batch, so its terms belong to no pair",
+    "aot_unpaired": "aot_unpaired sorts the chosen and rejected log-ratios separately, pairing nothing",
+}
 
 
 def loss_options(name: str, combine: dict[str, float] | None = None) -> tuple[str, ...]:
@@ -277,6 +288,30 @@ def sigmoid_norm_loss(chosen_scores: Tensor, rejected_scores: Tensor, chosen_len
                                  - rejected_scores / rejected_lengths.clamp(min=1)))
 
 
+def ld_logps(logps: Tensor, shared_logps: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's length-desensitised log-prob (Liu et al. 2024, arXiv:2409.06411; TRL's `ld_alpha`):
+
+        ℓ̂(y) = ℓ_p(y) + α · (ℓ(y) − ℓ_p(y))
+
+    where ℓ_p(y) sums the log-probs of the reply's first min(|y_w|, |y_l|) tokens (the pair's "public" length,
+    `spo_ray.logprobs.shared_prefix`) and ℓ(y) − ℓ_p(y) those of the longer reply's excess tokens. α = 1 is the
+    plain sum (DPO); α < 1 shrinks the excess, so a reply's length moves the loss less; α = 0 drops it. The
+    same weighting applies to the policy and the reference (both views of each reply)."""
+    return shared_logps + ld_alpha * (logps - shared_logps)
+
+
+def wpo_weights(wpo_chosen_logps: Tensor, wpo_rejected_logps: Tensor) -> Tensor:
+    """WPO's per-pair weight (Zhou et al. 2024, arXiv:2406.11827, Eq. 2 as TRL 1.16's `use_weighting` computes
+    it): w = exp(ā(y_w) + ā(y_l)), where ā(y) = (1/|y|) Σ_t [log π_θ(y_t | ·) − log Σ_v π_θ(v | ·)²] is the
+    per-token mean of the policy's aligned log-probs (`spo_ray.logprobs.wpo_aligned_logps`), without gradient.
+    The token ratio π(y_t)/Σ_v π(v)² has expectation 1 when y_t is sampled from the policy itself, so replies
+    the current policy would have sampled weigh about 1 (a greedy-like one a little more) and off-policy ones
+    less: the loss of off-policy preference data is reweighted toward on-policy data. TRL 1.16 raises on
+    `sft` with `use_weighting` (it multiplies in place into its expanded batch loss); here each pair's share of
+    the SFT term is weighted like any other loss."""
+    return torch.exp(wpo_chosen_logps + wpo_rejected_logps).detach()
+
+
 def nll_term(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-pair NLL of the chosen response, −ℓ_θ(y_w)/|y_w| (RPO, Pang et al. 2024, arXiv:2404.19733)."""
     return -policy_chosen / chosen_lengths.clamp(min=1)
@@ -398,6 +433,11 @@ def preference_loss(
     estimator needs the model and batch, so the trainer adds its penalty (this function refuses it).
     Every loss may add `nll_weight · (−ℓ_θ(y_w)/|y_w|)`, which needs `chosen_lengths`; `sft` and
     `sigmoid_norm` need the lengths too (`chosen_lengths`, `rejected_lengths`: token counts, shape (B,)).
+    With `wpo_chosen_logps` and `wpo_rejected_logps` (WPO, `wpo_weights`) each pair's base loss is multiplied by
+    its weight; SPO's penalty and the NLL term are not (they are not terms of the preference data's likelihood).
+    SPO's penalty is measured on `spo_chosen_logps` against `spo_ref_chosen_logps` where given (LD-DPO's
+    inputs are down-weighted sums, TR-DPO's reference drifts: the safe region stays the summed log-prob's
+    under the initial reference), else on the loss's own inputs.
 
     Raises ValueError naming the offending option for unknown names, unknown options and invalid values.
     """
@@ -456,6 +496,13 @@ def preference_loss(
             metrics[f"{member}_loss"] = part.mean().detach()
     else:
         losses = _PAIR_LOSSES[base](pair, member_options[base])
+    if opts["wpo_chosen_logps"] is not None or opts["wpo_rejected_logps"] is not None:
+        refused = [member for member in weights if member in NOT_WEIGHTABLE]
+        if refused:
+            raise ValueError(f"use_weighting: WPO weights a pair's loss; {NOT_WEIGHTABLE[refused[0]]}")
+        pair_weights = wpo_weights(opts["wpo_chosen_logps"], opts["wpo_rejected_logps"])
+        losses = losses * pair_weights
+        metrics["wpo_weight"] = pair_weights.mean()
 
     if name == "spo":
         spo_lambda, spo_epsilon = opts["spo_lambda"], opts["spo_epsilon"]
@@ -469,7 +516,9 @@ def preference_loss(
         if opts["spo_estimator"] == "one_step":
             raise ValueError("spo_estimator: 'one_step' needs the model and batch; the trainer computes it "
                              "(call preference_loss with the base loss and add spo_ray.trainer's penalty)")
-        penalty = safe_region_violation(chosen, ref_chosen_logps, spo_epsilon)
+        measured = opts["spo_chosen_logps"] if opts["spo_chosen_logps"] is not None else chosen
+        anchor = opts["spo_ref_chosen_logps"] if opts["spo_ref_chosen_logps"] is not None else ref_chosen_logps
+        penalty = safe_region_violation(measured, anchor, spo_epsilon)
         if spo_lambda != 0:  # keep λ = 0 *exactly* the base loss, even where the penalty is inf
             losses = losses + spo_lambda * penalty
         metrics["spo_penalty"] = penalty.mean().detach()

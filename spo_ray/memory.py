@@ -152,17 +152,22 @@ def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDatase
                                           shared_prompts) for d in (train_data, eval_data))
         check_fits("reference.batch_tokens", f"the reference pass (batches of {tokens:,} tokens, and the "
                    f"reference's weights)", forward_floor(model_config, tokens, values) + weights, device)
+    # A reference run on every batch (reference.cache: false, or TR-DPO's reference.sync) stays loaded beside the
+    # policy through the evaluation and every step.
+    resident = weights if not ref.cache or ref.sync else 0
     tokens = largest_batch_tokens(eval_data, length_sorted_batches(eval_data, train_cfg.eval_batch_size,
                                                                    train_cfg.eval_batch_tokens, shared_prompts),
                                   shared_prompts)
     check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
-               forward_floor(model_config, tokens, values), device)
+               forward_floor(model_config, tokens, values) + resident, device)
     tokens = largest_batch_tokens(train_data, micro_batches, shared_prompts)
     checkpointed = int(setting is True)
     if setting == "auto":
-        checkpointed = checkpointing_needed(model_config, tokens, trainable, values, available_bytes(device),
+        available = available_bytes(device)
+        checkpointed = checkpointing_needed(model_config, tokens, trainable, values,
+                                            None if available is None else available - resident,
                                             checkpoints_some_layers(model))
-    need = training_floor(model_config, tokens, trainable, values, checkpointed=checkpointed)
+    need = training_floor(model_config, tokens, trainable, values, checkpointed=checkpointed) + resident
     check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens"
                f"{', activation checkpointing on' if checkpointed else ''})", need, device,
                "lower it or raise train.grad_accum_steps" + ("" if checkpointed else

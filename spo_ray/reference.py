@@ -26,11 +26,13 @@ import torch
 from spo_ray import storage
 from spo_ray.data import PairDataset
 from spo_ray.logprobs import concatenated_forward
-from spo_ray.models import file_identity
+from spo_ray.config import ConfigError
+from spo_ray.models import file_identity, merged_state_dict
 from spo_ray.sharding import is_sharded, per_pair_tables
 
-COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps")
-CACHE_FORMAT = 1
+COLUMNS = ("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps", "chosen_shared_logps",
+           "rejected_shared_logps")
+CACHE_FORMAT = 2  # 2: the shared-prefix sums (LD-DPO) added; a table of format 1 is rebuilt
 
 
 def fingerprint(*parts) -> str:
@@ -169,3 +171,51 @@ class ModelReference:
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         out = concatenated_forward(self.model, batch)
         return {name: out[name].float() for name in COLUMNS}
+
+
+class SyncedReference:
+    """TR-DPO's reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment",
+    arXiv:2404.09656; TRL's `sync_ref_model`): a model run on every batch that every `sync_steps` optimizer steps
+    moves toward the policy,
+
+        π_ref ← α · π_θ + (1 − α) · π_ref      (weights; α = `mixup_alpha`, the paper's soft update; α = 1 its hard one)
+
+    A drifting reference is a function of the run, not of (reference weights, data), so the shared cache cannot
+    serve it. The initial reference's cached table still can, and it is kept beside the model as the `anchor_*`
+    columns: SPO's safe region is defined by the initial (SFT) model, the lower level's solution, so its
+    penalty — and the chosen/rejected log-prob deltas every report shows — stay measured against it, while the
+    preference loss itself sees the drifting reference. (Anchored to the drifting one instead, a hard update
+    would reset the safe region every τ steps and let the chosen log-prob fall a little further after each.)
+
+    `model`'s weights are part of the run's state: checkpoints carry them (`state_dict`), and a resumed or PBT-
+    exploited trial continues from the reference it had. Under DDP every worker holds its own copy and mixes in
+    the same (all-reduced) policy, so the copies stay equal."""
+
+    def __init__(self, model, anchor: dict[str, torch.Tensor], sync_steps: int, mixup_alpha: float, policy):
+        self.model = ModelReference(model)
+        self.anchor = PrecomputedReference(anchor)
+        self.sync_steps, self.mixup_alpha = sync_steps, mixup_alpha
+        mine, weights = {name: p.shape for name, p in model.named_parameters()}, merged_state_dict(policy)
+        theirs = {name: weights[name].shape for name in mine if name in weights}
+        if mine != theirs:
+            raise ConfigError("reference.sync: the reference's weights are not the policy's (another architecture "
+                              "or size in model.reference); TR-DPO mixes the policy into the reference, weight by weight")
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {**self.model(batch), **{f"anchor_{name}": value for name, value in self.anchor(batch).items()}}
+
+    @torch.no_grad()
+    def step_done(self, policy, step: int) -> None:
+        """After optimizer step `step`: mix `policy` (a LoRA policy with its adapters merged in) into the reference
+        when the step is a multiple of `sync_steps` (TRL's `SyncRefModelCallback` at `on_step_end`)."""
+        if step % self.sync_steps:
+            return
+        weights = merged_state_dict(policy)
+        for name, param in self.model.model.named_parameters():
+            param.mul_(1 - self.mixup_alpha).add_(weights[name].to(param.dtype), alpha=self.mixup_alpha)
+
+    def state_dict(self) -> dict:
+        return self.model.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.model.load_state_dict(state)

@@ -34,9 +34,9 @@ from spo_ray.data import LengthGroupedSampler, PairDataset, collate, collate_pai
 from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_initial_evaluation
 from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, prefix_sharing_unsupported,
                               sequence_logps)
-from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, loss_options, preference_loss
+from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, ld_logps, loss_options, preference_loss
 from spo_ray.memory import check_run_fits, release_freed_memory
-from spo_ray.reference import (ModelReference, PrecomputedReference, cached_reference_logps,
+from spo_ray.reference import (ModelReference, PrecomputedReference, SyncedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity, table_path)
 from spo_ray.sampling import samples_dir
@@ -130,6 +130,14 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
     key = "avg_logps" if averaged else "logps"
     chosen, rejected = policy[f"chosen_{key}"], policy[f"rejected_{key}"]
     ref_chosen, ref_rejected = reference[f"chosen_{key}"], reference[f"rejected_{key}"]
+    # SPO's safe region and the log-prob trajectories: the summed (or averaged) log-probs against the initial
+    # reference, whatever view the loss takes (LD-DPO's weighting) and wherever its reference drifted (TR-DPO).
+    anchor = "anchor_" if "anchor_chosen_logps" in reference else ""
+    safe_region = {"spo_chosen_logps": chosen, "spo_ref_chosen_logps": reference[f"{anchor}chosen_{key}"]}
+    if loss_cfg.ld_alpha is not None:  # on summed log-probs only (config.check_loss)
+        chosen, rejected, ref_chosen, ref_rejected = (
+            ld_logps(side[f"{reply}_logps"], side[f"{reply}_shared_logps"], loss_cfg.ld_alpha)
+            for side in (policy, reference) for reply in ("chosen", "rejected"))
     if base in REFERENCE_FREE_LOSSES and name != "spo":
         ref_chosen = ref_rejected = None
 
@@ -137,6 +145,8 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
     options = {key: getattr(loss_cfg, key) for key in loss_options(base, loss_cfg.combine)
                if getattr(loss_cfg, key) is not None}
     options.update(chosen_lengths=policy["chosen_lengths"], rejected_lengths=policy["rejected_lengths"])
+    if loss_cfg.use_weighting:
+        options.update(wpo_chosen_logps=policy["chosen_wpo_logps"], wpo_rejected_logps=policy["rejected_wpo_logps"])
     if loss_cfg.nll_weight:
         options["nll_weight"] = loss_cfg.nll_weight
         if averaged:  # ℓ̄(y_w) is already per token: the NLL term's −ℓ/|y_w| must not divide by |y_w| again
@@ -144,7 +154,7 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
     spo_lambda = spo_lambda_at(loss_cfg, step)
     one_step = name == "spo" and loss_cfg.spo_estimator == "one_step"
     if name == "spo" and not one_step:
-        options.update(base=base, spo_lambda=spo_lambda, spo_epsilon=loss_cfg.spo_epsilon)
+        options.update(base=base, spo_lambda=spo_lambda, spo_epsilon=loss_cfg.spo_epsilon, **safe_region)
         losses, metrics = preference_loss("spo", chosen, rejected, ref_chosen, ref_rejected,
                                           beta=loss_cfg.beta, **options)
     else:
@@ -166,8 +176,8 @@ def batch_loss(loss_cfg: LossConfig, policy: dict, reference: dict, step: int, m
     with torch.no_grad():
         metrics["chosen_logps"] = policy["chosen_logps"].mean()
         metrics["rejected_logps"] = policy["rejected_logps"].mean()
-        metrics["chosen_logp_delta"] = (policy["chosen_logps"] - reference["chosen_logps"]).mean()
-        metrics["rejected_logp_delta"] = (policy["rejected_logps"] - reference["rejected_logps"]).mean()
+        metrics["chosen_logp_delta"] = (policy["chosen_logps"] - reference[f"{anchor}chosen_logps"]).mean()
+        metrics["rejected_logp_delta"] = (policy["rejected_logps"] - reference[f"{anchor}rejected_logps"]).mean()
         if name == "spo":
             metrics["spo_lambda"] = torch.tensor(spo_lambda)
     metrics["loss"] = loss.detach()
@@ -272,7 +282,7 @@ def evaluate_pairs(model, dataset: PairDataset, reference, loss_cfg: LossConfig,
 
     def forward(batch):
         with autocast():
-            policy_out = concatenated_forward(unwrap(model), batch)
+            policy_out = concatenated_forward(unwrap(model), batch, wpo=loss_cfg.use_weighting)
         return {**{("policy", k): v for k, v in policy_out.items()},
                 **{("reference", k): v for k, v in reference(batch).items()}}
 
@@ -476,6 +486,49 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
                   f"memory available without it")
 
 
+def references(config: RunConfig, reference_model: Callable, reference_path: str, splits: dict[str, PairDataset],
+               policy, reference_dir: str, context: WorkerContext, autocast, pad_id: int, progress: bool):
+    """The training and evaluation splits' reference log-probs (`spo_ray.reference`): the shared tables
+    (`reference.cache`), or the frozen model on every batch (`reference.cache: false`), or — TR-DPO's
+    `reference.sync` — a model that drifts toward the policy, with the initial reference's tables beside it
+    (read from the cache, or computed in the trial without it) for SPO's safe region."""
+    loaded = []
+
+    def frozen():  # loaded once, whichever split first needs it
+        if not loaded:
+            loaded.append(reference_model())
+        return loaded[0]
+
+    if not (config.reference.cache or config.reference.sync):
+        return (ModelReference(frozen()),) * 2
+    tables = {}
+    for split, dataset in splits.items():
+        key = fingerprint(model_identity(reference_path), dataset_fingerprint(dataset), split)
+        def compute(dataset=dataset):
+            ref = frozen()
+            with autocast():
+                return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, context.device,
+                                               progress=progress and context.rank == 0,
+                                               max_tokens=config.reference.batch_tokens,
+                                               shared_prompts=shares_prompts(config, ref, dataset, context, say=False))
+        if not config.reference.cache:
+            tables[split] = compute()
+            continue
+        if context.sharded:  # every worker takes part in a sharded reference's forward
+            tables[split], hit = cached_reference_logps_together(reference_dir, key, dataset, compute,
+                                                                 rank=context.rank, device=context.device)
+        else:
+            tables[split], hit = cached_reference_logps(reference_dir, key, dataset, compute)
+        if context.rank == 0:
+            print(f"reference log-probs ({split}, {len(dataset)} pairs): "
+                  f"{'read from' if hit else 'computed into'} {table_path(reference_dir, key)}")
+    if config.reference.sync:
+        sync = config.reference
+        return tuple(SyncedReference(frozen(), tables[split], sync.sync_steps, sync.mixup_alpha, policy)
+                     for split in ("train", "eval"))
+    return PrecomputedReference(tables["train"]), PrecomputedReference(tables["eval"])
+
+
 def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None,
           context: WorkerContext | None = None,
           report: Report | None = None, resume: dict | None = None,
@@ -532,30 +585,10 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         ref = load_causal_lm(reference_path, config.model.model_copy(update={"lora": None}), device=device)
         return shard_model(ref, device) if context.sharded else ref
 
-    if config.reference.cache:
-        tables = {}
-        for split, dataset in (("train", train_data), ("eval", eval_data)):
-            key = fingerprint(model_identity(reference_path), dataset_fingerprint(dataset), split)
-            def compute(dataset=dataset):
-                ref = reference_model()
-                with autocast():
-                    return compute_reference_logps(ref, dataset, pad_id, config.reference.batch_size, device,
-                                                   progress=progress and context.rank == 0,
-                                                   max_tokens=config.reference.batch_tokens,
-                                                   shared_prompts=shares_prompts(config, ref, dataset, context,
-                                                                                 say=False))
-            if context.sharded:  # every worker takes part in a sharded reference's forward
-                tables[split], hit = cached_reference_logps_together(reference_dir or cache_dir, key, dataset,
-                                                                     compute, rank=context.rank, device=device)
-            else:
-                tables[split], hit = cached_reference_logps(reference_dir or cache_dir, key, dataset, compute)
-            if context.rank == 0:
-                print(f"reference log-probs ({split}, {len(dataset)} pairs): "
-                      f"{'read from' if hit else 'computed into'} {table_path(reference_dir or cache_dir, key)}")
-        train_reference = PrecomputedReference(tables["train"])
-        eval_reference = PrecomputedReference(tables["eval"])
-    else:
-        train_reference = eval_reference = ModelReference(reference_model())
+    train_reference, eval_reference = references(config, reference_model, reference_path,
+                                                 {"train": train_data, "eval": eval_data}, policy,
+                                                 reference_dir or cache_dir, context, autocast, pad_id, progress)
+    synced = train_reference if isinstance(train_reference, SyncedReference) else None
 
     # 3. Optimiser, schedule, data order.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -563,6 +596,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                       cfg.max_steps))
     step = restore_state(model, optimizer, scheduler, resume, context.sharded) if resume else 0
+    if synced and resume and "reference" in resume:  # TR-DPO: the reference as far as it had drifted
+        synced.load_state_dict(resume["reference"])
     initial_evaluation = initial_evaluator(task, config, evaluations_dir(cache_dir), context)
     probe_items = [eval_data[i] for i in range(min(cfg.probe_pairs, len(eval_data)))]
     probe_batch = {k: v.to(device) for k, v in collate_pairs(probe_items, pad_id).items()}
@@ -582,8 +617,11 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             model_state, optimizer_state = full_state(model, optimizer)
         else:
             model_state, optimizer_state = unwrap(model).state_dict(), optimizer.state_dict()
-        return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "step": step}
+        state = {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                 "step": step}
+        if synced:
+            state["reference"] = synced.state_dict()
+        return state
 
     def diagnostics(do_probe: bool, do_eval: bool, loss_cfg: LossConfig) -> dict[str, float]:
         """The gradient probe and the evaluation, on rank 0 — or on every rank of a sharded model, whose
@@ -642,7 +680,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast():
-                    policy_out = concatenated_forward(model, batch)
+                    policy_out = concatenated_forward(model, batch, wpo=current.loss.use_weighting)
                 loss, metrics = batch_loss(current.loss, policy_out, train_reference(batch), step, model, batch)
                 if poison:
                     loss = metrics["loss"] = loss * float("nan")
@@ -657,6 +695,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them before any evaluation or probe
         scheduler.step()
         step += 1
+        if synced:
+            synced.step_done(unwrap(model), step)
         if bar:
             bar.update(1)
 

@@ -182,6 +182,14 @@ def test_load_yaml_errors_name_the_file(tmp_path):
     ({"name": "sigmoid_norm", "average_logps": True}, "loss.average_logps: sigmoid_norm divides by the response"),
     ({"name": "combine", "combine": {"simpo": 1.0, "sft": 1.0}}, "loss.combine: simpo (on length-averaged"),
     ({"name": "exo_pair", "label_smoothing": 0.0}, "loss.label_smoothing: exo_pair needs ε > 0"),
+    # LD-DPO on averaged log-probs, WPO over a batch-sorted loss
+    ({"name": "dpo", "ld_alpha": 0.5, "average_logps": True},
+     "loss.ld_alpha: LD-DPO down-weights the tail of summed log-probs; loss.average_logps averages them"),
+    ({"name": "spo", "base": "simpo", "ld_alpha": 0.5}, "loss.ld_alpha: LD-DPO down-weights the tail of summed "
+                                                        "log-probs; simpo averages them"),
+    ({"name": "dpo", "ld_alpha": 1.5}, "loss.ld_alpha: input should be less than or equal to 1"),
+    ({"name": "aot", "use_weighting": True},
+     "loss.use_weighting: WPO weights each pair's loss; aot sorts the log-ratios across the batch"),
 ])
 def test_a_loss_setting_that_does_not_apply_is_one_line_naming_the_key(loss, expected):
     assert error_of({"loss": loss}).startswith(expected)
@@ -198,6 +206,26 @@ def test_a_loss_setting_that_does_not_apply_is_one_line_naming_the_key(loss, exp
 ])
 def test_every_loss_and_its_own_options_are_accepted(loss):
     validate_sweep({"loss": loss})
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"loss": {"name": "simpo"}, "reference": {"sync": True}},
+     "reference.sync: loss simpo uses no reference model, so there is none to sync"),
+    ({"loss": {"name": "combine", "combine": {"cpo": 1.0, "sft": 1.0}}, "reference": {"sync": True}},
+     "reference.sync: loss combine uses no reference model"),
+    ({"reference": {"sync": True}, "scaling": {"strategy": "fsdp", "num_workers": 2}},
+     "reference.sync: cannot run with scaling.strategy: fsdp yet"),
+    ({"reference": {"sync": True, "mixup_alpha": 0.0}}, "reference.mixup_alpha: input should be greater than 0"),
+])
+def test_a_reference_sync_that_cannot_apply_is_one_line_naming_the_key(raw, expected):
+    assert error_of(raw).startswith(expected)
+
+
+def test_a_reference_sync_over_spo_syncs_the_base_losss_reference_only():
+    # SPO's penalty keeps the initial reference under a sync: over a reference-free base nothing would drift.
+    assert error_of({"loss": {"name": "spo", "base": "simpo"}, "reference": {"sync": True}}).startswith(
+        "reference.sync: loss simpo uses no reference model (SPO's penalty keeps the initial reference)")
+    validate_sweep({"loss": {"name": "spo", "base": "robust"}, "reference": {"sync": True, "sync_steps": 4}})
 
 
 def test_a_loss_option_error_exits_2_before_anything_runs(tmp_path, capsys):

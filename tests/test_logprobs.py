@@ -310,3 +310,78 @@ def test_length_sorted_batches_respect_the_pair_cap_and_the_token_budget():
     assert length_sorted_batches(dataset, batch_size=4, max_tokens=40) == [[4, 0, 2], [5, 1], [3]]  # 2 × 2 × 9 = 36
     # A pair longer than the budget alone still gets a batch; every pair is in exactly one batch.
     assert length_sorted_batches(dataset, batch_size=8, max_tokens=10) == [[4], [0], [2], [5], [1], [3]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# LD-DPO's shared-prefix sums and WPO's aligned log-probs (spo_ray.losses.ld_logps, wpo_weights)
+
+def test_the_shared_prefix_is_the_first_min_length_tokens_of_each_reply():
+    from spo_ray.logprobs import shared_prefix
+
+    # Pair 0: chosen 3 tokens, rejected 2; pair 1: chosen 1, rejected 4. Sequences 0, 1 chosen; 2, 3 rejected,
+    # interleaved as collate_shared_prompts lists them.
+    sequences = torch.tensor([0, 0, 0, 2, 2, 1, 3, 3, 3, 3])
+    assert shared_prefix(sequences, 4).tolist() == [True, True, False, True, True, True, True, False, False, False]
+
+
+def float64_token_views(model64, pairs: list[TokenizedPair], side: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per reply: the float64 log-probs of its tokens and log Σ_v π(v)² at each, from one unpadded sequence."""
+    views = []
+    for pair in pairs:
+        response = pair.chosen_ids if side == "chosen" else pair.rejected_ids
+        with torch.no_grad():
+            logits = model64(input_ids=torch.tensor([pair.prompt_ids + response])).logits[0]
+        logp = torch.log_softmax(logits[len(pair.prompt_ids) - 1:-1], dim=-1)
+        views.append((logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1),
+                      (logp.exp() ** 2).sum(-1).log()))  # Σ_v π(v)² straight from the probabilities
+    return views
+
+
+@pytest.mark.parametrize("layout", ["right", "left", "shared"])
+def test_shared_prefix_sums_and_wpo_logps_equal_a_float64_oracle(layout):
+    """`chosen_shared_logps`: the first min(|y_w|, |y_l|) token log-probs summed; `chosen_wpo_logps`: the mean of
+    log π(y_t) − log Σ_v π(v)² over the reply (WPO's aligned log-prob) — from a float64 model batched three
+    ways, against the same quantities from each reply's own unpadded forward and plain softmax."""
+    from spo_ray.data import collate_shared_prompts
+
+    model64 = tiny_llama().double()
+    items = list(PairDataset(PAIRS))
+    batch = (collate_shared_prompts(items, PAD) if layout == "shared"
+             else collate_pairs(items, pad_token_id=PAD, padding_side=layout))
+    with torch.no_grad():
+        out = concatenated_forward(model64, batch, wpo=True)
+    chosen, rejected = (float64_token_views(model64, PAIRS, side) for side in ("chosen", "rejected"))
+    for side, views in (("chosen", chosen), ("rejected", rejected)):
+        shared = torch.stack([logp[:min(len(c[0]), len(r[0]))].sum() for (logp, _), c, r in zip(views, chosen, rejected)])
+        wpo = torch.stack([(logp - log_sum_sq).mean() for logp, log_sum_sq in views])
+        scale = max(abs(v[0]).sum() for v in views) + max(abs(v[1]).sum() for v in views)
+        tolerance = rounding_tolerance(scale, 64, torch.float64)  # two float64 forwards, batched differently
+        assert (out[f"{side}_shared_logps"] - shared).abs().max() <= tolerance, side
+        assert (out[f"{side}_wpo_logps"] - wpo).abs().max() <= tolerance, side
+    # The shared part is a proper part: each pair's longer reply has tokens past it, the shorter one none.
+    for i, pair in enumerate(PAIRS):
+        longer = "chosen" if len(pair.chosen_ids) > len(pair.rejected_ids) else "rejected"
+        shorter = "rejected" if longer == "chosen" else "chosen"
+        assert abs(out[f"{longer}_shared_logps"][i] - out[f"{longer}_logps"][i]) > 1e-3
+        assert out[f"{shorter}_shared_logps"][i] == out[f"{shorter}_logps"][i]
+
+
+def test_wpo_outputs_leave_the_log_probs_and_their_gradient_bit_for_bit(monkeypatch):
+    """Several checkpointed chunks, with gradients: asking for WPO's aligned log-probs computes them from the same
+    logits without touching the log-probs or what flows back through them; they carry no gradient themselves."""
+    import spo_ray.logprobs as logprobs
+
+    monkeypatch.setattr(logprobs, "LOGITS_CHUNK_BYTES", 4 * VOCAB_SIZE * 3)  # chunks of 3 positions
+    batch = collate_pairs(list(PairDataset(PAIRS)), pad_token_id=PAD, padding_side="right")
+    results = {}
+    for wpo in (False, True):
+        model = tiny_llama().train()
+        out = concatenated_forward(model, batch, wpo=wpo)
+        (out["chosen_logps"].sum() - 0.5 * out["rejected_shared_logps"].sum()).backward()
+        results[wpo] = out, [p.grad for p in model.parameters()]
+    (plain, plain_grads), (with_wpo, wpo_grads) = results[False], results[True]
+    for key in plain:
+        assert torch.equal(plain[key], with_wpo[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, wpo_grads))
+    assert not with_wpo["chosen_wpo_logps"].requires_grad
+    assert torch.isfinite(with_wpo["chosen_wpo_logps"]).all()

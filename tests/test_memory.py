@@ -286,3 +286,25 @@ def test_the_probe_and_the_evaluation_each_start_after_freed_memory_is_released(
     train(validate_run(tiny_run()), cache_dir=init_cache, report=lambda row, state: rows.append(row["step"]))
     # log_every = eval_every = probe_every = 3: every reported row (and step 0's, when asked) ran both phases
     assert rows and calls == ["release", "probe", "release", "evaluation"] * len(rows)
+
+
+@pytest.mark.parametrize("reference", [{"cache": True}, {"cache": False}, {"sync": True}],
+                         ids=["cached", "uncached", "synced"])
+def test_a_reference_kept_beside_the_policy_counts_against_the_step(monkeypatch, reference):
+    """Room for exactly the plain step: enough with the cached reference (its tables are read, the model gone),
+    not when the reference stays loaded for every batch (reference.cache: false, TR-DPO's sync) — its weights,
+    the policy's size here, come on top."""
+    from spo_ray.data import PairDataset, TokenizedPair
+    from spo_ray.trainer import WorkerContext, fit_passes
+
+    model = small_llama()
+    pairs = PairDataset([TokenizedPair(list(range(1, 40)), list(range(40, 90)), list(range(90, 120)))] * 4)
+    trainable = sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(memory, "available_bytes",
+                        lambda device: memory.training_floor(model.config, 2 * 4 * 89, trainable))
+    config = validate_run(tiny_run(model={"gradient_checkpointing": False}, reference=reference))
+    if reference == {"cache": True}:
+        fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())
+        return
+    with pytest.raises(ConfigError, match=r"^train.batch_size: a training step"):
+        fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())

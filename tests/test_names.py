@@ -69,8 +69,10 @@ def test_every_loss_reports_only_metrics_the_config_knows():
         if name not in NOT_WRAPPABLE:
             reported |= _loss_metrics("spo", base=name)
     reported |= _loss_metrics("combine", combine={"dpo": 1.0, "sft": 1.0})
+    reported |= _loss_metrics("dpo", wpo_chosen_logps=torch.tensor([-0.1, 0.2]),
+                              wpo_rejected_logps=torch.tensor([-0.3, 0.0]))
     assert reported <= set(LOSS_METRICS), reported - set(LOSS_METRICS)
-    assert {"nll", "spo_penalty", "dpo_loss", "sft_loss", "reward_accuracy"} <= reported
+    assert {"nll", "spo_penalty", "dpo_loss", "sft_loss", "reward_accuracy", "wpo_weight"} <= reported
     assert set(EVALUATOR_METRICS) == {"arithmetic", "chat_arithmetic", "gsm8k", "files", "hub"}
 
 

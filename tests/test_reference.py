@@ -102,3 +102,62 @@ def test_training_with_and_without_the_cache_gives_the_same_metrics(init_cache, 
                 continue
             assert without[key] == pytest.approx(value, abs=1e-6), key
     assert list((tmp_path).glob("reflogps-*.parquet"))  # the cached run wrote its tables
+
+
+# ---------------------------------------------------------------------------------------------------
+# TR-DPO's synced reference (spo_ray.reference.SyncedReference)
+
+def test_a_synced_reference_mixes_the_policy_in_every_sync_steps_and_keeps_the_initial_tables():
+    from spo_ray.reference import SyncedReference
+
+    reference, policy = tiny_model(0).double(), tiny_model(1).double()
+    initial = {name: p.detach().clone() for name, p in reference.named_parameters()}
+    state = copy.deepcopy(reference.state_dict())
+    tables = compute_reference_logps(copy.deepcopy(reference), dataset(), pad_token_id=0, batch_size=2)
+    synced = SyncedReference(reference, tables, sync_steps=3, mixup_alpha=0.25, policy=policy)
+    for step in (1, 2):
+        synced.step_done(policy, step)
+    assert all(torch.equal(p, initial[name]) for name, p in reference.named_parameters())
+    synced.step_done(policy, 3)
+    theirs = dict(policy.named_parameters())
+    for name, p in reference.named_parameters():  # 0.75·W_ref + 0.25·W_θ: two roundings of values ≤ the largest
+        expected = 0.75 * initial[name] + 0.25 * theirs[name]
+        assert (p - expected).abs().max() <= 4 * torch.finfo(torch.float64).eps * expected.abs().max(), name
+
+    batch = collate_pairs(list(dataset()), pad_token_id=0)
+    out = synced(batch)
+    mixed = concatenated_forward(reference, batch)  # the model as it now is, for the loss …
+    assert torch.equal(out["chosen_logps"], mixed["chosen_logps"].float())
+    assert torch.equal(out["anchor_chosen_logps"], tables["chosen_logps"][batch["index"]])  # … the tables as it was
+    assert not torch.allclose(out["chosen_logps"], out["anchor_chosen_logps"])
+    synced.load_state_dict(state)  # a resumed run's reference (the checkpoint's "reference")
+    assert all(torch.equal(p, initial[name]) for name, p in reference.named_parameters())
+
+
+def test_a_lora_policy_is_mixed_in_with_its_adapters_merged():
+    from peft import LoraConfig, get_peft_model
+    from spo_ray.reference import SyncedReference
+
+    reference = tiny_model(0).double()
+    policy = get_peft_model(tiny_model(1).double(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B starts at zero: make the adapters change the weights
+    merged = copy.deepcopy(policy).merge_and_unload().state_dict()
+    synced = SyncedReference(reference, {}, sync_steps=1, mixup_alpha=1.0, policy=policy)
+    synced.step_done(policy, 1)  # α = 1: the reference becomes the merged policy
+    for name, p in reference.named_parameters():
+        assert (p - merged[name]).abs().max() <= 4 * torch.finfo(torch.float64).eps * merged[name].abs().max(), name
+    assert not torch.equal(reference.model.layers[0].self_attn.q_proj.weight,
+                           policy.get_base_model().model.layers[0].self_attn.q_proj.weight)  # not the bare base
+
+
+def test_a_synced_reference_of_another_size_is_one_line_naming_the_key():
+    from spo_ray.config import ConfigError
+    from spo_ray.reference import SyncedReference
+
+    torch.manual_seed(0)
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    with pytest.raises(ConfigError, match=r"^reference\.sync: the reference's weights are not the policy's"):
+        SyncedReference(tiny_model(0), {}, sync_steps=1, mixup_alpha=0.5, policy=wider)

@@ -348,3 +348,66 @@ def test_the_fused_adamw_takes_the_steps_of_torchs_loop_to_float32_rounding():
     apply_optimizer_settings(resumed, torch.optim.lr_scheduler.LambdaLR(resumed, lr_lambda("constant", 0, 4)),
                              cfg["adamw_torch_fused"])
     assert resumed.param_groups[0]["fused"] and resumed.param_groups[0]["foreach"] is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# LD-DPO, WPO and TR-DPO's synced reference in the trainer
+
+def test_ld_dpo_weights_the_loss_but_spo_measures_the_summed_log_probs_against_the_initial_reference():
+    cfg = validate_run({"loss": {"name": "spo", "beta": 1.0, "spo_lambda": 1.0, "ld_alpha": 0.5}}).loss
+    t = lambda value: torch.tensor([value], dtype=torch.float64)
+    policy = {"chosen_logps": t(-4.0), "chosen_shared_logps": t(-3.0), "rejected_logps": t(-6.0),
+              "rejected_shared_logps": t(-5.0), "chosen_lengths": t(4.0), "rejected_lengths": t(3.0)}
+    reference = {"chosen_logps": t(-3.5), "chosen_shared_logps": t(-3.0), "rejected_logps": t(-5.0),
+                 "rejected_shared_logps": t(-4.5)}
+    for view in (policy, reference):
+        view.update({key.replace("_logps", "_avg_logps"): view[key] for key in ("chosen_logps", "rejected_logps")})
+    # LD-DPO at α = ½: chosen −3 + ½(−1) = −3.5 against −3 + ½(−½) = −3.25; rejected −5.5 against −4.75; Δ = ½.
+    dpo = -math.log(1 / (1 + math.exp(-0.5)))
+    loss, metrics = batch_loss(cfg, policy, reference, step=0)
+    assert abs(loss.item() - (dpo + 0.5)) <= rounding_tolerance(dpo, 8, torch.float64)  # penalty −3.5 − (−4), summed
+    # TR-DPO: the same reference drifted; the initial one (the anchor) holds the safe region and the deltas.
+    anchored = {**reference, **{f"anchor_{k}": v - 0.5 for k, v in reference.items()}}
+    loss, metrics = batch_loss(cfg, policy, anchored, step=0)
+    assert abs(loss.item() - (dpo + 0.0)) <= rounding_tolerance(dpo, 8, torch.float64)  # −4 − (−4): inside
+    assert metrics["chosen_logp_delta"].item() == 0.0 and metrics["rejected_logp_delta"].item() == -0.5
+
+
+def test_ld_dpo_and_wpo_train_through_the_trainer_on_shared_prompt_rows(init_cache):
+    final, _ = run(tiny_run(loss={"name": "spo", "ld_alpha": 0.5, "use_weighting": True},
+                            train={"max_steps": 2, "eval_every": 2, "probe_every": 2}), init_cache)
+    assert math.isfinite(final["train/loss"]) and final["step"] == 2
+    # exp of per-token means of log π(y_t) − log Σ_v π(v)², whose ratio averages 1 on the policy's own samples.
+    assert all(0 < final[f"{split}/wpo_weight"] < 10 and final[f"{split}/wpo_weight"] != 1 for split in ("train", "eval"))
+
+
+def test_a_reference_synced_by_copy_makes_the_loss_log_2_after_each_sync_while_deltas_keep_the_initial_one(init_cache):
+    """TR-DPO's hard update (α = 1) every 3 steps: right after each sync, evaluated at steps 3 and 6, the
+    reference *is* the policy, so every log-ratio is 0 and DPO's loss log 2 — while the deltas, measured against
+    the initial reference, have moved."""
+    _, rows = run(tiny_run(reference={"sync": True, "sync_steps": 3, "mixup_alpha": 1.0}), init_cache)
+    assert [row["step"] for row in rows] == [3, 6]
+    for row in rows:
+        assert abs(row["eval/loss"] - math.log(2)) <= dpo_loss_tolerance(row, "eval", 0.1)
+        assert abs(row["eval/chosen_logp_delta"]) > 0.05
+    _, fixed = run(tiny_run(), init_cache)  # the fixed reference: the same steps, a loss away from log 2
+    assert abs(fixed[-1]["eval/loss"] - math.log(2)) > 100 * dpo_loss_tolerance(fixed[-1], "eval", 0.1)
+
+
+def test_a_resumed_run_continues_from_the_reference_it_had_drifted_to(init_cache):
+    raw = tiny_run(reference={"sync": True, "sync_steps": 2, "mixup_alpha": 0.5}, train={"checkpoint_every": 2})
+    states, rows = {}, []
+
+    def report(row, state):
+        rows.append(row)
+        if state:
+            states[row["step"]] = copy.deepcopy(state)
+
+    full = train(validate_run(raw), cache_dir=init_cache, report=report)
+    assert "reference" in states[4]
+    resumed = train(validate_run(raw), cache_dir=init_cache, resume=states[4])
+    stale = train(validate_run(raw), cache_dir=init_cache,
+                  resume={k: v for k, v in states[4].items() if k != "reference"})
+    measured = [k for k in full if k.startswith(("eval/", "train/")) and k != "train/tokens_per_s"]
+    assert {k: resumed[k] for k in measured} == {k: full[k] for k in measured}
+    assert stale["eval/loss"] != full["eval/loss"]  # without its reference a resumed run would train on another

@@ -166,21 +166,41 @@ def parity_batch(seed: int, size: int = 6, unit_lengths: bool = False) -> dict[s
             "chosen_lengths": lengths[0], "rejected_lengths": lengths[1]}
 
 
-def trl_compute_loss(batch: dict, loss_types: list[str], beta: float, tmp_path, loss_weights=None, **config):
-    """TRL's batch loss for `batch`, and its gradient with respect to the policy's log-probs."""
+def trl_instance(loss_types: list[str], beta: float, tmp_path, loss_weights=None, precompute=True, **config):
+    """A DPOTrainer with the attributes `DPOTrainer.__init__` sets from a real `DPOConfig`, minus the model, data
+    and optimizer set-up."""
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, beta=beta,
-                         loss_type=loss_types, loss_weights=loss_weights, precompute_ref_log_probs=True, **config)
-    trainer = object.__new__(trl.DPOTrainer)  # DPOTrainer.__init__ minus the model, data and optimizer set-up
+                         loss_type=loss_types, loss_weights=loss_weights, precompute_ref_log_probs=precompute,
+                         **config)
+    trainer = object.__new__(trl.DPOTrainer)
     trainer.args, trainer.beta, trainer.precompute_ref_logps = args, args.beta, args.precompute_ref_log_probs
     trainer.loss_types, trainer.loss_weights = args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)
-    trainer.ld_alpha, trainer.label_smoothing, trainer.use_weighting = args.ld_alpha, args.label_smoothing, False
+    trainer.ld_alpha, trainer.label_smoothing, trainer.use_weighting = args.ld_alpha, args.label_smoothing, args.use_weighting
     trainer.f_divergence_type, trainer.f_alpha_divergence_coef = args.f_divergence_type, args.f_alpha_divergence_coef
     trainer.aux_loss_enabled, trainer._tp_size, trainer._total_train_tokens = False, 1, 0
     trainer._metrics = defaultdict(lambda: defaultdict(list))
     trainer.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t,
                                           gather_for_metrics=lambda t: t)
-    trainer.model = SimpleNamespace(training=False)
+    trainer.model = torch.nn.Module().eval()  # TRL reads its mode, and (for a reference forward) its checkpointing
+    trainer.model.is_gradient_checkpointing = False
+    return trainer
 
+
+def trl_loss_and_gradient(trainer, model, inputs: dict, leaf: torch.Tensor):
+    """`DPOTrainer._compute_loss` on `inputs` with `model`, and its gradient with respect to `leaf`."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(leaf.dtype)  # TRL makes `torch.tensor(label_smoothing)` (exo_pair) in the default dtype
+    try:
+        loss = trl.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+def trl_compute_loss(batch: dict, loss_types: list[str], beta: float, tmp_path, loss_weights=None, **config):
+    """TRL's batch loss for `batch`, and its gradient with respect to the policy's log-probs."""
+    trainer = trl_instance(loss_types, beta, tmp_path, loss_weights, **config)
     policy = torch.cat([batch["pc"], batch["pr"]]).detach().requires_grad_(True)
     lengths = torch.cat([batch["chosen_lengths"], batch["rejected_lengths"]]).long()
     rows, width = len(lengths), int(lengths.max()) + 1  # position 0: a prompt token
@@ -196,14 +216,7 @@ def trl_compute_loss(batch: dict, loss_types: list[str], beta: float, tmp_path, 
     inputs = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
               "completion_mask": completion_mask.long(), "ref_chosen_logps": batch["rc"],
               "ref_rejected_logps": batch["rr"]}
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(policy.dtype)  # TRL makes `torch.tensor(label_smoothing)` (exo_pair) in the default dtype
-    try:
-        loss = trl.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    (grad,) = torch.autograd.grad(loss, policy)
-    return loss.detach(), grad
+    return trl_loss_and_gradient(trainer, model, inputs, policy)
 
 
 def our_loss(batch: dict, loss_types: list[str], beta: float, loss_weights=None, **config):
@@ -316,3 +329,105 @@ def test_alpha_divergence_is_trls_with_one_minus_alpha_in_float32(loss_type, trl
     for got, want in [(ours, theirs), (our_grad, their_grad)]:
         scale = max(2 * inputs, want.abs().max().item())
         assert (got - want).abs().max().item() <= rounding_tolerance(scale, 16)
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# LD-DPO (`ld_alpha`) and WPO (`use_weighting`) read the log-probs token by token: TRL's `_compute_loss` gets
+# per-token log-probs (and WPO's log Σ_v π(v)²) of replies of different lengths from a stand-in policy and
+# reference model, ours the same tokens through `spo_ray.logprobs.pair_views` (what `concatenated_forward` returns
+# from a real model) and `spo_ray.trainer.batch_loss`.
+
+from spo_ray.config import validate_run  # noqa: E402
+from spo_ray.logprobs import pair_views  # noqa: E402
+from spo_ray.trainer import batch_loss  # noqa: E402
+
+
+def token_batch(seed: int, pairs: int = 5) -> dict[str, torch.Tensor]:
+    """Rows [0, pairs) chosen, [pairs, 2·pairs) rejected; column 0 a prompt token, then 1–8 reply tokens of
+    0.05–3 nats each (zero past the reply, as TRL's model gives them), a reference within ±0.5 nats a token,
+    and log Σ_v π(v)² between −3 and −0.05."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (2 * pairs,), generator=g)
+    width = int(lengths.max()) + 1
+    positions = torch.arange(width).unsqueeze(0)
+    completion = (positions >= 1) & (positions <= lengths.unsqueeze(1))
+    tokens = completion[:, 1:].double()
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64)
+
+    policy = -uniform(0.05, 3.0) * tokens
+    return {"completion_mask": completion.long(), "policy": policy, "reference": (policy + uniform(-0.5, 0.5)) * tokens,
+            "log_sum_sq": -uniform(0.05, 3.0) * tokens}
+
+
+def trl_token_loss(tokens: dict, loss_types: list[str], beta: float, tmp_path, **config):
+    trainer = trl_instance(loss_types, beta, tmp_path, precompute=False, **config)
+    trainer.ref_model = lambda **kwargs: SimpleNamespace(log_probs=tokens["reference"])
+    policy = tokens["policy"].clone().requires_grad_(True)
+    zeros = torch.zeros_like(policy)
+
+    def model(**kwargs):
+        return SimpleNamespace(log_probs=policy, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+                               log_sum_sq_probs=tokens["log_sum_sq"])
+
+    rows, width = tokens["completion_mask"].shape
+    inputs = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
+              "completion_mask": tokens["completion_mask"]}
+    return trl_loss_and_gradient(trainer, model, inputs, policy)
+
+
+def our_token_loss(tokens: dict, loss: dict):
+    policy = tokens["policy"].clone().requires_grad_(True)
+    scored = tokens["completion_mask"][:, 1:].bool()
+    sequences, count = scored.nonzero(as_tuple=True)[0], scored.size(0)  # row-major: each reply's tokens in order
+    ours = pair_views(policy[scored], sequences, count,
+                      aligned=(policy.detach() - tokens["log_sum_sq"])[scored])
+    reference = pair_views(tokens["reference"][scored], sequences, count)
+    value, _ = batch_loss(validate_run({"loss": loss}).loss, ours, reference, step=0)
+    (grad,) = torch.autograd.grad(value, policy)
+    return value.detach(), grad
+
+
+TOKEN_CASES = [
+    (["sigmoid"], {"ld_alpha": 0.5}, {"name": "dpo", "ld_alpha": 0.5}),
+    (["sigmoid"], {"ld_alpha": 0.0}, {"name": "dpo", "ld_alpha": 0.0}),
+    (["sigmoid"], {"ld_alpha": 1.0}, {"name": "dpo", "ld_alpha": 1.0}),
+    (["robust"], {"ld_alpha": 0.3, "label_smoothing": 0.2}, {"name": "robust", "ld_alpha": 0.3, "label_smoothing": 0.2}),
+    (["sigmoid_norm"], {"ld_alpha": 0.5}, {"name": "sigmoid_norm", "ld_alpha": 0.5}),
+    (["sigmoid"], {"use_weighting": True}, {"name": "dpo", "use_weighting": True}),
+    (["apo_zero"], {"use_weighting": True}, {"name": "apo_zero", "use_weighting": True}),
+    # (TRL 1.16 raises on sft with use_weighting: it multiplies in place into its expanded batch loss.)
+    (["sigmoid", "bco_pair"], {"use_weighting": True, "loss_weights": [1.0, 0.5]},
+     {"name": "combine", "combine": {"dpo": 1.0, "bco_pair": 0.5}, "use_weighting": True}),
+    (["sigmoid"], {"use_weighting": True, "ld_alpha": 0.5, "f_divergence_type": "js_divergence"},
+     {"name": "dpo", "use_weighting": True, "ld_alpha": 0.5, "f_divergence_type": "js_divergence"}),
+]
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=[_case_id(c[:2]) for c in TOKEN_CASES])
+def test_ld_dpo_and_wpo_equal_trls_own_code_in_float64(case, beta, tmp_path):
+    loss_types, config, ours_config = case
+    for seed in range(2):
+        tokens = token_batch(seed)
+        theirs, their_grad = trl_token_loss(tokens, loss_types, beta, tmp_path, **config)
+        ours, our_grad = our_token_loss(tokens, {**ours_config, "beta": beta})
+        batch = {"pc": tokens["policy"].sum(1), "pr": tokens["reference"].sum(1), "rc": tokens["reference"].sum(1),
+                 "rr": tokens["log_sum_sq"].sum(1)}  # the sizes the roundings are relative to
+        assert_equal_to_float64_rounding(ours, theirs, batch, "loss")
+        # Past a reply's end TRL's per-token tensor holds the constant 0 a real model's fused head gives an
+        # ignored label; its sums still take a gradient there, which reaches no weight. Compare the reply tokens.
+        scored = tokens["completion_mask"][:, 1:].bool()
+        assert_equal_to_float64_rounding(our_grad[scored], their_grad[scored], batch, "gradient")
+        assert our_grad.abs().max() > 0
+
+
+def test_ld_dpo_changes_the_loss_only_through_the_longer_replys_tail(tmp_path):
+    # α = 1 is DPO exactly, and α < 1 moves the loss: a case the parity above could pass by ignoring ld_alpha.
+    tokens = token_batch(7)
+    plain, _ = our_token_loss(tokens, {"name": "dpo", "beta": 0.5})
+    full, _ = our_token_loss(tokens, {"name": "dpo", "beta": 0.5, "ld_alpha": 1.0})
+    half, _ = our_token_loss(tokens, {"name": "dpo", "beta": 0.5, "ld_alpha": 0.5})
+    assert abs(full - plain) <= rounding_tolerance(plain, 16, torch.float64) and abs(half - plain) > 1e-3
