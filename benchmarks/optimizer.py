@@ -1,5 +1,6 @@
-"""AdamW's step on a real model's parameters: `train.optim: adamw_torch_fused` (the default) against
-`adamw_torch` (torch's per-tensor loop on a CPU, the trainer's optimizer before it).
+"""AdamW's step on a real model's parameters: `train.optim: adamw_torch_fused` (what auto is where memory
+allows) against `adamw_torch` (torch's per-tensor loop on a CPU, the trainer's optimizer before it) and, where
+bitsandbytes is installed, `adamw_bnb_8bit` (8-bit moments: the memory they save, the time they cost).
 
     .venv/bin/python benchmarks/optimizer.py            # ~1 minute
     .venv/bin/python benchmarks/optimizer.py --steps 10 --rounds 3
@@ -11,7 +12,9 @@ variant runs in a fresh process, alternating (loop, fused, loop, fused, …): th
 trainer does between backward and the next batch (`clip_grad_norm_` at 1.0, `step`, `zero_grad` is left out
 because the gradients are kept). Reported: seconds a step (best round) and the step's own memory, the peak RSS
 (`VmHWM`) above the RSS before the timed steps — what the optimizer allocates on top of weights, gradients and
-moments. Last line: `optimizer fused_speedup=… loop_temporary_mib=… fused_temporary_mib=…`.
+moments — and the optimizer state's memory, the RSS its first step added. Last lines: `optimizer
+fused_speedup=… loop_temporary_mib=… fused_temporary_mib=…`, then `optimizer_8bit slowdown_vs_fused=…
+state_mib_fused=… state_mib_8bit=…` (what `spo_ray.memory.LEVER_ORDER` rests on).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def one_variant(optim: str, steps: int, threads: int) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-2
+    start_state = status_mib("VmRSS")
     optimizer = build_optimizer(params, TrainConfig(optim=optim, learning_rate=1e-6))
     optimizer.step()  # creates the moments
     before = status_mib("VmRSS")
@@ -53,7 +57,7 @@ def one_variant(optim: str, steps: int, threads: int) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"seconds": min(times), "temporary_mib": status_mib("VmHWM") - before,
+    return {"seconds": min(times), "temporary_mib": status_mib("VmHWM") - before, "state_mib": before - start_state,
             "parameters": sum(p.numel() for p in params)}
 
 
@@ -67,7 +71,11 @@ def main() -> None:
     if args.variant:
         print(json.dumps(one_variant(args.variant, args.steps, args.threads)))
         return
+    from spo_ray.optimizers import EIGHT_BIT, eight_bit_installed
+
     results: dict[str, list[dict]] = {"adamw_torch": [], "adamw_torch_fused": []}
+    if eight_bit_installed():
+        results[EIGHT_BIT] = []
     for round_ in range(args.rounds):
         for optim in results:
             out = subprocess.run([sys.executable, __file__, "--variant", optim, "--steps", str(args.steps),
@@ -78,12 +86,16 @@ def main() -> None:
     temporary = {optim: max(r["temporary_mib"] for r in runs) for optim, runs in results.items()}
     print(f"\n{results['adamw_torch'][0]['parameters'] / 1e6:.1f}M float32 parameters, {args.threads} threads, "
           f"clip + step, best of {args.rounds} rounds × {args.steps} steps")
-    print("| train.optim | s a step | step's own memory (peak RSS above the step's start) |")
-    print("| --- | --- | --- |")
+    state = {optim: min(r["state_mib"] for r in runs) for optim, runs in results.items()}
+    print("| train.optim | s a step | step's own memory (peak RSS above the step's start) | its state (RSS the first step added) |")
+    print("| --- | --- | --- | --- |")
     for optim in results:
-        print(f"| {optim} | {best[optim]:.3f} | {temporary[optim]} MiB |")
+        print(f"| {optim} | {best[optim]:.3f} | {temporary[optim]} MiB | {state[optim]} MiB |")
     print(f"optimizer fused_speedup={best['adamw_torch'] / best['adamw_torch_fused']:.2f} "
           f"loop_temporary_mib={temporary['adamw_torch']} fused_temporary_mib={temporary['adamw_torch_fused']}")
+    if EIGHT_BIT in results:
+        print(f"optimizer_8bit slowdown_vs_fused={best[EIGHT_BIT] / best['adamw_torch_fused']:.2f} "
+              f"state_mib_fused={state['adamw_torch_fused']} state_mib_8bit={state[EIGHT_BIT]}")
 
 
 if __name__ == "__main__":

@@ -316,8 +316,15 @@ class TrainConfig(Section):
     warmup_steps: int = Field(10, ge=0)          # linear warm-up from 0
     weight_decay: float = Field(0.0, ge=0)       # AdamW's decoupled weight decay
     # AdamW as one fused kernel over each parameter (torch's fused=True; TRL's and the HF Trainer's default), or
-    # torch's per-tensor loop; the same update, to float32 rounding (tests/test_trainer.py)
-    optim: Literal["adamw_torch_fused", "adamw_torch"] = "adamw_torch_fused"
+    # torch's per-tensor loop (the same update, to float32 rounding), or bitsandbytes' 8-bit states (pip install
+    # 'spo-ray[lowmem]'); auto: fused, or 8-bit where a training step fits only so (spo_ray.memory.choose_levers)
+    optim: Literal["auto", "adamw_torch_fused", "adamw_torch", "adamw_bnb_8bit"] = "auto"
+    # Step each parameter as soon as its gradient is ready, then free it (torchtune's optimizer_in_bwd): the
+    # gradients never all exist. Needs max_grad_norm null and one worker; auto: on where a step fits only so.
+    optimizer_in_backward: bool | Literal["auto"] = "auto"
+    activation_offloading: bool = False          # GPU: keep the saved activations in pinned host memory
+    # GiB a trial may use, below what is free (trials sharing a GPU); the memory check and auto's levers use it
+    memory_budget: float | None = Field(None, gt=0)
     max_steps: int = Field(200, gt=0)            # optimizer steps
     batch_size: int = Field(32, gt=0)            # global pairs per optimizer step, over all workers
     # micro-batches per step (each worker's share of batch_size split this many ways)
@@ -634,6 +641,7 @@ def validate_run(raw: dict, model: type[SweepConfig] | type[RunConfig] = SweepCo
     check_reference_sync(config)
     if isinstance(config, SweepConfig):
         check_batch_size(config.train, world_size=config.scaling.num_workers)
+        check_memory_levers(config)
         if config.scaling.strategy == "fsdp" and config.loss.name == "spo" and config.loss.spo_estimator == "one_step":
             raise ConfigError("loss.spo_estimator: one_step cannot run with scaling.strategy: fsdp (its inner step "
                               "evaluates a functional copy of the full weights); use reference or ddp")
@@ -663,6 +671,46 @@ def check_eval_engine(config: RunConfig) -> None:
     if isinstance(config, SweepConfig) and config.scaling.strategy == "fsdp":
         raise ConfigError("data.eval_engine: vllm cannot run with scaling.strategy: fsdp yet (the engine loads the "
                           "whole model, which no FSDP worker holds); use spo_ray or ddp")
+
+
+def step_in_backward_refusal(max_grad_norm: float | None, world_size: int) -> str | None:
+    """Why the optimizer cannot step in the backward for this run (one sentence naming the key), or None.
+
+    Clipping by the global norm scales every gradient by min(1, c / ‖g‖), where ‖g‖ is the norm of all the
+    gradients together; in the backward a parameter steps as soon as its own gradient is ready, before the
+    others' exist, so ‖g‖ is known only after every step has been taken. Clipping each tensor by its own norm
+    would be a different method, so there is no clipping here; the global norm of the unclipped gradients is
+    still measured (`OptimizerInBackward.grad_norm`).
+    With several workers, DDP averages the gradients over them after they are accumulated, and FSDP
+    reduce-scatters them after the backward: a step in the backward would take each worker's own gradient.
+    """
+    if max_grad_norm:
+        return (f"train.max_grad_norm: {max_grad_norm} clips by the norm of all gradients together, which "
+                "never exist at once when the optimizer steps in the backward (each parameter steps as soon as "
+                "its own gradient is ready); set it to null (the gradient norm is still logged)")
+    if world_size > 1:
+        return (f"scaling: the optimizer steps in the backward on one worker only, not {world_size}: the workers "
+                "average their gradients after the backward, and each would step on its own")
+    return None
+
+
+def check_memory_levers(config: "SweepConfig") -> None:
+    """Memory levers (train.optim, train.optimizer_in_backward, train.activation_offloading) this sweep cannot
+    take (ConfigError naming the key)."""
+    train, scaling = config.train, config.scaling
+    if train.optimizer_in_backward is True:
+        refusal = step_in_backward_refusal(train.max_grad_norm, scaling.num_workers)
+        if refusal:
+            raise ConfigError(refusal)
+        if train.grad_accum_steps > 1:
+            raise ConfigError("train.optimizer_in_backward: with grad_accum_steps > 1 every gradient is kept "
+                              "between micro-batches, so stepping in the backward saves nothing; set it to 1")
+    if train.optim == "adamw_bnb_8bit" and scaling.strategy == "fsdp":
+        raise ConfigError("train.optim: adamw_bnb_8bit is not tested with scaling.strategy: fsdp (sharded "
+                          "parameters); use ddp or an adamw_torch optim")
+    if train.activation_offloading and not scaling.use_gpu:
+        raise ConfigError("train.activation_offloading: moves saved activations from a GPU to host memory; "
+                          "without scaling.use_gpu they already are in host memory")
 
 
 def check_reference_sync(config: RunConfig) -> None:

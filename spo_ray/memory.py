@@ -11,6 +11,12 @@ model's config, so the check refuses only what surely cannot fit and never a run
   (4 × hidden + 3 × MLP width per token per layer), gradients of the trainable weights, and AdamW's two
   moments (float32), plus a chunk of logits and its gradient.
 
+Four levers lower the step's floor (`Levers`, `training_floor`): activation checkpointing (a checkpointed layer
+keeps only its input), 8-bit AdamW states (2 bytes a parameter instead of 8, `spo_ray.optimizers`), the
+optimizer step in the backward (one parameter's gradient alive at a time instead of all) and, on a GPU,
+activation offloading (the saved activations wait in host memory). With their settings at auto,
+`choose_levers` turns on the cheapest set that fits, and the trainer says in one line what it turned on and why.
+
 Measured against this floor (docs/benchmarks.md, `benchmarks/logprob_memory.py`): the real peaks sit above it.
 """
 
@@ -21,26 +27,34 @@ import ctypes.util
 import functools
 from pathlib import Path
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from spo_ray.config import ConfigError
+from spo_ray.optimizers import EIGHT_BIT, eight_bit_installed, optimizer_state_bytes
 from spo_ray.data import PairDataset, batch_padded_tokens, length_sorted_batches
 from spo_ray.logprobs import LOGITS_CHUNK_BYTES, peft_base
 
 GIB = 2**30
 
 
-def available_bytes(device: torch.device) -> int | None:
-    """Memory a pass can still take: free device memory on a GPU, `MemAvailable` on the CPU (None if unknown)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "Field: N kB" line of a Linux /proc file, in bytes (None where there is none)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a pass can still take: free device memory on a GPU, `MemAvailable` on the CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def release_freed_memory() -> bool:
@@ -81,17 +95,57 @@ def forward_floor(config, tokens: int, bytes_per_value: int = 4) -> int:
     return tokens * (3 * mlp + 2 * hidden) * bytes_per_value + LOGITS_CHUNK_BYTES
 
 
+FUSED = "adamw_torch_fused"
+
+
+@dataclass(frozen=True)
+class Levers:
+    """How a training step holds less memory: activation checkpointing of every `checkpointed`-th layer (0:
+    none), the optimizer (`train.optim`: 8-bit states or float32), the optimizer step in the backward, and
+    activation offloading to host memory."""
+    checkpointed: int = 0
+    optim: str = FUSED
+    in_backward: bool = False
+    offloaded: bool = False
+
+    def described(self) -> list[str]:
+        """The levers that are on, as the config names them."""
+        on = []
+        if self.in_backward:
+            on.append("train.optimizer_in_backward")
+        if self.optim == EIGHT_BIT:
+            on.append(f"train.optim {EIGHT_BIT}")
+        if self.checkpointed:
+            which = "every layer" if self.checkpointed == 1 else f"one layer in every {self.checkpointed}"
+            on.append(f"model.gradient_checkpointing ({which})")
+        if self.offloaded:
+            on.append("train.activation_offloading")
+        return on
+
+
 def training_floor(config, tokens: int, trainable_parameters: int, bytes_per_value: int = 4,
-                   checkpointed: int = 0) -> int:
-    """Bytes a training step over `tokens` tokens must hold at least, beyond the weights. With activation
-    (gradient) checkpointing of every `checkpointed`-th layer (True: every layer; transformers' `every_n_layers`)
-    a checkpointed layer keeps only its input, the others all their activations, and one layer's activations
-    are recomputed at a time."""
+                   checkpointed: int = 0, levers: Levers | None = None, largest_parameter: int = 0) -> int:
+    """Bytes a training step over `tokens` tokens must hold at least, beyond the weights.
+
+    Activations: with activation (gradient) checkpointing of every `checkpointed`-th layer (True: every layer;
+    transformers' `every_n_layers`) a checkpointed layer keeps only its input, the others all their activations,
+    and one layer's activations are recomputed at a time; offloaded, the device holds one layer's at a time.
+    Gradients (float32) of every trainable parameter, or with the step in the backward of the largest parameter
+    only (`largest_parameter` values: it is freed after its step, before the next one's gradient is complete).
+    The optimizer's state (`spo_ray.optimizers.optimizer_state_bytes`: 8 bytes a parameter, 2 in 8-bit). And a
+    chunk of logits with its gradient. `levers` (default: none) gives the optimizer, the step in the backward and
+    offloading; its own `checkpointed` is used where `checkpointed` is 0."""
+    levers = levers or Levers()
+    checkpointed = checkpointed or levers.checkpointed
     hidden, mlp, layers = _shape(config)
     per_layer = tokens * (4 * hidden + 3 * mlp) * bytes_per_value
     kept = -(-layers // int(checkpointed)) if checkpointed else 0  # layers 0, n, 2n, … are checkpointed
     activations = kept * tokens * hidden * bytes_per_value + (layers - kept + (1 if kept else 0)) * per_layer
-    return activations + 3 * 4 * trainable_parameters + 2 * LOGITS_CHUNK_BYTES
+    if levers.offloaded:
+        activations = per_layer
+    gradients = 4 * (largest_parameter if levers.in_backward else trainable_parameters)
+    optimizer = optimizer_state_bytes(trainable_parameters, levers.optim if levers.optim != "auto" else FUSED)
+    return activations + gradients + optimizer + 2 * LOGITS_CHUNK_BYTES
 
 
 def checkpoints_some_layers(model) -> bool:
@@ -103,25 +157,100 @@ def checkpoints_some_layers(model) -> bool:
 
 
 def checkpointing_needed(model_config, tokens: int, trainable: int, values: int, available: int | None,
-                         some_layers: bool) -> int:
-    """With `model.gradient_checkpointing: auto`: 0 when the step's floor fits in `available` without
-    checkpointing; else the largest n (the fewest layers recomputed) for which checkpointing every n-th layer
-    fits, where the model can (`some_layers`); else 1, every layer."""
-    if available is None or training_floor(model_config, tokens, trainable, values) <= available:
+                         some_layers: bool, levers: Levers | None = None, largest_parameter: int = 0) -> int:
+    """With `model.gradient_checkpointing: auto`: 0 when the step's floor (with the other `levers`) fits in
+    `available` without checkpointing; else the largest n (the fewest layers recomputed) for which checkpointing
+    every n-th layer fits, where the model can (`some_layers`); else 1, every layer."""
+    levers = replace(levers or Levers(), checkpointed=0)
+
+    def fits(every: int) -> bool:
+        return training_floor(model_config, tokens, trainable, values, every, levers, largest_parameter) <= available
+
+    if available is None or fits(0):
         return 0
     layers = _shape(model_config)[2]
     for every in range(layers, 1, -1) if some_layers else ():
-        if training_floor(model_config, tokens, trainable, values, checkpointed=every) <= available:
+        if fits(every):
             return every
     return 1
 
 
-def check_fits(key: str, what: str, need: int, device: torch.device, remedy: str | None = None) -> None:
-    """ConfigError naming `key` when `need` bytes exceed the memory `device` has available now."""
+#: The auto levers in the order they are tried, cheapest in step time first. The step in the backward does the
+#: same arithmetic, earlier: free. On a GPU bitsandbytes' 8-bit step costs little beside a forward and backward,
+#: while checkpointing runs the checkpointed layers' forward again; on a CPU its 8-bit kernel is the slow one
+#: (benchmarks/optimizer.py: 20–25× the fused AdamW's time a parameter), so checkpointing goes first there.
+LEVER_ORDER = {"cuda": ("in_backward", "eight_bit", "checkpointing"),
+               "cpu": ("in_backward", "checkpointing", "eight_bit")}
+
+
+def choose_levers(model_config, tokens: int, trainable: int, largest_parameter: int, values: int,
+                  available: int | None, train, checkpointing, some_layers: bool, world_size: int,
+                  device_type: str) -> Levers:
+    """The levers of a training step: the settings that are not auto as given; the auto ones (`train.optim`,
+    `train.optimizer_in_backward`, `model.gradient_checkpointing` = `checkpointing`) off where the step fits
+    without them, else added in `LEVER_ORDER` until it fits — checkpointing at the fewest layers that fit with
+    the others. Where even all of them do not fit, all (the memory check then names the key to lower). An auto
+    lever that cannot apply stays off: the step in the backward with gradient clipping, gradient accumulation or
+    several workers; 8-bit states without bitsandbytes."""
+    from spo_ray.config import step_in_backward_refusal
+
+    levers = Levers(checkpointed=int(checkpointing is True), optim=FUSED if train.optim == "auto" else train.optim,
+                    in_backward=train.optimizer_in_backward is True, offloaded=train.activation_offloading)
+
+    def floor(candidate: Levers) -> int:
+        return training_floor(model_config, tokens, trainable, values, 0, candidate, largest_parameter)
+
+    if available is None or floor(levers) <= available:
+        return levers
+    usable = {
+        "in_backward": train.optimizer_in_backward == "auto" and train.grad_accum_steps == 1
+                       and step_in_backward_refusal(train.max_grad_norm, world_size) is None,
+        "eight_bit": train.optim == "auto" and eight_bit_installed(),
+        "checkpointing": checkpointing == "auto",
+    }
+    for lever in LEVER_ORDER["cuda" if device_type == "cuda" else "cpu"]:
+        if not usable[lever]:
+            continue
+        if lever == "in_backward":
+            levers = replace(levers, in_backward=True)
+        elif lever == "eight_bit":
+            levers = replace(levers, optim=EIGHT_BIT)
+        if usable["checkpointing"] and (lever == "checkpointing" or levers.checkpointed):
+            levers = replace(levers, checkpointed=checkpointing_needed(model_config, tokens, trainable, values,
+                                                                       available, some_layers, levers,
+                                                                       largest_parameter))
+        if floor(levers) <= available:
+            return levers
+    return levers
+
+
+def in_use_bytes(device: torch.device) -> int:
+    """What this process holds now: torch's allocated memory on a GPU, the resident set (`VmRSS`) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0
+
+
+def budgeted_available(device: torch.device, budget_gib: float | None) -> int | None:
+    """`available_bytes`, or where `train.memory_budget` is given and lower, what the budget leaves beside what
+    this process already holds (`in_use_bytes`: the budget caps the trial's whole memory, weights included)."""
     available = available_bytes(device)
+    if budget_gib is None:
+        return available
+    left = max(0, int(budget_gib * GIB) - in_use_bytes(device))
+    return left if available is None else min(available, left)
+
+
+def check_fits(key: str, what: str, need: int, device: torch.device, remedy: str | None = None,
+               budget_gib: float | None = None) -> None:
+    """ConfigError naming `key` when `need` bytes exceed the memory `device` has available now (or the budget)."""
+    available = budgeted_available(device, budget_gib)
     if available is not None and need > available:
+        within = (f" within train.memory_budget ({budget_gib} GiB, of which this process holds "
+                  f"{in_use_bytes(device) / GIB:.1f})" if budget_gib is not None and available < available_bytes(device)
+                  else "")
         raise ConfigError(f"{key}: {what} needs at least {need / GIB:.1f} GiB, but {available / GIB:.1f} GiB "
-                          f"are available on {device.type}; {remedy or 'lower it'}")
+                          f"are available on {device.type}{within}; {remedy or 'lower it'}")
 
 
 def largest_batch_tokens(dataset: PairDataset, batches, shared_prompts: bool = False) -> int:
@@ -132,26 +261,30 @@ def largest_batch_tokens(dataset: PairDataset, batches, shared_prompts: bool = F
 
 
 def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-                   device: torch.device, world_size: int = 1, shared_prompts: bool = False) -> int:
+                   device: torch.device, world_size: int = 1, shared_prompts: bool = False,
+                   workers: int = 1) -> Levers:
     """Refuse (ConfigError naming the key) a run whose reference pass, evaluation or training step cannot fit
-    on `device`, with `model` (the policy) loaded; `micro_batches`: the index lists of this worker's steps;
-    `shared_prompts`: every pass runs one row a pair (`spo_ray.data.collate_shared_prompts`).
-    Returns the activation checkpointing of the training step, as the n of "every n-th layer" (0: none):
-    `model.gradient_checkpointing` when it is true (1) or false (0); with auto, `checkpointing_needed`."""
+    on `device` (within `train.memory_budget`), with `model` (the policy) loaded; `micro_batches`: the index
+    lists of this worker's steps; `shared_prompts`: every pass runs one row a pair
+    (`spo_ray.data.collate_shared_prompts`); `world_size`: the workers the weights are sharded over, `workers`:
+    the run's workers. Returns the training step's levers (`choose_levers`)."""
     inner = peft_base(model)
     model_config = getattr(inner, "config", None)
-    setting = config.model.gradient_checkpointing
-    if model_config is None or not hasattr(model_config, "vocab_size"):
-        return int(setting is True)
-    values = 2 if device.type == "cuda" and config.train.mixed_precision != "no" else next(model.parameters()).element_size()
+    setting, train_cfg = config.model.gradient_checkpointing, config.train
+    budget = train_cfg.memory_budget
+    if model_config is None or not hasattr(model_config, "vocab_size"):  # no shapes to reckon with: as set
+        return choose_levers(None, 0, 0, 0, 4, None, train_cfg, setting, False, workers, device.type)
+    values = 2 if device.type == "cuda" and train_cfg.mixed_precision != "no" else next(model.parameters()).element_size()
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) // world_size
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) // world_size
-    ref, train_cfg = config.reference, config.train
+    largest = max((p.numel() for p in model.parameters() if p.requires_grad), default=0) // world_size
+    ref = config.reference
     if ref.cache:  # the reference model is loaded beside the policy for its pass
         tokens = max(largest_batch_tokens(d, length_sorted_batches(d, ref.batch_size, ref.batch_tokens, shared_prompts),
                                           shared_prompts) for d in (train_data, eval_data))
         check_fits("reference.batch_tokens", f"the reference pass (batches of {tokens:,} tokens, and the "
-                   f"reference's weights)", forward_floor(model_config, tokens, values) + weights, device)
+                   f"reference's weights)", forward_floor(model_config, tokens, values) + weights, device,
+                   budget_gib=budget)
     # A reference run on every batch (reference.cache: false, or TR-DPO's reference.sync) stays loaded beside the
     # policy through the evaluation and every step.
     resident = weights if not ref.cache or ref.sync else 0
@@ -159,17 +292,17 @@ def check_run_fits(config, model, train_data: PairDataset, eval_data: PairDatase
                                                                    train_cfg.eval_batch_tokens, shared_prompts),
                                   shared_prompts)
     check_fits("train.eval_batch_tokens", f"the evaluation pass (batches of {tokens:,} tokens)",
-               forward_floor(model_config, tokens, values) + resident, device)
+               forward_floor(model_config, tokens, values) + resident, device, budget_gib=budget)
     tokens = largest_batch_tokens(train_data, micro_batches, shared_prompts)
-    checkpointed = int(setting is True)
-    if setting == "auto":
-        available = available_bytes(device)
-        checkpointed = checkpointing_needed(model_config, tokens, trainable, values,
-                                            None if available is None else available - resident,
-                                            checkpoints_some_layers(model))
-    need = training_floor(model_config, tokens, trainable, values, checkpointed=checkpointed) + resident
+    available = budgeted_available(device, budget)
+    levers = choose_levers(model_config, tokens, trainable, largest, values,
+                           None if available is None else available - resident, train_cfg, setting,
+                           checkpoints_some_layers(model), workers, device.type)
+    need = training_floor(model_config, tokens, trainable, values, 0, levers, largest) + resident
+    on = levers.described()
     check_fits("train.batch_size", f"a training step (micro-batches of {tokens:,} tokens"
-               f"{', activation checkpointing on' if checkpointed else ''})", need, device,
-               "lower it or raise train.grad_accum_steps" + ("" if checkpointed else
-                                                              " or turn on model.gradient_checkpointing"))
-    return checkpointed
+               f"{', with ' + ', '.join(on) if on else ''})", need, device,
+               "lower it or raise train.grad_accum_steps" + ("" if levers.checkpointed else
+                                                              " or turn on model.gradient_checkpointing"),
+               budget_gib=budget)
+    return levers

@@ -35,7 +35,9 @@ from spo_ray.init_evaluation import evaluation_key, evaluations_dir, shared_init
 from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, prefix_sharing_unsupported,
                               sequence_logps)
 from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, ld_logps, loss_options, preference_loss
-from spo_ray.memory import check_run_fits, release_freed_memory
+from spo_ray import optimizers
+from spo_ray.memory import FUSED, Levers, check_run_fits, release_freed_memory
+from spo_ray.optimizers import accumulating
 from spo_ray.reference import (ModelReference, PrecomputedReference, SyncedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity, table_path)
@@ -366,17 +368,21 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def optimizer_kernels(train_cfg: TrainConfig) -> dict[str, bool | None]:
-    """AdamW's `fused`/`foreach` arguments for `train.optim`: adamw_torch_fused updates each parameter in one
-    kernel (no temporaries the size of a parameter; TRL's default too); adamw_torch is torch's default (a
-    loop over the tensors on a CPU, foreach on a GPU)."""
-    return {"fused": True, "foreach": False} if train_cfg.optim == "adamw_torch_fused" else {"fused": None,
-                                                                                             "foreach": None}
+def build_optimizer(params: list[torch.nn.Parameter], train_cfg: TrainConfig,
+                    levers: Levers | None = None) -> torch.optim.Optimizer:
+    """`train.optim`'s AdamW over `params` (`spo_ray.optimizers`; `levers.optim` where auto chose), stepping in
+    the backward where the levers say (`OptimizerInBackward`)."""
+    levers = levers or Levers(optim=resolved_optim(train_cfg))
+
+    def make(group):
+        return optimizers.build_optimizer(group, levers.optim, train_cfg.learning_rate, train_cfg.weight_decay)
+
+    return optimizers.OptimizerInBackward(params, make) if levers.in_backward else make(params)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], train_cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
-                             **optimizer_kernels(train_cfg))
+def resolved_optim(train_cfg: TrainConfig) -> str:
+    """`train.optim`, with auto as the fused AdamW (what auto is where memory does not ask for 8-bit states)."""
+    return FUSED if train_cfg.optim == "auto" else train_cfg.optim
 
 
 def restore_state(model, optimizer, scheduler, state: dict, sharded: bool) -> int:
@@ -396,17 +402,18 @@ def restore_state(model, optimizer, scheduler, state: dict, sharded: bool) -> in
     return state["step"]
 
 
-def apply_optimizer_settings(optimizer, scheduler, train_cfg: TrainConfig) -> None:
+def apply_optimizer_settings(optimizer, scheduler, train_cfg: TrainConfig, optim: str | None = None) -> None:
     """Make the optimizer take `train_cfg`'s learning rate and weight decay from its next step on.
 
     A loaded checkpoint carries the learning rate it was trained with (AdamW's param groups and the
     schedule's base), so a PBT mutation or a `schedule` entry must replace both; the schedule's factor at
     the current step (warm-up, decay) is kept. Changes nothing when the values already agree. The kernels
-    (`train.optim`) are the run's own, whatever a checkpoint's param groups say.
+    (`optim`, the run's resolved `train.optim`) are the run's own, whatever a checkpoint's param groups say.
     """
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    kernels = optimizers.optimizer_kernels(optim or resolved_optim(train_cfg))
     for group in optimizer.param_groups:
-        group.update(optimizer_kernels(train_cfg))
+        group.update(kernels)
         if group["initial_lr"] != train_cfg.learning_rate:
             group["initial_lr"] = train_cfg.learning_rate
             group["lr"] = train_cfg.learning_rate * factor
@@ -457,19 +464,21 @@ def shares_prompts(config: RunConfig, model, dataset: PairDataset, context: Work
 
 
 def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: PairDataset, micro_batches,
-               context: WorkerContext, shared_prompts: bool = False) -> None:
+               context: WorkerContext, shared_prompts: bool = False) -> Levers:
     """Would the widest batch of each pass fit? One error line now rather than an OOM kill minutes later
     (`spo_ray.memory.check_run_fits`), on every worker when any worker's memory refuses it (the others would
-    wait for it in their first collective); with `model.gradient_checkpointing: auto`, turn activation
-    checkpointing on when a training step fits only with it. Every worker checkpoints alike (the most any of
-    them needs): under FSDP a recomputed layer gathers its shards again, a collective all must join."""
+    wait for it in their first collective). Returns the training step's memory levers: with the auto settings,
+    what a step needs to fit (`spo_ray.memory.choose_levers`), said in one line; activation checkpointing is
+    turned on here. Every worker takes the most any of them needs: under FSDP a recomputed layer gathers its
+    shards again, a collective all must join."""
     from spo_ray.models import enable_activation_checkpointing
 
     try:
         outcome = check_run_fits(config, policy, train_data, eval_data, micro_batches, context.device,
-                                 context.world_size if context.sharded else 1, shared_prompts), None
+                                 context.world_size if context.sharded else 1, shared_prompts,
+                                 workers=context.world_size), None
     except ConfigError as error:
-        outcome = 0, str(error)
+        outcome = None, str(error)
     outcomes = [outcome]
     if context.world_size > 1 and dist.is_initialized():  # every worker learns every worker's outcome
         outcomes = [None] * context.world_size
@@ -477,13 +486,37 @@ def fit_passes(config: RunConfig, policy, train_data: PairDataset, eval_data: Pa
     refusal = next((r for _, r in outcomes if r), None)
     if refusal:  # one worker's refusal stops all: none is left waiting for it in a collective
         raise ConfigError(refusal)
-    every = min((e for e, _ in outcomes if e), default=0)  # the most checkpointing any worker needs
-    if every and config.model.gradient_checkpointing == "auto":
-        enable_activation_checkpointing(policy, every)
-        if context.rank == 0:
-            which = "every layer" if every == 1 else f"one layer in every {every} (the fewest that fit)"
-            print(f"model.gradient_checkpointing (auto): on, {which} — a training step does not fit in the "
-                  f"memory available without it")
+    every = [levers for levers, _ in outcomes]
+    levers = Levers(checkpointed=min((l.checkpointed for l in every if l.checkpointed), default=0),
+                    optim=next((l.optim for l in every if l.optim == optimizers.EIGHT_BIT), every[0].optim),
+                    in_backward=any(l.in_backward for l in every), offloaded=every[0].offloaded)
+    if levers.checkpointed and config.model.gradient_checkpointing == "auto":
+        enable_activation_checkpointing(policy, levers.checkpointed)
+    chosen = []
+    if levers.in_backward and config.train.optimizer_in_backward == "auto":
+        chosen.append("train.optimizer_in_backward (auto): on")
+    if levers.optim != resolved_optim(config.train):
+        chosen.append(f"train.optim (auto): {levers.optim}")
+    if levers.checkpointed and config.model.gradient_checkpointing == "auto":
+        which = "every layer" if levers.checkpointed == 1 else f"one layer in every {levers.checkpointed} (the fewest that fit)"
+        chosen.append(f"model.gradient_checkpointing (auto): on, {which}")
+    if chosen and context.rank == 0:
+        budget = config.train.memory_budget
+        room = f"train.memory_budget ({budget} GiB)" if budget else "the memory available"
+        print(f"{'; '.join(chosen)} — a training step does not fit in {room} without "
+              f"{'it' if len(chosen) == 1 else 'them'}")
+    return levers
+
+
+def activation_offloading(levers: Levers, device: torch.device) -> Callable:
+    """A factory of the context each micro-batch's forward runs in: activation offloading where the levers ask
+    for it (`spo_ray.optimizers.activation_offload`; refused off a GPU), else nothing."""
+    if not levers.offloaded:
+        return nullcontext
+    reason = optimizers.activation_offload(device)
+    if isinstance(reason, str):
+        raise ConfigError(f"train.activation_offloading: {reason}")
+    return lambda: optimizers.activation_offload(device)
 
 
 def references(config: RunConfig, reference_model: Callable, reference_path: str, splits: dict[str, PairDataset],
@@ -572,8 +605,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     own = (b[context.rank * local_size:(context.rank + 1) * local_size] for b in sampler.batches())
     shared_prompts = shares_prompts(config, policy, train_data, context)
     collate_step = collate(shared_prompts)
-    fit_passes(config, policy, train_data, eval_data,
-               [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], context, shared_prompts)
+    levers = fit_passes(config, policy, train_data, eval_data,
+                        [m[i:i + micro_size] for m in own for i in range(0, local_size, micro_size)], context,
+                        shared_prompts)
     if context.sharded:
         model = shard_model(policy, device)
     else:
@@ -592,7 +626,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
 
     # 3. Optimiser, schedule, data order.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, levers)
+    offload = activation_offloading(levers, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
                                                                       cfg.max_steps))
     step = restore_state(model, optimizer, scheduler, resume, context.sharded) if resume else 0
@@ -633,7 +668,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         if do_probe:
             if on_cpu:
                 release_freed_memory()
-            row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
+            with accumulating(optimizer):  # the probe's backward must not step an optimizer in the backward
+                row.update(gradient_terms(model, probe_batch, cfg.eval_batch_tokens))
         if do_eval:
             if on_cpu:
                 release_freed_memory()
@@ -667,7 +703,7 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     fault = injected_faults(config, reference_dir or cache_dir)  # None unless a test sets SPO_RAY_FAULT
     while step < until:
         current = config_at(config, step)  # a `schedule` changes values between steps
-        apply_optimizer_settings(optimizer, scheduler, current.train)
+        apply_optimizer_settings(optimizer, scheduler, current.train, levers.optim)
         poison = fault is not None and fault(step + 1)
         indices = next(batches)[context.rank * local_size:(context.rank + 1) * local_size]
         optimizer.zero_grad(set_to_none=True)
@@ -678,8 +714,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
             tokens += int(batch["attention_mask"].sum())
             last_micro = m == cfg.grad_accum_steps - 1
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
-                with autocast():
+            with sync, accumulating(optimizer, not last_micro):
+                with autocast(), offload():
                     policy_out = concatenated_forward(model, batch, wpo=current.loss.use_weighting)
                 loss, metrics = batch_loss(current.loss, policy_out, train_reference(batch), step, model, batch)
                 if poison:
@@ -687,10 +723,12 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
                 (loss / cfg.grad_accum_steps).backward()
             for k, v in metrics.items():
                 step_metrics.setdefault(k, []).append(float(v))
-        # With max_grad_norm 0 this only measures the norm (an infinite bound scales the gradients by 1).
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, current.train.max_grad_norm or math.inf)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         lr = optimizer.param_groups[0]["lr"]
+        if levers.in_backward:  # every parameter already stepped, unclipped (config.step_in_backward_refusal)
+            grad_norm = optimizer.grad_norm()
+        else:  # with max_grad_norm 0 this only measures the norm (an infinite bound scales the gradients by 1)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, current.train.max_grad_norm or math.inf)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # the gradients are spent: free them before any evaluation or probe
         scheduler.step()
@@ -733,4 +771,6 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
         window_start = time.perf_counter()  # evaluation time is not training throughput
     if bar:
         bar.close()
+    if levers.in_backward:  # its hooks would step the next round's parameters too
+        optimizer.remove_hooks()
     return final

@@ -236,3 +236,27 @@ def test_a_loss_option_error_exits_2_before_anything_runs(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "error: loss.discopop_tau: not an option of dpo (it is one of discopop)")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"train": {"optimizer_in_backward": True}},
+     "train.max_grad_norm: 1.0 clips by the norm of all gradients together, which never exist at once"),
+    ({"train": {"optimizer_in_backward": True, "max_grad_norm": None}, "scaling": {"num_workers": 2}},
+     "scaling: the optimizer steps in the backward on one worker only, not 2"),
+    ({"train": {"optimizer_in_backward": True, "max_grad_norm": None, "grad_accum_steps": 2, "batch_size": 32}},
+     "train.optimizer_in_backward: with grad_accum_steps > 1 every gradient is kept between micro-batches"),
+    ({"train": {"optim": "adamw_bnb_8bit"}, "scaling": {"strategy": "fsdp", "num_workers": 2}},
+     "train.optim: adamw_bnb_8bit is not tested with scaling.strategy: fsdp"),
+    ({"train": {"activation_offloading": True}},
+     "train.activation_offloading: moves saved activations from a GPU to host memory"),
+    ({"train": {"optim": "adamw_8bit"}}, "train.optim: input should be"),
+    ({"train": {"memory_budget": 0}}, "train.memory_budget: input should be greater than 0"),
+])
+def test_a_memory_lever_that_cannot_apply_is_one_line_naming_the_key(raw, expected):
+    assert error_of(raw).startswith(expected)
+
+
+def test_memory_levers_that_apply_are_accepted():
+    validate_sweep({"train": {"optimizer_in_backward": True, "max_grad_norm": None, "optim": "adamw_bnb_8bit",
+                              "memory_budget": 6.5}})
+    validate_sweep({"train": {"activation_offloading": True}, "scaling": {"use_gpu": True}})

@@ -99,9 +99,11 @@ def test_a_run_whose_pass_cannot_fit_is_refused_before_its_first_step(init_cache
     assert rows == []
     # With room for the passes but not for the step's logits chunk and its gradient, the step is named.
     monkeypatch.setattr(memory, "available_bytes", lambda device: int(1.9 * LOGITS_CHUNK_BYTES))
-    # (auto turns checkpointing on, and the step still does not fit: no remedy left but smaller micro-batches)
+    # (auto turns every lever on that applies — 8-bit states and checkpointing; the step in the backward not,
+    # with the default gradient clipping — and the step still does not fit: no remedy left but smaller batches)
     with pytest.raises(ConfigError, match=r"^train.batch_size: a training step \(micro-batches of [\d,]+ tokens, "
-                                          r"activation checkpointing on\) .*; lower it or raise train.grad_accum_steps$"):
+                                          r"with train.optim adamw_bnb_8bit, model.gradient_checkpointing "
+                                          r"\(every layer\)\) .*; lower it or raise train.grad_accum_steps$"):
         train(validate_run(tiny_run(reference={"cache": False})), cache_dir=init_cache, report=None)
 
 
@@ -302,9 +304,108 @@ def test_a_reference_kept_beside_the_policy_counts_against_the_step(monkeypatch,
     trainable = sum(p.numel() for p in model.parameters())
     monkeypatch.setattr(memory, "available_bytes",
                         lambda device: memory.training_floor(model.config, 2 * 4 * 89, trainable))
-    config = validate_run(tiny_run(model={"gradient_checkpointing": False}, reference=reference))
+    config = validate_run(tiny_run(model={"gradient_checkpointing": False}, reference=reference,
+                                   train={"optim": "adamw_torch_fused"}))
     if reference == {"cache": True}:
         fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())
         return
     with pytest.raises(ConfigError, match=r"^train.batch_size: a training step"):
         fit_passes(config, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext())
+    # With train.optim auto, 8-bit states (6 bytes a parameter fewer) make room for the reference's 4.
+    auto = validate_run(tiny_run(model={"gradient_checkpointing": False}, reference=reference))
+    assert fit_passes(auto, model, pairs, pairs, [[0, 1, 2, 3]], WorkerContext()).optim == "adamw_bnb_8bit"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory levers: 8-bit states, the step in the backward, offloading — floors by hand, and auto's choice
+
+def test_each_levers_floor_by_hand():
+    activations, chunks = 2 * 100 * 320 * 4, 2 * LOGITS_CHUNK_BYTES
+    floor = lambda **levers: memory.training_floor(CONFIG, 100, 100_000, largest_parameter=30_000,
+                                                   levers=memory.Levers(**levers))
+    assert floor() == activations + 4 * 100_000 + 8 * 100_000 + chunks
+    # 8-bit: two one-byte moments a parameter and two float32 scales per block of 256 (⌈100,000 / 256⌉ = 391)
+    assert floor(optim="adamw_bnb_8bit") == activations + 4 * 100_000 + 2 * 100_000 + 8 * 391 + chunks
+    # in the backward: only the largest parameter's gradient at a time
+    assert floor(in_backward=True) == activations + 4 * 30_000 + 8 * 100_000 + chunks
+    # offloaded: one layer's activations on the device at a time
+    assert floor(offloaded=True) == 100 * 320 * 4 + 4 * 100_000 + 8 * 100_000 + chunks
+
+
+def train_settings(**values):
+    from spo_ray.config import TrainConfig
+    return TrainConfig(**{"max_grad_norm": None, **values})
+
+
+EIGHT = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=8)
+TRAINABLE, LARGEST = 200_000, 20_000
+
+
+def lever_floor(**levers) -> int:
+    return memory.training_floor(EIGHT, 100, TRAINABLE, largest_parameter=LARGEST, levers=memory.Levers(**levers))
+
+
+def choose(available: int, device: str = "cpu", checkpointing="auto", workers: int = 1, **train):
+    return memory.choose_levers(EIGHT, 100, TRAINABLE, LARGEST, 4, available, train_settings(**train), checkpointing,
+                                True, workers, device)
+
+
+def test_auto_adds_levers_cheapest_first_until_the_step_fits_on_a_cpu():
+    plain, in_bwd = lever_floor(), lever_floor(in_backward=True)
+    assert choose(plain) == memory.Levers()  # fits as it is: nothing on
+    assert choose(plain - 1) == memory.Levers(in_backward=True) and choose(in_bwd) == memory.Levers(in_backward=True)
+    # below that, checkpointing (on a CPU before 8-bit), at the fewest layers that fit with the step in the backward
+    two_layers = lever_floor(in_backward=True, checkpointed=7)
+    assert choose(in_bwd - 1) == choose(two_layers) == memory.Levers(in_backward=True, checkpointed=7)
+    every = lever_floor(in_backward=True, checkpointed=1)
+    assert choose(every) == memory.Levers(in_backward=True, checkpointed=1)
+    # below every layer checkpointed, 8-bit states, and checkpointing redone at the fewest layers that fit with them
+    with_8bit = lever_floor(in_backward=True, optim="adamw_bnb_8bit", checkpointed=1)
+    assert with_8bit < every
+    fewest = next(n for n in (0, 8, 7, 6, 5, 4, 3, 2, 1)  # none, then the fewest layers recomputed first
+                  if lever_floor(in_backward=True, optim="adamw_bnb_8bit", checkpointed=n) <= every - 1)
+    assert choose(every - 1) == memory.Levers(in_backward=True, optim="adamw_bnb_8bit", checkpointed=fewest)
+    assert choose(with_8bit - 1) == memory.Levers(in_backward=True, optim="adamw_bnb_8bit", checkpointed=1)  # all on
+
+
+def test_on_a_gpu_8_bit_states_come_before_checkpointing():
+    in_bwd = lever_floor(in_backward=True)
+    assert choose(in_bwd - 1, device="cuda") == memory.Levers(in_backward=True, optim="adamw_bnb_8bit")
+    assert choose(in_bwd - 1, device="cpu").optim == "adamw_torch_fused"
+
+
+def test_auto_leaves_off_what_cannot_apply_and_what_the_config_fixed(monkeypatch):
+    plain = lever_floor()
+    # clipping, accumulation or two workers: no step in the backward; checkpointing instead
+    for refused in ({"max_grad_norm": 1.0}, {"grad_accum_steps": 2}):
+        assert not choose(plain - 1, **refused).in_backward and choose(plain - 1, **refused).checkpointed
+    assert not choose(plain - 1, workers=2).in_backward
+    # set, not auto: as given
+    assert choose(plain - 1, optimizer_in_backward=False, checkpointing=False, device="cuda").optim == "adamw_bnb_8bit"
+    assert choose(plain - 1, optimizer_in_backward=False, checkpointing=False,
+                  optim="adamw_torch_fused") == memory.Levers()  # nothing left to turn on: the check will name it
+    assert choose(10 * plain, optimizer_in_backward=True, optim="adamw_bnb_8bit") == memory.Levers(
+        in_backward=True, optim="adamw_bnb_8bit")  # on where set, even with room to spare
+    # without bitsandbytes, no 8-bit states
+    monkeypatch.setattr(memory, "eight_bit_installed", lambda: False)
+    assert choose(plain - 1, optimizer_in_backward=False, checkpointing=False, device="cuda") == memory.Levers()
+
+
+def test_a_memory_budget_below_what_is_free_caps_the_check(monkeypatch):
+    """The budget caps the trial's whole memory: what it leaves is the budget less what the process holds."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * memory.GIB)
+    monkeypatch.setattr(memory, "in_use_bytes", lambda device: memory.GIB)
+    memory.check_fits("train.batch_size", "a training step", 3 * memory.GIB, torch.device("cpu"), budget_gib=4.0)
+    with pytest.raises(ConfigError) as error:
+        memory.check_fits("train.batch_size", "a training step", 3 * memory.GIB + 1, torch.device("cpu"), budget_gib=4.0)
+    assert str(error.value) == ("train.batch_size: a training step needs at least 3.0 GiB, but 3.0 GiB are available "
+                                "on cpu within train.memory_budget (4.0 GiB, of which this process holds 1.0); lower it")
+    assert memory.budgeted_available(torch.device("cpu"), 20.0) == 10 * memory.GIB  # a budget above: what is free
+    assert memory.budgeted_available(torch.device("cpu"), 0.5) == 0  # already over it
+
+
+def test_the_process_memory_in_use_is_its_resident_set():
+    before = memory.in_use_bytes(torch.device("cpu"))
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert memory.in_use_bytes(torch.device("cpu")) - before >= 60 * 2**20
+    del block

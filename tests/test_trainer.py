@@ -411,3 +411,35 @@ def test_a_resumed_run_continues_from_the_reference_it_had_drifted_to(init_cache
     measured = [k for k in full if k.startswith(("eval/", "train/")) and k != "train/tokens_per_s"]
     assert {k: resumed[k] for k in measured} == {k: full[k] for k in measured}
     assert stale["eval/loss"] != full["eval/loss"]  # without its reference a resumed run would train on another
+
+
+# ---------------------------------------------------------------------------------------------------
+# Memory levers in the loop (spo_ray.optimizers, spo_ray.memory.choose_levers)
+
+def test_the_step_in_the_backward_trains_exactly_as_the_plain_step(init_cache):
+    """Without clipping (which it cannot do), each parameter's fused AdamW step in the backward is the step the
+    plain optimizer takes after it: every metric the same, the probe's backward included; only the gradient
+    norm is summed in another order (the hooks fire last layer first)."""
+    raw = lambda in_backward: tiny_run(train={"max_grad_norm": None, "optim": "adamw_torch_fused",
+                                              "optimizer_in_backward": in_backward})
+    plain, plain_rows = run(raw(False), init_cache)
+    hooked, hooked_rows = run(raw(True), init_cache)
+    for before, after in zip(plain_rows, hooked_rows):
+        for key, value in before.items():
+            if key in ("train/tokens_per_s", "wall_time_s"):
+                continue
+            if key == "train/grad_norm":  # a sum of as many squares as tensors, in another order
+                assert abs(after[key] - value) <= rounding_tolerance(value, 64), key
+            else:
+                assert after[key] == value, key
+
+
+def test_8_bit_states_train_and_stay_near_the_float32_run(init_cache):
+    # hidden 64: the MLP's matrices reach bitsandbytes' 4,096 values (smaller tensors keep float32 moments)
+    model = {"init": "scratch", "hidden_size": 64, "num_layers": 2, "num_heads": 2}
+    fp32, _ = run(tiny_run(model=model, train={"optim": "adamw_torch_fused"}), init_cache)
+    eight, _ = run(tiny_run(model=model, train={"optim": "adamw_bnb_8bit"}), init_cache)
+    assert math.isfinite(eight["train/loss"]) and eight["train/loss"] != fp32["train/loss"]
+    # 6 steps from the same start: the moments' quantization moves the loss little (tests/test_optimizers.py
+    # bounds the parameters' drift); a broken optimizer (no step) would leave the initial loss, log 2-ish.
+    assert abs(eight["eval/loss"] - fp32["eval/loss"]) < 0.1 * abs(fp32["eval/loss"] - math.log(2))
