@@ -1,12 +1,15 @@
 """The loss atlas: which losses displace the chosen reply, and does SPO fix each of them?
 
     .venv/bin/python scripts/atlas.py results/atlas [--figure docs/img/atlas.png]
+    .venv/bin/python scripts/atlas.py results/atlas_options
 
 Reads an experiment of `sweeps/atlas.yaml` (`loss.name: spo` over every base it can wrap, λ ∈ {0, 1}: λ = 0 is
 exactly the base loss) and prints, per base loss, the final held-out chosen and rejected log-prob deltas, the
 answer-mass split and greedy accuracy (mean ± std over seeds) without and with SPO, then the paired SPO − base
 differences per loss (matched on seed; 95% percentile bootstrap of the mean) for accuracy and the chosen delta.
 The figure puts one arrow per loss from (chosen Δ, accuracy change from the init) without SPO to the same with it.
+An arm is a base loss with the sweep's other swept settings where they are on (`sweeps/atlas_options.yaml`:
+"dpo + ld_alpha 0.5 + sync").
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,12 +32,29 @@ METRICS = ["eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta"
 PAIRED = ["eval/accuracy", "eval/chosen_logp_delta"]
 
 
+#: Columns that name no arm: the loss under SPO, its λ (the two sides of each arm), the seed, fixed settings.
+NOT_ARMS = ("loss", "beta", "spo_lambda", "init", "seed", "base_loss")
+
+
+def arms(results: pd.DataFrame, params: list[str], base: str) -> pd.Series:
+    """Each trial's arm: its base loss (the `base_loss` column, else `base`), then every other swept setting
+    that is on (a number, or true), e.g. "dpo + ld_alpha 0.5 + sync"."""
+    names = results["base_loss"] if "base_loss" in results else pd.Series(base, index=results.index)
+    labels = names.astype(str)
+    for column in [c for c in params if c not in NOT_ARMS]:
+        values = results[column]
+        on = values.notna() & (values.astype(str).str.lower() != "false")
+        shown = values.map(lambda v: column if str(v).lower() == "true" else f"{column} {v}")
+        labels = labels.where(~on, labels + " + " + shown)
+    return labels
+
+
 def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(per base loss and λ: mean ± std of METRICS over seeds; per base loss: paired SPO − base of PAIRED). A
     metric the task does not report (the answer-mass split is the built-in task's) is left out."""
     metrics = [m for m in METRICS if m in results.columns]
     rows = []
-    for (base, lam), group in results.groupby(["base_loss", "spo_lambda"], sort=False):
+    for (base, lam), group in results.groupby(["arm", "spo_lambda"], sort=False):
         row = {"loss": base, "SPO": "λ 1" if lam > 0 else "–", "seeds": len(group)}
         for metric in metrics:
             values = group[metric].astype(float)
@@ -42,7 +63,7 @@ def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append(row)
     summary = pd.DataFrame(rows)
     paired_rows = []
-    for base, group in results.groupby("base_loss", sort=False):
+    for base, group in results.groupby("arm", sort=False):
         wide = group.pivot_table(index="seed", columns="spo_lambda", values=PAIRED)
         row = {"loss": base}
         for metric in PAIRED:
@@ -62,9 +83,9 @@ def draw(results: pd.DataFrame, init_accuracy: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = results.groupby(["base_loss", "spo_lambda"], sort=False)[["eval/chosen_logp_delta", "eval/accuracy"]].mean()
+    means = results.groupby(["arm", "spo_lambda"], sort=False)[["eval/chosen_logp_delta", "eval/accuracy"]].mean()
     fig, ax = plt.subplots(figsize=(8, 6))
-    for base in dict.fromkeys(results["base_loss"]):
+    for base in dict.fromkeys(results["arm"]):
         if (base, 0.0) not in means.index or (base, 1.0) not in means.index:
             continue
         x0, y0 = means.loc[(base, 0.0)]
@@ -89,7 +110,9 @@ def main() -> None:
     parser.add_argument("--figure", default=None, help="where to write the arrows figure (PNG)")
     args = parser.parse_args()
     exp = load_experiment(args.experiment)
-    results = exp.results
+    results = exp.results.copy()
+    sweep = yaml.safe_load((exp.path / "sweep.yaml").read_text()) if (exp.path / "sweep.yaml").exists() else {}
+    results["arm"] = arms(results, exp.params, str((sweep.get("loss") or {}).get("base", "dpo")))
     summary, paired = atlas_tables(results)
     starts = exp.history[exp.history["step"] == 0]["eval/accuracy"].dropna() if exp.history is not None else []
     init_accuracy = float(np.mean(starts)) if len(starts) else float("nan")
