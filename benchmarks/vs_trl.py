@@ -361,7 +361,7 @@ def real_pairs(args) -> argparse.Namespace:
     return real
 
 
-def real_pairs_config(real, cache: bool = True):
+def real_pairs_config(real, cache: bool = True, lean: bool = False):
     """spo-ray's config of part 3: GSM8K chat pairs (the question a user turn, the ground truth the chosen reply,
     a wrong model solution the rejected one) on SmolLM2-135M-Instruct; plain DPO, TRL's schedule; the pass sizes
     (reference, evaluation, probe) at their defaults, as a user gets them."""
@@ -378,7 +378,7 @@ def real_pairs_config(real, cache: bool = True):
                   "num_threads": real.threads},
         "reference": {"cache": cache},
         "wandb": {"mode": "disabled"},
-    }, real.pairs_set))
+    }, real.pairs_set + (real.lean_set if lean else [])))
 
 
 def vm_rss_mib() -> float:
@@ -475,9 +475,9 @@ def run_pairs_side(name: str, work: Path) -> dict:
     """One side of part 3 in this (fresh) process."""
     real = argparse.Namespace(**json.loads((work / "args.json").read_text()))
     torch.set_num_threads(real.threads)
-    config, cache_dir = real_pairs_config(real), real.pairs_cache
+    config, cache_dir = real_pairs_config(real, lean=name == "spo-ray-lean"), real.pairs_cache
     cuda = real.pairs_device == "cuda"
-    if name == "spo-ray":
+    if name.startswith("spo-ray"):
         from spo_ray.trainer import WorkerContext, train
         meter = PhasePeaks(cuda)
         meter.install()
@@ -525,12 +525,18 @@ def real_pairs_part(args) -> None:
           f"last step; each side in its own process, {real.threads} threads")
     sides = {}
     names = ["spo-ray"] + (["TRL"] if not args.pairs_spo_ray_only else []) + (["TRL-bf16"] if args.pairs_trl_bf16 else [])
-    for name in names:
+    lean = args.pairs_lean and "TRL" in names
+    for name in names + (["spo-ray-lean"] if lean else []):
+        if name == "spo-ray-lean":  # half TRL's default peak, as the trial's whole budget
+            real.lean_set = [f"train.memory_budget={sides['TRL']['peak_mib'] / 2 / 1024:.3f}", *args.pairs_lean_set]
+            (work / "args.json").write_text(json.dumps(vars(real)))
         done = subprocess.run([sys.executable, __file__, "--pairs-side", name, str(work)], capture_output=True,
                               text=True)
         if done.returncode != 0:
             raise SystemExit(f"part 3, {name}: failed\n{done.stderr[-3000:]}")
         sides[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        if name == "spo-ray-lean":
+            sides[name]["said"] = [line for line in done.stdout.splitlines() if "(auto)" in line]
     shutil.rmtree(work, ignore_errors=True)  # (the converted model too, unless --pairs-cache keeps it elsewhere)
     ours = sides["spo-ray"]
     print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB ({ours['total_s']:.0f} s "
@@ -554,10 +560,19 @@ def real_pairs_part(args) -> None:
     print(f"  mean tokens a train pair: prompt {tokens['prompt']:.0f}, chosen {tokens['chosen']:.0f}, rejected "
           f"{tokens['rejected']:.0f}: {2 * tokens['prompt'] + tokens['chosen'] + tokens['rejected']:.0f} in a chosen "
           f"and a rejected row (TRL's), {sum(tokens.values()):.0f} with the prompt once (spo-ray's prefix sharing)")
+    device = f" device={torch.cuda.get_device_name().replace(' ', '_')}" if cuda else ""
     print(f"real_pairs speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
           f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
-          f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}"
-          + (f" device={torch.cuda.get_device_name().replace(' ', '_')}" if cuda else ""), flush=True)
+          f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}" + device, flush=True)
+    if lean:
+        leanest = sides["spo-ray-lean"]
+        print(f"  spo-ray-lean ({', '.join(real.lean_set)}; said: {' | '.join(leanest['said']) or 'nothing'}): "
+              f"{leanest['pairs_per_s']:.3f} pairs/s, peak {leanest['peak_mib']:,.0f} MiB; by phase, peak "
+              f"({memory}): " + ", ".join(f"{k} {peak:,.0f} ({start:,.0f})"
+                                          for k, (peak, start) in leanest["phases_mib"].items()) + " MiB")
+        print(f"real_pairs_lean speedup_vs_trl={leanest['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
+              f"peak_mib_spo_ray={leanest['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
+              f"budget_mib={theirs['peak_mib'] / 2:.0f}" + device, flush=True)
 
 def main() -> None:
     if sys.argv[1:2] == ["--side"]:
@@ -593,6 +608,12 @@ def main() -> None:
     parser.add_argument("--pairs-cache", help="part 3: spo-ray's init cache (keeps the converted model between runs)")
     parser.add_argument("--pairs-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="part 3: spo-ray config overrides, to measure a lever (the default run sets none)")
+    parser.add_argument("--pairs-lean", action="store_true",
+                        help="part 3: spo-ray once more with train.memory_budget at half TRL's default peak (its auto "
+                             "levers choose what fits), after TRL's side; last line real_pairs_lean …")
+    parser.add_argument("--pairs-lean-set", nargs="*", default=["train.max_grad_norm=null"], metavar="KEY=VALUE",
+                        help="part 3: what the lean side sets beside the budget (default: no clipping, so the step "
+                             "in the backward may apply)")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3 or 1,2")
     parser.set_defaults(steps=12 if long else 5, pairs=96 if long else 40)
     args = parser.parse_args()

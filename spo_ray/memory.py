@@ -75,10 +75,29 @@ def release_freed_memory() -> bool:
 @functools.cache
 def _malloc_trim():
     """The C library's `malloc_trim`, or None; looked up once (`find_library` runs `ldconfig` on Linux)."""
+    return _libc_function("malloc_trim")
+
+
+def _libc_function(name: str):
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # no malloc_trim; no C library to open (Windows: TypeError)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), name)
+    except (AttributeError, OSError, TypeError):  # no such function; no C library to open (Windows: TypeError)
         return None
+
+
+#: glibc's `mallopt` parameter M_MMAP_THRESHOLD, and the threshold `return_freed_blocks` sets (128 KiB, glibc's
+#: initial value, which it otherwise raises up to 32 MiB as large blocks are freed).
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024
+
+
+def return_freed_blocks() -> bool:
+    """Have glibc serve every allocation over 128 KiB with its own mapping, returned to the system when freed
+    (`mallopt(M_MMAP_THRESHOLD, 128 KiB)`, what `MALLOC_MMAP_THRESHOLD_=131072` does from the environment): the
+    process's resident memory then follows what it holds instead of its past peaks. Costs page faults on every
+    large allocation (part 3 of benchmarks/vs_trl.py: 0.468 against 0.614 pairs/s with checkpointing, 3,109
+    against 4,199 MiB). The trainer calls it under `train.memory_budget` on a CPU. False where there is no glibc."""
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD_BYTES)))
 
 
 def _shape(config) -> tuple[int, int, int]:
@@ -178,9 +197,17 @@ def checkpointing_needed(model_config, tokens: int, trainable: int, values: int,
 #: The auto levers in the order they are tried, cheapest in step time first. The step in the backward does the
 #: same arithmetic, earlier: free. On a GPU bitsandbytes' 8-bit step costs little beside a forward and backward,
 #: while checkpointing runs the checkpointed layers' forward again; on a CPU its 8-bit kernel is the slow one
-#: (benchmarks/optimizer.py: 20–25× the fused AdamW's time a parameter), so checkpointing goes first there.
+#: (benchmarks/optimizer.py, 134.5M parameters: 1.79 s a step against the fused AdamW's 0.124 s, 14.5×, about a
+#: forward's time at part 3's batch), so checkpointing goes first there.
 LEVER_ORDER = {"cuda": ("in_backward", "eight_bit", "checkpointing"),
                "cpu": ("in_backward", "checkpointing", "eight_bit")}
+
+
+#: Under `train.memory_budget` the auto levers are chosen for the step's floor times this: a budget is a cap the
+#: user wants kept, and a real step rises above its floor (part 3 of benchmarks/vs_trl.py, SmolLM2-135M with every
+#: lever and freed blocks returned, `return_freed_blocks`: the training step rose 1,343 MiB over its start against
+#: a floor of 990). Without a budget the floor alone decides (auto turns a lever on only where it is needed).
+BUDGET_MARGIN = 1.4
 
 
 def choose_levers(model_config, tokens: int, trainable: int, largest_parameter: int, values: int,
@@ -191,11 +218,14 @@ def choose_levers(model_config, tokens: int, trainable: int, largest_parameter: 
     without them, else added in `LEVER_ORDER` until it fits — checkpointing at the fewest layers that fit with
     the others. Where even all of them do not fit, all (the memory check then names the key to lower). An auto
     lever that cannot apply stays off: the step in the backward with gradient clipping, gradient accumulation or
-    several workers; 8-bit states without bitsandbytes."""
+    several workers; 8-bit states without bitsandbytes. Under `train.memory_budget` a step fits when its floor
+    times `BUDGET_MARGIN` does."""
     from spo_ray.config import step_in_backward_refusal
 
     levers = Levers(checkpointed=int(checkpointing is True), optim=FUSED if train.optim == "auto" else train.optim,
                     in_backward=train.optimizer_in_backward is True, offloaded=train.activation_offloading)
+    if available is not None and train.memory_budget is not None:
+        available = int(available / BUDGET_MARGIN)
 
     def floor(candidate: Levers) -> int:
         return training_floor(model_config, tokens, trainable, values, 0, candidate, largest_parameter)

@@ -75,6 +75,14 @@ def eight_bit_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def state_optim(state_dict: dict) -> str | None:
+    """Which kind of optimizer wrote this state dict: `adamw_bnb_8bit` where its entries hold bitsandbytes'
+    quantized state, None for torch's AdamW (either kernel: their states are the same). A resumed run must load
+    its state into the kind that wrote it, whatever `train.optim: auto` would pick on this machine."""
+    entries = state_dict.get("state", {}).values()
+    return EIGHT_BIT if any("__bnb_optimizer_quant_state__" in entry for entry in entries) else None
+
+
 def optimizer_state_bytes(n_params: int, optim: str) -> int:
     """The least memory the optimizer's state takes for `n_params` trainable float32 values (a floor, for
     `spo_ray.memory`).

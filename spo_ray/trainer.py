@@ -22,7 +22,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -36,7 +36,7 @@ from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, 
                               sequence_logps)
 from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, ld_logps, loss_options, preference_loss
 from spo_ray import optimizers
-from spo_ray.memory import FUSED, Levers, check_run_fits, release_freed_memory
+from spo_ray.memory import FUSED, Levers, check_run_fits, release_freed_memory, return_freed_blocks
 from spo_ray.optimizers import accumulating
 from spo_ray.reference import (ModelReference, PrecomputedReference, SyncedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
@@ -580,6 +580,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
     context = context or WorkerContext()
     cfg = config.train
     torch.set_num_threads(cfg.num_threads or max(1, int(context.cpus)))
+    if cfg.memory_budget is not None and context.device.type == "cpu":
+        return_freed_blocks()  # a budget caps the resident memory: let it follow what is held, not past peaks
     torch.manual_seed(cfg.seed)
     device = context.device
 
@@ -626,6 +628,9 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
 
     # 3. Optimiser, schedule, data order.
     params = [p for p in model.parameters() if p.requires_grad]
+    written = optimizers.state_optim(resume["optimizer"]) if resume and "optimizer" in resume else None
+    if cfg.optim == "auto" and resume and "optimizer" in resume and (written or FUSED) != levers.optim:
+        levers = replace(levers, optim=written or FUSED)  # the checkpoint's kind, whatever memory chose here
     optimizer = build_optimizer(params, cfg, levers)
     offload = activation_offloading(levers, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,

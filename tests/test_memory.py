@@ -409,3 +409,39 @@ def test_the_process_memory_in_use_is_its_resident_set():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert memory.in_use_bytes(torch.device("cpu")) - before >= 60 * 2**20
     del block
+
+
+FREED_BLOCKS = """
+import sys, torch
+from spo_ray.memory import in_use_bytes, return_freed_blocks
+if sys.argv[1] == "on":
+    assert return_freed_blocks()
+cpu = torch.device("cpu")
+big = torch.ones(8 * 2**20 // 4); del big            # a large block freed: glibc raises its threshold to its size
+base = in_use_bytes(cpu)
+blocks = [torch.ones(2**20 // 4) for _ in range(200)]  # 200 MiB in 1 MiB blocks, touched
+pin = torch.ones(2**20 // 4)                          # one more, kept: it sits above them in the heap
+del blocks
+print((in_use_bytes(cpu) - base) // 2**20)
+"""
+
+
+@pytest.mark.skipif(memory._libc_function("mallopt") is None, reason="no glibc mallopt here")
+def test_returning_freed_blocks_makes_the_resident_memory_follow_what_is_held():
+    """glibc keeps 200 freed 1 MiB blocks below a live one (its threshold raised by an earlier large free);
+    with `return_freed_blocks` (what a memory budget turns on) each was its own mapping, returned when freed.
+    In fresh processes: the setting is process-wide."""
+    import subprocess
+    import sys
+    kept = {mode: int(subprocess.run([sys.executable, "-c", FREED_BLOCKS, mode], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for mode in ("off", "on")}
+    assert kept["off"] >= 150 and kept["on"] <= 20, kept
+
+
+def test_under_a_budget_the_levers_leave_room_for_the_steps_rise_over_its_floor():
+    plain, in_bwd = lever_floor(), lever_floor(in_backward=True)
+    room = int(in_bwd * memory.BUDGET_MARGIN) + 2  # (+2: the division back rounds down)
+    assert plain < room and choose(room) == memory.Levers()  # no budget: the floor decides, and fits
+    # the same room under a budget: the floor × 1.4 must fit, which takes the step in the backward
+    assert choose(room, memory_budget=8.0) == memory.Levers(in_backward=True)
+    assert choose(int(plain * memory.BUDGET_MARGIN) + 1, memory_budget=8.0) == memory.Levers()

@@ -443,3 +443,21 @@ def test_8_bit_states_train_and_stay_near_the_float32_run(init_cache):
     # 6 steps from the same start: the moments' quantization moves the loss little (tests/test_optimizers.py
     # bounds the parameters' drift); a broken optimizer (no step) would leave the initial loss, log 2-ish.
     assert abs(eight["eval/loss"] - fp32["eval/loss"]) < 0.1 * abs(fp32["eval/loss"] - math.log(2))
+
+
+def test_a_run_with_auto_optim_resumes_in_the_kind_of_optimizer_its_checkpoint_was_written_by(init_cache):
+    """A checkpoint of 8-bit states, resumed where train.optim: auto would pick the fused float32 AdamW (memory to
+    spare): the run goes on in 8-bit, exactly as the uninterrupted one."""
+    model = {"init": "scratch", "hidden_size": 64, "num_layers": 2, "num_heads": 2}
+    states = {}
+
+    def report(row, state):
+        if state:
+            states[row["step"]] = copy.deepcopy(state)
+
+    full = train(validate_run(tiny_run(model=model, train={"optim": "adamw_bnb_8bit", "checkpoint_every": 2})),
+                 cache_dir=init_cache, report=report)
+    resumed = train(validate_run(tiny_run(model=model, train={"optim": "auto", "checkpoint_every": 2})),
+                    cache_dir=init_cache, resume=states[4])
+    measured = [k for k in full if k.startswith(("eval/", "train/")) and k != "train/tokens_per_s"]
+    assert {k: resumed[k] for k in measured} == {k: full[k] for k in measured}
