@@ -229,7 +229,7 @@ def trl_trainer(task, paths: dict, args, out_dir: str, precompute: bool, bf16: b
         beta=args.beta, learning_rate=args.lr, per_device_train_batch_size=args.batch_size,
         max_length=args.max_tokens + 8,  # spo-ray's data.max_length (run_config, real_pairs_config)
         max_steps=args.steps, precompute_ref_log_probs=precompute, save_strategy="no",
-        dataset_num_proc=None, seed=0)
+        dataset_num_proc=None, seed=0, **({"optim": args.trl_optim} if getattr(args, "trl_optim", None) else {}))
     policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
     reference = AutoModelForCausalLM.from_pretrained(paths["reference"])
     return trl.DPOTrainer(model=policy, ref_model=reference, args=config,
@@ -475,6 +475,8 @@ def run_pairs_side(name: str, work: Path) -> dict:
     """One side of part 3 in this (fresh) process."""
     real = argparse.Namespace(**json.loads((work / "args.json").read_text()))
     torch.set_num_threads(real.threads)
+    if name == "spo-ray-matched":  # TRL-8bit's levers: 8-bit states, every layer checkpointed
+        real.pairs_set = [*real.pairs_set, "train.optim=adamw_bnb_8bit", "model.gradient_checkpointing=true"]
     config, cache_dir = real_pairs_config(real, lean=name == "spo-ray-lean"), real.pairs_cache
     cuda = real.pairs_device == "cuda"
     if name.startswith("spo-ray"):
@@ -500,6 +502,7 @@ def run_pairs_side(name: str, work: Path) -> dict:
     paths = {"policy": task.policy_path, "reference": task.reference_path}
     batch, token_means = first_batch(task, config)
     bf16 = None if cuda else name == "TRL-bf16"  # on a GPU: DPOConfig's own default
+    real.trl_optim = "adamw_bnb_8bit" if name == "TRL-8bit" else None
     result = run_trl(task, paths, real, str(work / "trl"), precompute=False, check_batch=batch, bf16=bf16, cuda=cuda)
     return {"side": name, "token_means": token_means, "pairs_per_s": steady_rate(result["stamps"], real.batch_size), "total_s": result["total_s"],
             "peak_mib": cuda_peak_mib() if cuda else vm_hwm_mib(), "first_loss": result["first_loss"], "token_ids_match": result["token_ids_match"],
@@ -525,6 +528,8 @@ def real_pairs_part(args) -> None:
           f"last step; each side in its own process, {real.threads} threads")
     sides = {}
     names = ["spo-ray"] + (["TRL"] if not args.pairs_spo_ray_only else []) + (["TRL-bf16"] if args.pairs_trl_bf16 else [])
+    if args.pairs_matched:  # only the two sides with the same levers
+        names = ["spo-ray-matched", "TRL-8bit"]
     lean = args.pairs_lean and "TRL" in names
     for name in names + (["spo-ray-lean"] if lean else []):
         if name == "spo-ray-lean":  # half TRL's default peak, as the trial's whole budget
@@ -538,6 +543,17 @@ def real_pairs_part(args) -> None:
         if name == "spo-ray-lean":
             sides[name]["said"] = [line for line in done.stdout.splitlines() if "(auto)" in line]
     shutil.rmtree(work, ignore_errors=True)  # (the converted model too, unless --pairs-cache keeps it elsewhere)
+    if args.pairs_matched:
+        ours, theirs = sides["spo-ray-matched"], sides["TRL-8bit"]
+        print(f"  spo-ray (train.optim adamw_bnb_8bit, model.gradient_checkpointing true): {ours['pairs_per_s']:.3f} "
+              f"pairs/s, peak {ours['peak_mib']:,.0f} MiB; by phase, peak ({memory}): " +
+              ", ".join(f"{k} {peak:,.0f} ({start:,.0f})" for k, (peak, start) in ours["phases_mib"].items()) + " MiB")
+        print(f"  TRL (DPOTrainer defaults, bf16=False, optim adamw_bnb_8bit): {theirs['pairs_per_s']:.3f} pairs/s, "
+              f"peak {theirs['peak_mib']:,.0f} MiB; steps " + ", ".join(f"{x:.3g}" for x in theirs["step_s"]) + " s")
+        print(f"real_pairs_matched speedup_vs_trl={ours['pairs_per_s'] / theirs['pairs_per_s']:.2f} "
+              f"peak_mib_spo_ray={ours['peak_mib']:.0f} peak_mib_trl={theirs['peak_mib']:.0f} "
+              f"loss_diff={abs(ours['first_loss'] - theirs['first_loss']):.2e}", flush=True)
+        return
     ours = sides["spo-ray"]
     print(f"  spo-ray: {ours['pairs_per_s']:.3f} pairs/s, peak {ours['peak_mib']:,.0f} MiB ({ours['total_s']:.0f} s "
           f"with its reference pass, evaluation and probe); by phase, peak ({memory}): " +
@@ -614,6 +630,10 @@ def main() -> None:
     parser.add_argument("--pairs-lean-set", nargs="*", default=["train.max_grad_norm=null"], metavar="KEY=VALUE",
                         help="part 3: what the lean side sets beside the budget (default: no clipping, so the step "
                              "in the backward may apply)")
+    parser.add_argument("--pairs-matched", action="store_true",
+                        help="part 3: instead, both sides with the same levers: TRL with optim adamw_bnb_8bit (and its "
+                             "default checkpointing), spo-ray with 8-bit states and every layer checkpointed; last "
+                             "line real_pairs_matched …")
     parser.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 3 or 1,2")
     parser.set_defaults(steps=12 if long else 5, pairs=96 if long else 40)
     args = parser.parse_args()

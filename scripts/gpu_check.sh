@@ -33,7 +33,8 @@ print(", ".join(need))
 PY
 )
 if [ -z "$missing" ]; then
-  $PY benchmarks/vs_trl.py --parts 3 --pairs-device cuda --pairs-steps 12 || status=1
+  # --pairs-lean: spo-ray once more under half TRL's peak (auto's levers; 8-bit states first on a GPU)
+  $PY benchmarks/vs_trl.py --parts 3 --pairs-device cuda --pairs-steps 12 --pairs-lean || status=1
   # the engines on the GPU: spo-ray's sampler, transformers' generate, and vLLM where SPO_RAY_VLLM_PYTHON or
   # .venv-vllm names one (`make vllm VLLM_SPEC=vllm`); 96 prompts × 8 samples, pools of 48 prompts
   $PY benchmarks/sampling.py --device cuda --prompts 96 --batch-prompts 48 --rounds 1 || status=1
