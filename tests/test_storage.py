@@ -85,8 +85,8 @@ def test_a_reference_table_in_s3_is_computed_once_and_read_back_equal(s3_bucket)
     from spo_ray.reference import cached_reference_logps
     bucket, client = s3_bucket
     data = type("Dataset", (), {"__len__": lambda self: 3})()
-    table = {name: torch.tensor([-1.5, -2.25, -3.0]) * (i + 1) for i, name in
-             enumerate(("chosen_logps", "rejected_logps", "chosen_avg_logps", "rejected_avg_logps"))}
+    from spo_ray.reference import COLUMNS
+    table = {name: torch.tensor([-1.5, -2.25, -3.0]) * (i + 1) for i, name in enumerate(COLUMNS)}
     calls = []
 
     def compute():
