@@ -431,3 +431,20 @@ def test_ld_dpo_changes_the_loss_only_through_the_longer_replys_tail(tmp_path):
     full, _ = our_token_loss(tokens, {"name": "dpo", "beta": 0.5, "ld_alpha": 1.0})
     half, _ = our_token_loss(tokens, {"name": "dpo", "beta": 0.5, "ld_alpha": 0.5})
     assert abs(full - plain) <= rounding_tolerance(plain, 16, torch.float64) and abs(half - plain) > 1e-3
+
+
+def test_the_reference_sync_equals_trls_sync_ref_model_callback():
+    """TR-DPO's mix: our `SyncedReference.step_done` against TRL's own `SyncRefModelCallback._sync_target_model`
+    on copies of the same reference and policy, in float64: the same weights to the last bit (one multiply and
+    one add per value on both sides)."""
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    from spo_ray.reference import SyncedReference
+
+    policy = tiny_llama(seed=0).double()
+    ours, theirs = tiny_llama(seed=1).double(), tiny_llama(seed=1).double()
+    SyncedReference(ours, {}, sync_steps=4, mixup_alpha=0.6, policy=policy).step_done(policy, 8)
+    SyncRefModelCallback._sync_target_model(policy, theirs, 0.6)
+    pairs = list(zip(ours.named_parameters(), theirs.named_parameters()))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in pairs)
+    assert not torch.equal(ours.model.embed_tokens.weight, tiny_llama(seed=1).double().model.embed_tokens.weight)
