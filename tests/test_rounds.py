@@ -330,3 +330,24 @@ def test_a_run_in_rounds_takes_rounds_times_steps_per_round_steps_and_asha_count
     sweep = validate_run(raw)
     tuner = build_tuner(raw, sweep, {}, str(tmp_path / "sweep"), resume=False)
     assert tuner._local_tuner._tune_config.scheduler._max_t == 12
+
+
+def test_rounds_with_the_step_in_the_backward_train_as_the_plain_step(tmp_path):
+    """Each round's trainer builds its own optimizer stepping in the backward, and round 2 takes over round 1's AdamW
+    state (`optimizer_per_round: keep`) from a checkpoint in a plain optimizer's format: the rounds train exactly
+    as the plain optimizer's do."""
+    histories = []
+    for in_backward in (False, True):
+        sampled = {"samples_per_prompt": 4, "prompts": 24, "eval_prompts": 8, "temperature": 1.0, "max_new_tokens": 4,
+                   "rounds": 2, "steps_per_round": STEPS, "reference_update": "previous", "optimizer_per_round": "keep"}
+        config = validate_run(tiny_run(data={"sampled_pairs": sampled},
+                                       train={"eval_every": STEPS, "probe_every": STEPS, "max_grad_norm": None,
+                                              "optim": "adamw_torch_fused", "optimizer_in_backward": in_backward}))
+        rows, _ = run(config, tmp_path / f"cache-{in_backward}", tmp_path / f"ref-{in_backward}")
+        histories.append(rows)
+    plain, hooked = histories
+    assert [r["step"] for r in hooked] == [r["step"] for r in plain] == [3, 6]  # the end of each round
+    for before, after in zip(plain, hooked):
+        for key in ("train/loss", "train/chosen_logps", "eval/loss"):
+            if key in before:
+                assert after[key] == before[key], (before["step"], key)

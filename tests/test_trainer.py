@@ -461,3 +461,15 @@ def test_a_run_with_auto_optim_resumes_in_the_kind_of_optimizer_its_checkpoint_w
                     cache_dir=init_cache, resume=states[4])
     measured = [k for k in full if k.startswith(("eval/", "train/")) and k != "train/tokens_per_s"]
     assert {k: resumed[k] for k in measured} == {k: full[k] for k in measured}
+
+
+def test_the_step_in_the_backward_on_lora_adapters_trains_as_the_plain_step(init_cache):
+    """With LoRA only the adapters are trainable: the hooks sit on them alone, and the run is the plain one's."""
+    raw = lambda in_backward: tiny_run(model={"lora": {"r": 4, "alpha": 8}},
+                                       train={"max_grad_norm": None, "optim": "adamw_torch_fused",
+                                              "optimizer_in_backward": in_backward})
+    plain, _ = run(raw(False), init_cache)
+    hooked, _ = run(raw(True), init_cache)
+    assert plain["eval/loss"] != math.log(2)  # the adapters moved
+    for key in ("train/loss", "eval/loss", "eval/chosen_logp_delta", "eval/accuracy", "probe/grad_cosine"):
+        assert hooked[key] == plain[key], key
