@@ -3,10 +3,13 @@
 `train(config, ...)` reads as a checklist:
 
   1. load the task (tokenizer, text pairs, which weights to start from, the task's own evaluator);
-  2. tokenize the pairs; load the policy; get the reference log-probs (shared cache, or a frozen model);
+  2. tokenize the pairs; load the policy; check the passes fit and choose the memory levers
+     (`spo_ray.memory.choose_levers`); get the reference log-probs (shared cache, a frozen model, or TR-DPO's
+     drifting one);
   3. loop: one concatenated forward per micro-batch → preference loss (+ SPO penalty) → backward →
-     clip → AdamW step; every `log_every` steps report the averaged train metrics, every `eval_every`
-     the evaluation metrics, every `probe_every` the gradient terms of the paper's analysis;
+     clip → AdamW step (or each parameter's step inside the backward, `spo_ray.optimizers`); every `log_every`
+     steps report the averaged train metrics, every `eval_every` the evaluation metrics, every `probe_every`
+     the gradient terms of the paper's analysis;
   4. return the final metrics.
 
 Ray Train (spo_ray.distributed) calls the same function on every worker with a `WorkerContext`, a
