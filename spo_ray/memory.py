@@ -31,8 +31,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from spo_ray.config import ConfigError
-from spo_ray.optimizers import EIGHT_BIT, eight_bit_installed, optimizer_state_bytes
+from spo_ray.config import ConfigError, step_in_backward_refusal
+from spo_ray.optimizers import EIGHT_BIT, FUSED, eight_bit_installed, optimizer_state_bytes
 from spo_ray.data import PairDataset, batch_padded_tokens, length_sorted_batches
 from spo_ray.logprobs import LOGITS_CHUNK_BYTES, peft_base
 
@@ -112,9 +112,6 @@ def forward_floor(config, tokens: int, bytes_per_value: int = 4) -> int:
     """Bytes a no-grad forward over `tokens` tokens must hold at least, beyond the weights."""
     hidden, mlp, _ = _shape(config)
     return tokens * (3 * mlp + 2 * hidden) * bytes_per_value + LOGITS_CHUNK_BYTES
-
-
-FUSED = "adamw_torch_fused"
 
 
 @dataclass(frozen=True)
@@ -220,8 +217,6 @@ def choose_levers(model_config, tokens: int, trainable: int, largest_parameter: 
     lever that cannot apply stays off: the step in the backward with gradient clipping, gradient accumulation or
     several workers; 8-bit states without bitsandbytes. Under `train.memory_budget` a step fits when its floor
     times `BUDGET_MARGIN` does."""
-    from spo_ray.config import step_in_backward_refusal
-
     levers = Levers(checkpointed=int(checkpointing is True), optim=FUSED if train.optim == "auto" else train.optim,
                     in_backward=train.optimizer_in_backward is True, offloaded=train.activation_offloading)
     if available is not None and train.memory_budget is not None:

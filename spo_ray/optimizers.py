@@ -32,8 +32,8 @@ import torch
 
 from spo_ray.config import ConfigError, step_in_backward_refusal
 
-EIGHT_BIT = "adamw_bnb_8bit"
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", EIGHT_BIT)
+FUSED, EIGHT_BIT = "adamw_torch_fused", "adamw_bnb_8bit"
+OPTIMIZERS = (FUSED, "adamw_torch", EIGHT_BIT)
 
 # bitsandbytes' 8-bit states: one float32 scale (absmax) per block of this many values
 # (`bitsandbytes.optim.optimizer.Optimizer2State.init_state`, the same on every device) …

@@ -39,8 +39,8 @@ from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, concatenated_forward, 
                               sequence_logps)
 from spo_ray.losses import COMBINE, REFERENCE_FREE_LOSSES, ld_logps, loss_options, preference_loss
 from spo_ray import optimizers
-from spo_ray.memory import FUSED, Levers, check_run_fits, release_freed_memory, return_freed_blocks
-from spo_ray.optimizers import accumulating
+from spo_ray.memory import Levers, check_run_fits, release_freed_memory, return_freed_blocks
+from spo_ray.optimizers import FUSED, accumulating
 from spo_ray.reference import (ModelReference, PrecomputedReference, SyncedReference, cached_reference_logps,
                                cached_reference_logps_together, compute_reference_logps, dataset_fingerprint,
                                fingerprint, model_identity, table_path)
@@ -631,9 +631,8 @@ def train(config: RunConfig, *, cache_dir: str, reference_dir: str | None = None
 
     # 3. Optimiser, schedule, data order.
     params = [p for p in model.parameters() if p.requires_grad]
-    written = optimizers.state_optim(resume["optimizer"]) if resume and "optimizer" in resume else None
-    if cfg.optim == "auto" and resume and "optimizer" in resume and (written or FUSED) != levers.optim:
-        levers = replace(levers, optim=written or FUSED)  # the checkpoint's kind, whatever memory chose here
+    if cfg.optim == "auto" and resume and "optimizer" in resume:  # the checkpoint's kind, whatever memory chose
+        levers = replace(levers, optim=optimizers.state_optim(resume["optimizer"]) or FUSED)
     optimizer = build_optimizer(params, cfg, levers)
     offload = activation_offloading(levers, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_schedule, cfg.warmup_steps,
