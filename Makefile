@@ -42,7 +42,7 @@ demo: venv
 # at the end of the first run (what to look at when the suite outgrows its 12 minutes).
 NUMERICAL_TESTS := tests/test_chunked_logprobs.py tests/test_logprobs.py tests/test_losses.py tests/test_trainer.py \
 	tests/test_evaluation.py tests/test_reference.py tests/test_trl_parity.py tests/test_prefix_sharing.py \
-	tests/test_decoding.py tests/test_optimizers.py
+	tests/test_decoding.py tests/test_optimizers.py tests/test_decode_step.py
 test: venv
 	$(PY) -m pytest -q -ra -n 3 --dist worksteal --durations=15
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -ra -n 2 -m "not slow" $(NUMERICAL_TESTS)

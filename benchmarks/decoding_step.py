@@ -6,14 +6,18 @@
 1. The output matrix (49,152 × 576) applied to a batch of last hidden states as h·Wᵀ (`F.linear`, what
    transformers does) and as W·hᵀ (what `spo_ray.decoding.Decoder` does), at 32 and 128 rows; best of 10.
 2. One decoding step (`Decoder.append`, a cache of the prompts + 24 tokens) at 16 to 128 rows, with the
-   decoder as it is and, at 128 rows, with transformers' whole forward (its h·Wᵀ output layer); best of 5. A line fitted to the step's time against its rows gives the step's fixed cost (the weights
-   streamed once) and its cost per row (the matrix products).
+   decoder as it is (the Llama family's step written out, `spo_ray.decode_step`), through transformers'
+   forward with the output matrix applied as W·hᵀ (the decoder before the written-out step), and, at 128
+   rows, transformers' whole forward (its h·Wᵀ output layer); best of 5. A line fitted to the step's time
+   against its rows gives the step's fixed cost (the weights streamed once) and its cost per row (the matrix
+   products).
 3. Refilled batches against one pool a batch: `sample_rows` on `--refill-prompts` chat-arithmetic prompts × 8
    samples, pools of 16 prompts' rows, with `POOLS_PER_BATCH` 4 (prompts join as samples end) and 1 (each
    batch one pool, decoded to its last sample), same seed; tokens/s of each and their ratio.
 
 Last line: `head_speedup_32=… head_speedup_128=… step_fixed_ms=… step_ms_per_row=… head_step_speedup_128=…
-refill_speedup=…`.
+written_step_speedup_16=… written_step_speedup_128=… refill_speedup=…` (written_step: the transformers-forward
+step's time ÷ the written-out one's).
 """
 
 from __future__ import annotations
@@ -90,12 +94,17 @@ def main():
     pad = tokenizer.pad_token_id
     row_counts = (16, 32, 64, 128)
     as_is = {rows: step_seconds(model, prompt_ids, pad, rows) for rows in row_counts}
+    written_out = decoding.llama_step
+    decoding.llama_step = lambda model: None
+    forward = {rows: step_seconds(model, prompt_ids, pad, rows) for rows in row_counts}
+    decoding.llama_step = written_out
     plain_head = decoding.plain_output_head
     decoding.plain_output_head = lambda model: None
     whole_forward = step_seconds(model, prompt_ids, pad, 128)
     decoding.plain_output_head = plain_head
     for rows in row_counts:
-        print(f"decoding step, {rows:3d} rows: {as_is[rows] * 1e3:6.1f} ms ({rows / as_is[rows]:6.1f} tokens/s)",
+        print(f"decoding step, {rows:3d} rows: {as_is[rows] * 1e3:6.1f} ms ({rows / as_is[rows]:6.1f} tokens/s); "
+              f"through transformers' forward {forward[rows] * 1e3:6.1f} ms ({forward[rows] / as_is[rows]:.2f}×)",
               flush=True)
     print(f"decoding step, 128 rows, transformers' whole forward: {whole_forward * 1e3:6.1f} ms", flush=True)
     xs = torch.tensor(row_counts, dtype=torch.float64)
@@ -125,7 +134,9 @@ def main():
         refill = speed[refilled] / speed[1]
     print(f"head_speedup_32={head[32]:.2f} head_speedup_128={head[128]:.2f} step_fixed_ms={fixed * 1e3:.0f} "
           f"step_ms_per_row={slope * 1e3:.2f} "
-          f"head_step_speedup_128={whole_forward / as_is[128]:.2f} refill_speedup={refill:.2f}")
+          f"head_step_speedup_128={whole_forward / forward[128]:.2f} "
+          f"written_step_speedup_16={forward[16] / as_is[16]:.2f} written_step_speedup_128={forward[128] / as_is[128]:.2f} "
+          f"refill_speedup={refill:.2f}")
 
 
 if __name__ == "__main__":

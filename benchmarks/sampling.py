@@ -22,17 +22,22 @@ template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
                     `data.eval_engine: vllm` runs it (`PolicyEngine`: a first evaluation that starts the engine,
                     a later one that writes the weights and reloads them in place), against spo-ray's.
 
-Each round runs (a) then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
+  (a') spo-ray     the same sampler with every decoding step through transformers' forward instead of the
+                    Llama family's step written out (`spo_ray.decode_step`): the step's own speed-up, same run.
+
+Each round runs (a), (a'), then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
 change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
 (padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
 what the two sampled: the share of samples whose final number is right and that ended, which must agree
 within sampling noise (the same distribution, different random streams). Last line:
-`speedup_vs_generate=… tokens_per_s_spo_ray=… tokens_per_s_generate=… accuracy_spo_ray=… accuracy_generate=…`.
+`speedup_vs_generate=… tokens_per_s_spo_ray=… tokens_per_s_generate=… accuracy_spo_ray=… accuracy_generate=…
+step_speedup=…` (the last: (a) ÷ (a'); `greedy_step_speedup` the same for the greedy evaluation).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -46,6 +51,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from spo_ray.answers import matches  # noqa: E402
+import spo_ray.decoding as decoding  # noqa: E402
 from spo_ray.decoding import Decoder, encode_prompts, greedy_decode  # noqa: E402
 from spo_ray.models import gguf_init, load_init  # noqa: E402
 from spo_ray.sampling import Sampling, sample_rows  # noqa: E402
@@ -89,6 +95,22 @@ def run_spo_ray(model, tokenizer, prompts, args, stop_ids, seed):
     rows = sample_rows(model, tokenizer, prompts, sampling, stop_ids)
     tokens = sum(r["tokens"] + r["ended"] for r in rows)
     return tokens, [(r["prompt"], r["completion"], r["ended"]) for r in rows]
+
+
+@contextlib.contextmanager
+def through_transformers_forward():
+    """spo-ray's decoder with every step through transformers' forward (the written-out Llama step off)."""
+    written_out = decoding.llama_step
+    decoding.llama_step = lambda model: None
+    try:
+        yield
+    finally:
+        decoding.llama_step = written_out
+
+
+def run_spo_ray_forward(model, tokenizer, prompts, args, stop_ids, seed):
+    with through_transformers_forward():
+        return run_spo_ray(model, tokenizer, prompts, args, stop_ids, seed)
 
 
 def run_vllm(engine, tokenizer, prompts, args, stop_ids, seed):
@@ -155,6 +177,11 @@ def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64, with_vl
     ours = greedy_decode(model, tokenizer, prompts, args.max_new_tokens, batch_size=batch, stop_ids=stop_ids)
     synchronize(args.device)
     ours_s = time.perf_counter() - started
+    with through_transformers_forward():
+        started = time.perf_counter()
+        forward = greedy_decode(model, tokenizer, prompts, args.max_new_tokens, batch_size=batch, stop_ids=stop_ids)
+        synchronize(args.device)
+        forward_s = time.perf_counter() - started
     tokenizer.padding_side = "left"
     theirs = []
     started = time.perf_counter()
@@ -173,8 +200,12 @@ def greedy_evaluation(model, tokenizer, args, stop_ids, batch: int = 64, with_vl
     print(f"greedy evaluation: {len(prompts)} questions, {batch} rows at a time: spo-ray {tokens} tokens in "
           f"{ours_s:.1f} s = {tokens / ours_s:.1f} tokens/s, generate {sum(map(len, theirs))} tokens in {theirs_s:.1f} s "
           f"= {sum(map(len, theirs)) / theirs_s:.1f} tokens/s; {same} of {len(prompts)} replies the same", flush=True)
+    print(f"greedy evaluation through transformers' forward: {sum(map(len, forward))} tokens in {forward_s:.1f} s "
+          f"(the written-out step {forward_s / ours_s:.2f}× faster); "
+          f"{sum(a == b for a, b in zip(ours, forward))} of {len(prompts)} replies the same", flush=True)
     fields = (f" greedy_speedup_vs_generate={(tokens / ours_s) / (sum(map(len, theirs)) / theirs_s):.2f} "
-              f"greedy_tokens_per_s_spo_ray={tokens / ours_s:.1f} greedy_same_as_generate={same}/{len(prompts)}")
+              f"greedy_tokens_per_s_spo_ray={tokens / ours_s:.1f} greedy_same_as_generate={same}/{len(prompts)} "
+              f"greedy_step_speedup={forward_s / ours_s:.2f}")
     if not with_vllm:
         return fields
     # `data.eval_engine: vllm` as a trial runs it (spo_ray.engines.PolicyEngine): the first evaluation starts
@@ -223,7 +254,8 @@ def main():
     print(f"{len(prompts)} prompts × {args.samples} samples, ≤ {args.max_new_tokens} new tokens, batches of "
           f"{args.batch_prompts} prompts, {args.threads} thread(s), {args.device}, torch {torch.__version__}",
           flush=True)
-    engines = [("spo-ray", run_spo_ray), ("generate", run_generate)]
+    engines = [("spo-ray", run_spo_ray), ("spo-ray, transformers' forward", run_spo_ray_forward),
+               ("generate", run_generate)]
     vllm = None
     if args.vllm == "on" or (args.vllm == "auto" and vllm_python()):
         started = time.perf_counter()
@@ -245,7 +277,7 @@ def main():
             seconds = time.perf_counter() - started
             best[name] = max(best[name], tokens / seconds)
             seen[name] += samples
-            print(f"round {round_number + 1} {name:9s} {tokens:6d} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} "
+            print(f"round {round_number + 1} {name:30s} {tokens:6d} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} "
                   f"tokens/s, samples right {accuracy(samples, answers):.3f}", flush=True)
     acc = {name: accuracy(samples, answers) for name, samples in seen.items()}
     n = len(seen["spo-ray"])
@@ -269,7 +301,8 @@ def main():
     print(f"speedup_vs_generate={best['spo-ray'] / best['generate']:.2f} tokens_per_s_spo_ray={best['spo-ray']:.1f} "
           f"tokens_per_s_generate={best['generate']:.1f} tokens_per_s_ceiling={best['ceiling']:.1f} "
           f"spo_ray_vs_ceiling={best['spo-ray'] / best['ceiling']:.2f} accuracy_spo_ray={acc['spo-ray']:.3f} "
-          f"accuracy_generate={acc['generate']:.3f}" + vllm_fields + greedy_fields)
+          f"accuracy_generate={acc['generate']:.3f} step_speedup={best['spo-ray'] / best[engines[1][0]]:.2f}"
+          + vllm_fields + greedy_fields)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 
+from spo_ray.decode_step import llama_step
 from spo_ray.logprobs import (PREFIX_SHARING_MODEL_TYPES, attention_mask_for, peft_base, prefix_sharing_unsupported,
                               takes_logits_to_keep)
 
@@ -173,6 +174,9 @@ class Decoder:
         columns = self.columns = prefix + width + max_new_tokens
         self.row_cache = prefix_sharing_unsupported(model, columns, PREFIX_SHARING_MODEL_TYPES) is None
         self.head = plain_output_head(model) if self.row_cache else None
+        # one token per row on a RowCache: the Llama family's step written out (spo_ray.decode_step) where it is
+        # the model's own arithmetic, else transformers' forward
+        self.step = llama_step(model) if self.head is not None else None
         # transformers 5 renamed `past_key_values` to `cache`; accept both so older versions work too.
         forward = peft_base(model).forward  # a peft wrapper's keyword arguments go to its base model
         self.cache_arg = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -279,7 +283,10 @@ class Decoder:
         """Feed one token per row; `next_logits` (and `next_logprobs`) are then the token after it."""
         self.valid = torch.cat([self.valid, torch.ones_like(self.valid[:, :1])], dim=1)
         self.last_position = self.last_position + 1
-        self.next_logits = self._forward(token_ids[:, None], self.last_position[:, None], self.valid)
+        if self.step is not None:
+            self.next_logits = self.step(self.cache, token_ids, self.last_position, self.valid)
+        else:
+            self.next_logits = self._forward(token_ids[:, None], self.last_position[:, None], self.valid)
         self._logprobs = None
 
 
