@@ -17,7 +17,8 @@ The arithmetic is the model's own — RMSNorm in float32 as transformers compute
 equal transformers' to rounding (tests/test_decode_step.py: as close to a float64 forward as transformers' own
 float32 forward is; the same greedy and sampled tokens). Used only where that holds: a float32 (or float64)
 `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM` whose layers are the plain ones (no adapters,
-no quantized layers, SiLU) decoding on a RowCache (which rules out a sliding window shorter than its rows);
+no quantized layers, SiLU, no FSDP shards: a sharded layer's weights exist whole only inside its own
+forward) decoding on a RowCache (which rules out a sliding window shorter than its rows);
 everything else decodes through transformers' forward.
 """
 
@@ -26,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from spo_ray.sharding import is_sharded
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -41,7 +44,8 @@ def llama_step(model) -> "LlamaStep | None":
     config = getattr(model, "config", None)
     body = getattr(model, "model", None)
     if (config is None or getattr(config, "model_type", None) not in FAMILIES or body is None
-            or not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))):
+            or not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb"))
+            or is_sharded(model)):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if (not isinstance(head, nn.Linear) or head.bias is not None or head.weight.dtype not in (torch.float32, torch.float64)

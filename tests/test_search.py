@@ -410,3 +410,15 @@ def test_the_report_of_a_pbt_sweep_has_its_lineage_and_the_best_trials_schedule(
     plot = tmp_path / "plots" / "pbt_lineage.png"
     assert "(plots/pbt_lineage.png)" in report and plot.read_bytes()[:4] == b"\x89PNG"
     assert "best so far" not in report.lower()  # not a searcher's sweep
+
+
+def test_pbt_keeps_every_checkpoint_a_receiver_may_still_load(tmp_path):
+    """Synchronous PBT: at a perturbation step every trial is paused and a receiver is pointed at its donor's
+    checkpoint of that step. On a busy cluster the donor may be resumed first and train on to the next
+    perturbation step, where it pauses until every trial, the receiver included, has reached it: so it writes
+    at most interval ÷ checkpoint_every checkpoints before the receiver loads, and Tune must keep that many more
+    than the one being loaded (Ray's default of 1 would delete it after the donor's next checkpoint)."""
+    from spo_ray.search import pbt_checkpoints_to_keep
+    assert pbt_checkpoints_to_keep(pbt_sweep(tmp_path)[1]) == 2  # interval 4, a checkpoint every 4 steps
+    assert pbt_checkpoints_to_keep(pbt_sweep(tmp_path, perturbation_interval=8)[1]) == 3  # 2 more, and the one loaded
+    assert pbt_checkpoints_to_keep(pbt_sweep(tmp_path, keep_checkpoints=6)[1]) == 6  # a larger wish stands
