@@ -135,7 +135,8 @@ def main():
     print(f"head_speedup_32={head[32]:.2f} head_speedup_128={head[128]:.2f} step_fixed_ms={fixed * 1e3:.0f} "
           f"step_ms_per_row={slope * 1e3:.2f} "
           f"head_step_speedup_128={whole_forward / forward[128]:.2f} "
-          f"written_step_speedup_16={forward[16] / as_is[16]:.2f} written_step_speedup_128={forward[128] / as_is[128]:.2f} "
+          f"written_step_speedup_16={forward[16] / as_is[16]:.2f} "
+          f"written_step_speedup_128={forward[128] / as_is[128]:.2f} "
           f"refill_speedup={refill:.2f}")
 
 

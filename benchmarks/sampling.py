@@ -25,8 +25,8 @@ template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
   (a') spo-ray     the same sampler with every decoding step through transformers' forward instead of the
                     Llama family's step written out (`spo_ray.decode_step`): the step's own speed-up, same run.
 
-Each round runs (a), (a'), then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows), interleaved so that a load
-change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
+Each round runs (a), (a'), then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows),
+interleaved so that a load change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
 (padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
 what the two sampled: the share of samples whose final number is right and that ended, which must agree
 within sampling noise (the same distribution, different random streams). Last line:
@@ -277,7 +277,8 @@ def main():
             seconds = time.perf_counter() - started
             best[name] = max(best[name], tokens / seconds)
             seen[name] += samples
-            print(f"round {round_number + 1} {name:30s} {tokens:6d} tokens in {seconds:6.1f} s = {tokens / seconds:6.1f} "
+            print(f"round {round_number + 1} {name:30s} {tokens:6d} tokens in {seconds:6.1f} s = "
+                  f"{tokens / seconds:6.1f} "
                   f"tokens/s, samples right {accuracy(samples, answers):.3f}", flush=True)
     acc = {name: accuracy(samples, answers) for name, samples in seen.items()}
     n = len(seen["spo-ray"])

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/atlas.py results/atlas [--figure docs/img/atlas.png]
     .venv/bin/python scripts/atlas.py results/atlas_options
+    .venv/bin/python scripts/atlas.py results/atlas-smollm2 results/atlas-smollm2-seeds   # one table, seeds 0-2
 
 Reads an experiment of `sweeps/atlas.yaml` (`loss.name: spo` over every base it can wrap, λ ∈ {0, 1}: λ = 0 is
 exactly the base loss) and prints, per base loss, the final held-out chosen and rejected log-prob deltas, the
@@ -25,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analysis.collect import load_experiment  # noqa: E402
-from analysis.tables import bootstrap_interval, to_markdown  # noqa: E402
+from analysis.tables import bootstrap_interval, paired_change_interval, start_and_end, to_markdown  # noqa: E402
 
 METRICS = ["eval/accuracy", "eval/chosen_logp_delta", "eval/rejected_logp_delta", "eval/mass_correct",
            "eval/mass_mistake", "eval/mass_other", "eval/mass_malformed"]
@@ -78,6 +79,30 @@ def atlas_tables(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return summary, pd.DataFrame(paired_rows)
 
 
+def question_paired(results: pd.DataFrame, outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: SPO − base greedy accuracy with its 95% interval over seeds *and* questions
+    (`paired_change_interval`: each held-out question compared with itself, in the same seed), where the
+    trials logged each question's outcome (`eval/answers_correct`); empty where they did not."""
+    if outcomes.empty or "after items" not in outcomes:
+        return pd.DataFrame()
+    items = outcomes.set_index("trial_id")["after items"]
+    rows = []
+    for base, group in results.groupby("arm", sort=False):
+        by_side = {lam: side.set_index("seed")["trial_id"] for lam, side in group.groupby("spo_lambda")}
+        if 0.0 not in by_side or 1.0 not in by_side:
+            continue
+        seeds = sorted(set(by_side[0.0].index) & set(by_side[1.0].index))
+        pairs = [(by_side[1.0][s], by_side[0.0][s]) for s in seeds]
+        pairs = [(a, b) for a, b in pairs if a in items.index and b in items.index]
+        if not pairs:
+            continue
+        changes = np.stack([items[a] - items[b] for a, b in pairs])
+        low, high = paired_change_interval(changes)
+        rows.append({"loss": base, "SPO − base accuracy [95% CI, seeds × questions]":
+                     f"{changes.mean():+.3f} [{low:+.3f}, {high:+.3f}]", "seeds": len(pairs)})
+    return pd.DataFrame(rows)
+
+
 def draw(results: pd.DataFrame, init_accuracy: float, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -106,20 +131,33 @@ def draw(results: pd.DataFrame, init_accuracy: float, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment")
+    parser.add_argument("experiments", nargs="+", help="one experiment, or several of one sweep file run with "
+                        "different seeds (their trials pooled)")
     parser.add_argument("--figure", default=None, help="where to write the arrows figure (PNG)")
     args = parser.parse_args()
-    exp = load_experiment(args.experiment)
-    results = exp.results.copy()
-    sweep = yaml.safe_load((exp.path / "sweep.yaml").read_text()) if (exp.path / "sweep.yaml").exists() else {}
-    results["arm"] = arms(results, exp.params, str((sweep.get("loss") or {}).get("base", "dpo")))
+    parts, outcomes, starts, finished, trials = [], [], [], 0, 0
+    for directory in args.experiments:
+        exp = load_experiment(directory)
+        results = exp.results.copy()
+        sweep = yaml.safe_load((exp.path / "sweep.yaml").read_text()) if (exp.path / "sweep.yaml").exists() else {}
+        results["arm"] = arms(results, exp.params, str((sweep.get("loss") or {}).get("base", "dpo")))
+        parts.append(results)
+        outcomes.append(start_and_end(exp.results, exp.history, "eval/accuracy") if exp.history is not None
+                        else pd.DataFrame())
+        if exp.history is not None:
+            starts += exp.history[exp.history["step"] == 0]["eval/accuracy"].dropna().tolist()
+        finished, trials = finished + len(results), trials + len(exp.all_results)
+    results = pd.concat(parts, ignore_index=True)
     summary, paired = atlas_tables(results)
-    starts = exp.history[exp.history["step"] == 0]["eval/accuracy"].dropna() if exp.history is not None else []
     init_accuracy = float(np.mean(starts)) if len(starts) else float("nan")
-    print(f"{len(results)} trials TERMINATED of {len(exp.all_results)}; the init's accuracy {init_accuracy:.3f}\n")
+    print(f"{finished} trials TERMINATED of {trials}; the init's accuracy {init_accuracy:.3f}\n")
     print(to_markdown(summary))
     print()
     print(to_markdown(paired))
+    by_question = question_paired(results, pd.concat(outcomes, ignore_index=True))
+    if not by_question.empty:
+        print()
+        print(to_markdown(by_question))
     if args.figure:
         draw(results, init_accuracy, Path(args.figure))
         print(f"\nwrote {args.figure}")

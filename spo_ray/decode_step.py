@@ -34,6 +34,8 @@ FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def plain(*modules) -> bool:
+    """Every module exactly `nn.Linear`: not peft's LoRA layer nor bitsandbytes' 8-bit one (subclasses that
+    add to or replace W·h)."""
     return all(type(module) is nn.Linear for module in modules)
 
 
@@ -48,7 +50,8 @@ def llama_step(model) -> "LlamaStep | None":
             or is_sharded(model)):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if (not isinstance(head, nn.Linear) or head.bias is not None or head.weight.dtype not in (torch.float32, torch.float64)
+    full_precision = isinstance(head, nn.Linear) and head.weight.dtype in (torch.float32, torch.float64)
+    if (not full_precision or head.bias is not None
             or getattr(config, "hidden_act", None) != "silu" or getattr(config, "pretraining_tp", 1) != 1):
         return None
     for layer in body.layers:
