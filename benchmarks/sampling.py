@@ -26,13 +26,12 @@ template) at temperature 0.8, top-p 1, stopping at EOS or the end-of-turn token:
                     Llama family's step written out (`spo_ray.decode_step`): the step's own speed-up, same run.
 
 Each round runs (a), (a'), then (b) (then (c)) on the same prompts (batches of `--batch-prompts` prompts' rows),
-interleaved so that a load change on the machine hits both; tokens/s counts generated tokens up to and including each sample's stop token
-(padding after it is not counted). The best round of each is reported, and their ratio. A check line compares
-what the two sampled: the share of samples whose final number is right and that ended, which must agree
-within sampling noise (the same distribution, different random streams). Last line:
+interleaved so that a load change on the machine hits both; tokens/s counts generated tokens up to and including
+each sample's stop token (padding after it is not counted). The best round of each is reported, and their ratio. A
+check line compares what the two sampled: the share of samples whose final number is right and that ended, which
+must agree within sampling noise (the same distribution, different random streams). Last line:
 `speedup_vs_generate=… tokens_per_s_spo_ray=… tokens_per_s_generate=… accuracy_spo_ray=… accuracy_generate=…
-step_speedup=…` (the last: (a) ÷ (a'); `greedy_step_speedup` the same for the greedy evaluation).
-"""
+step_speedup=…` (the last: (a) ÷ (a'); `greedy_step_speedup` the same for the greedy evaluation). """
 
 from __future__ import annotations
 
