@@ -31,7 +31,8 @@ each sample's stop token (padding after it is not counted). The best round of ea
 check line compares what the two sampled: the share of samples whose final number is right and that ended, which
 must agree within sampling noise (the same distribution, different random streams). Last line:
 `speedup_vs_generate=… tokens_per_s_spo_ray=… tokens_per_s_generate=… accuracy_spo_ray=… accuracy_generate=…
-step_speedup=…` (the last: (a) ÷ (a'); `greedy_step_speedup` the same for the greedy evaluation). """
+step_speedup=…` (the last: (a) ÷ (a'); `greedy_step_speedup` the same for the greedy evaluation).
+"""
 
 from __future__ import annotations
 
